@@ -1,0 +1,68 @@
+"""Teacher dropping (UNIC): which (teacher, image) losses count, and with what weight.
+
+All methods return detached coefficients of shape [teachers, B] that sum to one over the *global*
+batch (all ranks): each rank's coefficients are divided by the global kept count and multiplied by
+the world size, so that the gradient average the strategies perform yields exactly the
+global-batch normalisation whatever the per-rank kept counts are.
+
+- ``none``: every (teacher, image) pair counts.
+- ``lowest_loss``: per image, every teacher but the one with the highest loss is dropped with
+  probability p (the hardest teacher always trains).
+- ``own_data``: an image trains only the teacher(s) of its dataset's domain.
+- ``own+generic_data``: as ``own_data``, and images of the generic domain train every teacher.
+An image whose domain no teacher owns trains every teacher (it is generic by construction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dune_scale.distributed import all_reduce_sum, info
+
+DROP_METHODS = ("none", "lowest_loss", "own_data", "own+generic_data")
+
+
+def ownership_mask(
+    teacher_domains: Sequence[str], sample_domains: Sequence[str], generic_domain: str | None, device: torch.device
+) -> torch.Tensor:
+    """[teachers, B] bool: does teacher t learn from sample b under the own-data rules."""
+    owned = {d for d in teacher_domains}
+    rows = []
+    for teacher_domain in teacher_domains:
+        rows.append(
+            [
+                domain == teacher_domain or domain not in owned or (generic_domain is not None and domain == generic_domain)
+                for domain in sample_domains
+            ]
+        )
+    return torch.tensor(rows, dtype=torch.bool, device=device)
+
+
+def drop_coefficients(
+    losses: torch.Tensor,
+    method: str,
+    p: float = 0.5,
+    generator: torch.Generator | None = None,
+    teacher_domains: Sequence[str] = (),
+    sample_domains: Sequence[str] = (),
+    generic_domain: str = "dino2",
+) -> torch.Tensor:
+    """Detached [teachers, B] loss weights for ``losses`` [teachers, B], normalised globally."""
+    losses = losses.detach()
+    if method == "none":
+        keep = torch.ones_like(losses, dtype=torch.bool)
+    elif method == "lowest_loss":
+        draws = torch.rand(losses.shape, generator=generator, device=losses.device)
+        keep = draws >= p
+        hardest = losses.argmax(dim=0, keepdim=True)
+        keep.scatter_(0, hardest, True)
+    elif method in ("own_data", "own+generic_data"):
+        generic = generic_domain if method == "own+generic_data" else None
+        keep = ownership_mask(teacher_domains, sample_domains, generic, losses.device)
+    else:
+        raise ValueError(f"unknown teacher-dropping method {method!r}; choose one of {', '.join(DROP_METHODS)}")
+    weights = keep.to(losses.dtype)
+    kept_globally = all_reduce_sum(weights.sum().reshape(1)).clamp_min(1.0)
+    return weights * (info().world_size / kept_globally)

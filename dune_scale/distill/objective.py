@@ -1,0 +1,67 @@
+"""The distillation objective of one step: standardise teachers, per-image losses, teacher dropping."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dune_scale.distill.dropping import drop_coefficients
+from dune_scale.distill.losses import fused_distill_loss
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    per_image: torch.Tensor  # [teachers, B], detached
+    coefficients: torch.Tensor  # [teachers, B], detached
+
+    def per_teacher(self) -> torch.Tensor:
+        """Batch-mean loss of each teacher (before dropping), for metrics."""
+        return self.per_image.mean(dim=1)
+
+
+@dataclass
+class DistillObjective:
+    teacher_names: Sequence[str]
+    teacher_domains: Sequence[str]
+    drop_method: str = "lowest_loss"
+    drop_p: float = 0.5
+    generic_domain: str = "dino2"
+    norm_eps: float = 1e-3
+    w_cos: float = 0.5
+    w_sl1: float = 0.5
+    beta: float = 1.0
+    fused: bool = True
+
+    def __call__(
+        self,
+        student_out: Mapping[str, Mapping[str, torch.Tensor]],
+        teacher_out: Mapping[str, Mapping[str, torch.Tensor]],
+        teacher_norms: nn.ModuleDict,
+        momentum: float,
+        sample_domains: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
+        rows = []
+        for name in self.teacher_names:
+            token_losses = []
+            for token, prediction in student_out[name].items():
+                target = teacher_out[name][token]
+                mean, std = teacher_norms[name][token].stats(target, momentum)
+                token_losses.append(
+                    fused_distill_loss(
+                        prediction, target, mean, std,
+                        eps=self.norm_eps, w_cos=self.w_cos, w_sl1=self.w_sl1, beta=self.beta, fused=self.fused,
+                    )
+                )
+            rows.append(torch.stack(token_losses).mean(dim=0))
+        per_image = torch.stack(rows)
+        coefficients = drop_coefficients(
+            per_image, self.drop_method, self.drop_p, generator,
+            teacher_domains=self.teacher_domains, sample_domains=sample_domains, generic_domain=self.generic_domain,
+        )
+        loss = (coefficients * per_image).sum()
+        return ObjectiveOutput(loss=loss, per_image=per_image.detach(), coefficients=coefficients)

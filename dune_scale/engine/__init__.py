@@ -1,0 +1,1 @@
+"""Strategies, the trainer loop, checkpoints and schedules."""

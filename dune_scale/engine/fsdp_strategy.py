@@ -1,0 +1,74 @@
+"""FSDP2: ``fully_shard`` per transformer block and per projector, then the whole student.
+
+Parameters are sharded across ranks (fp32 master copy), gathered per block in bf16 for compute
+(``MixedPrecisionPolicy``) and gradients reduce-scattered in fp32. Checkpoints go through
+torch.distributed.checkpoint: each rank writes its own shards, and a run may resume on another
+number of ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
+from dune_scale.engine.strategy import Strategy
+
+_DCP_FOLDER = "fsdp"
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def setup(self, student: nn.Module, peak_lr: float) -> None:
+        bf16 = self.cfg.train.precision == "bf16"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        reshard = self.cfg.strategy.reshard_after_forward
+        student.to(self.device)
+        for block in student.encoder.blocks:
+            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
+        for projector in student.projectors.values():
+            fully_shard(projector, mp_policy=policy, reshard_after_forward=reshard)
+        # The root keeps the small leftovers (patch embed, tokens, norms); no reshard after its forward,
+        # since backward needs them right away.
+        fully_shard(student, mp_policy=policy, reshard_after_forward=False)
+        self._module = student
+        self.optimizer = build_adamw(param_groups(student), self.cfg.optim, peak_lr)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float, weight_decay: float) -> torch.Tensor:
+        set_hyperparameters(self.optimizer, lr, weight_decay)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._module.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+
+    def save(self, directory: Path) -> None:
+        model, optim = get_state_dict(self._module, self.optimizer)
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(directory / _DCP_FOLDER))
+
+    def load(self, directory: Path) -> None:
+        model, optim = get_state_dict(self._module, self.optimizer)
+        state = {"model": model, "optim": optim}
+        dcp.load(state, checkpoint_id=str(directory / _DCP_FOLDER))
+        set_state_dict(self._module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return get_model_state_dict(self._module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

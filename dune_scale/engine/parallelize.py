@@ -1,0 +1,50 @@
+"""Per-block transforms shared by every strategy: activation checkpointing, torch.compile, and
+FSDP2 sharding of frozen teachers. Models stay plain ``nn.Module``s; parallelism is applied here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+
+def transformer_blocks(student: nn.Module) -> Iterator[tuple[nn.ModuleList, int]]:
+    """(container, index) of every transformer block of the student: encoder, then projectors."""
+    containers = [student.encoder.blocks, *(p.blocks for p in student.projectors.values())]
+    for container in containers:
+        for index in range(len(container)):
+            yield container, index
+
+
+def apply_activation_checkpointing(student: nn.Module) -> None:
+    """Recompute each block's activations in backward. The wrapper's state-dict hooks keep the
+    parameter names unchanged, so checkpoints do not depend on this switch."""
+    for container, index in transformer_blocks(student):
+        container[index] = checkpoint_wrapper(container[index], preserve_rng_state=True)
+
+
+def apply_compile(student: nn.Module) -> None:
+    """Compile each block in place (``Module.compile`` keeps parameter names)."""
+    for container, index in transformer_blocks(student):
+        container[index].compile()
+
+
+def prepare_student(student: nn.Module, activation_checkpointing: bool, compile_blocks: bool) -> None:
+    # Checkpoint first, then compile the checkpointed block (the torchtitan order).
+    if activation_checkpointing:
+        apply_activation_checkpointing(student)
+    if compile_blocks:
+        apply_compile(student)
+
+
+def shard_frozen_module(module: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype) -> None:
+    """FSDP2-shard a frozen encoder: each block's weights are gathered for its forward and freed
+    after it, so a ViT-L teacher costs 1/world of its weights per rank between uses."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(module, mp_policy=policy, reshard_after_forward=True)

@@ -1,0 +1,205 @@
+"""The training loop: batch → teacher features → student → loss → strategy step → metrics/checkpoints.
+
+The loop syncs with the host only at log steps (metrics are accumulated on the device) and at
+checkpoint steps. Everything that determines the future of the run is in ``state`` (global) and
+``rank_state`` (per rank), which the checkpointer writes and restores.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dune_scale.config import Config
+from dune_scale.distill.objective import DistillObjective
+from dune_scale.distributed import DistInfo
+from dune_scale.engine.checkpointer import Checkpointer
+from dune_scale.engine.preemption import PreemptionWatcher
+from dune_scale.engine.schedules import Schedules
+from dune_scale.engine.strategy import Strategy
+from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, finite_or_none
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    samples_seen: int = 0
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        dist: DistInfo,
+        strategy: Strategy,
+        teachers: nn.Module,
+        objective: DistillObjective,
+        loader: Any,
+        domain_of: Callable[[str], str],
+        schedules: Schedules,
+        checkpointer: Checkpointer,
+        output_dir: Path,
+    ) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.strategy = strategy
+        self.teachers = teachers
+        self.objective = objective
+        self.loader = loader
+        self.domain_of = domain_of
+        self.schedules = schedules
+        self.checkpointer = checkpointer
+        self.metrics = MetricsFile(output_dir / "metrics.jsonl")
+        self.state = TrainerState()
+        self.global_batch = cfg.global_batch_size(dist.world_size)
+        self.drop_generator = torch.Generator(device=dist.device)
+        self.drop_generator.manual_seed(cfg.run.seed * 1_000_003 + dist.rank)
+        self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
+
+    # ------------------------------------------------------------------ state
+    def rank_state(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state(legacy=False)
+        state: dict[str, Any] = {
+            "python_rng": list(random.getstate()[1]),
+            "numpy_rng": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "numpy_rng_pos": int(numpy_state["state"]["pos"]),
+            "torch_rng": torch.get_rng_state(),
+            "drop_rng": self.drop_generator.get_state(),
+            "loader": self.loader.state_dict(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.dist.device)
+        return state
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            log.warning("rank %d has no saved state (more ranks than at save time): fresh RNG streams", self.dist.rank)
+            return
+        random.setstate((3, tuple(state["python_rng"]), None))
+        numpy_state = np.random.get_state(legacy=False)
+        numpy_state["state"] = {"key": state["numpy_rng"].numpy().astype(np.uint64), "pos": state["numpy_rng_pos"]}
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(state["torch_rng"])
+        self.drop_generator.set_state(state["drop_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"], self.dist.device)
+        self.loader.load_state_dict(state["loader"])
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.state.step, "samples_seen": self.state.samples_seen, "config": self.cfg.to_dict()}
+
+    def restore(self, folder: Path) -> None:
+        trainer_state, rank_state = self.checkpointer.load(folder, self.strategy)
+        self.state = TrainerState(step=int(trainer_state["step"]), samples_seen=int(trainer_state["samples_seen"]))
+        self.load_rank_state(rank_state)
+        log.info("resumed from %s at step %d (%d samples seen)", folder, self.state.step, self.state.samples_seen)
+
+    def save(self) -> Path:
+        folder = self.checkpointer.save(self.state.step, self.strategy, self.trainer_state(), self.rank_state())
+        log.info("saved checkpoint %s", folder)
+        return folder
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Endless iteration: each pass over the loader is one data epoch."""
+        while True:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError("the data loader produced no batch: check data.remote_root and data.mixture")
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns device-side metrics."""
+        step = self.state.step
+        momentum = self.schedules.norm_momentum(step)
+        accum = self.cfg.train.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.dist.device)
+        teacher_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
+        for _ in range(accum):
+            batch = next(batches)
+            images = batch["images"].to(self.dist.device, non_blocking=True)
+            teacher_out = self.teachers(images)
+            with self.strategy.autocast():
+                student_out = self.strategy.forward(images)
+            domains = [self.domain_of(name) for name in batch["dataset"]]
+            out = self.objective(
+                student_out, teacher_out, self.strategy.module.teacher_norms, momentum, domains, self.drop_generator
+            )
+            self.strategy.backward(out.loss / accum)
+            loss_sum += out.loss.detach()
+            teacher_sum += out.per_teacher()
+        grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step))
+        self.state.step += 1
+        self.state.samples_seen += self.global_batch
+        return {"loss": loss_sum / accum, "teachers": teacher_sum / accum, "grad_norm": grad_norm.detach().float()}
+
+    def fit(self) -> bool:
+        """Train to ``stop_step``; returns False when a stop signal ended the run early (after saving)."""
+        cfg = self.cfg
+        console = ConsoleReporter(cfg.run.console if self.dist.is_main else "none", self.stop_step, self.state.step)
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.state.step)
+        throughput = Throughput()
+        throughput.reset(self.state.samples_seen)
+        pending: list[dict[str, torch.Tensor]] = []
+        batches = self._batches()
+        self.strategy.module.train()
+        preemption = PreemptionWatcher()
+        preemption.install()
+        try:
+            while self.state.step < self.stop_step:
+                pending.append(self.train_step(batches))
+                step = self.state.step
+                if step % cfg.run.log_every == 0 or step == self.stop_step:
+                    record = self._log_record(pending, throughput.rate(self.state.samples_seen))
+                    pending = []
+                    if self.dist.is_main:
+                        self.metrics.write(record)
+                    console.update(record)
+                saved = step % cfg.checkpoint.every_steps == 0 or step == self.stop_step
+                if saved:
+                    self.save()
+                    throughput.reset(self.state.samples_seen)
+                if preemption.should_stop():
+                    if not saved:
+                        self.save()
+                    console.message(f"stopped by a signal after step {step}; checkpoint saved")
+                    return False
+            return True
+        finally:
+            preemption.uninstall()
+            console.close()
+
+    def _log_record(self, pending: list[dict[str, torch.Tensor]], img_per_s: float) -> dict[str, Any]:
+        """The one host sync of a logging interval: average what the interval accumulated."""
+        step = self.state.step - 1  # schedules of the step just taken
+        loss = torch.stack([m["loss"] for m in pending]).mean().item()
+        teachers = torch.stack([m["teachers"] for m in pending]).mean(dim=0).tolist()
+        grad_norm = torch.stack([m["grad_norm"] for m in pending]).mean().item()
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "samples_seen": self.state.samples_seen,
+            "loss": finite_or_none(loss),
+        }
+        for name, value in zip(self.objective.teacher_names, teachers):
+            record[f"loss_{name}"] = finite_or_none(value)
+        record.update(
+            lr=self.schedules.lr(step),
+            weight_decay=self.schedules.weight_decay_at(step),
+            norm_momentum=self.schedules.norm_momentum(step),
+            grad_norm=finite_or_none(grad_norm),
+            img_per_s=img_per_s,
+        )
+        return record

@@ -1,0 +1,52 @@
+"""Scaled dot-product attention with a selectable backend.
+
+``auto`` uses the ``flash-attn`` package when it is installed and the tensors suit it (CUDA,
+fp16/bf16), else PyTorch's SDPA, which itself picks its flash kernel on GPU. ``flash-attn`` is an
+optional dependency: nothing here requires it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "sdpa", "flash_attn", "math")
+_backend = "auto"
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def set_attention_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if name == "flash_attn" and not flash_attn_installed():
+        raise ValueError("attention backend flash_attn was asked for but the flash-attn package is not installed")
+    _backend = name
+
+
+def attention_backend() -> str:
+    return _backend
+
+
+def _flash_attn_suits(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v for (B, heads, N, d) tensors."""
+    if _backend == "flash_attn" or (_backend == "auto" and _flash_attn_suits(q) and flash_attn_installed()):
+        from flash_attn import flash_attn_func
+
+        # flash-attn takes (B, N, heads, d).
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    if _backend == "math":
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)

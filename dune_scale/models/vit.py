@@ -1,0 +1,221 @@
+"""DINOv2-style Vision Transformer: the DUNE student, and the DINOv2 / Multi-HMR teachers.
+
+Module names follow the DINOv2 release (``blocks.<i>.attn.qkv``, ``ls1.gamma`` …) so official
+checkpoints load without renaming. Positional embeddings are resampled on the fly exactly as the
+DINOv2 model class does (bicubic by scale factors with an offset of 0.1, no antialias, height
+first), which is what the teachers were trained and distilled with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dune_scale.models.attention import attention
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, H/p · W/p, D), row-major (y slowest)."""
+        _, _, height, width = images.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (rows [q | k | v], heads contiguous)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        batch, _, tokens, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_heads(x)
+        return self.merge_heads(attention(q, k, v))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with optional layer scale (DINOv2 names)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layerscale_init: float | None = 1e-4,
+        norm_eps: float = 1e-6,
+        attn: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = attn if attn is not None else Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), **attn_kwargs))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def init_linear_trunc_normal(module: nn.Module) -> None:
+    """DINOv2/timm init for training from scratch: trunc-normal(0.02) weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layerscale_init: float | None = 1e-4,
+        num_register_tokens: int = 4,
+        norm_eps: float = 1e-6,
+        interpolate_offset: float = 0.1,
+        interpolate_antialias: bool = False,
+        with_mask_token: bool = False,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.num_prefix_tokens = 1 + num_register_tokens
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
+        grid = img_size // patch_size
+
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        if num_register_tokens:
+            self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+        if with_mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layerscale_init, norm_eps) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        if self.pos_embed.is_meta:
+            return
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.num_register_tokens:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        self.apply(init_linear_trunc_normal)
+
+    def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
+        """The (1, 1+N, D) positional embedding for an ``height`` × ``width`` input (DINOv2 rule)."""
+        stored = self.pos_embed.shape[1] - 1
+        if num_patches == stored and height == width:
+            return self.pos_embed
+        side = int(math.sqrt(stored))
+        rows, cols = height // self.patch_size, width // self.patch_size
+        pos = self.pos_embed.float()
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        if self.interpolate_offset:
+            # Scale factors (not a target size) decide the source coordinates: (i + 0.5) / s − 0.5.
+            scale = ((rows + self.interpolate_offset) / side, (cols + self.interpolate_offset) / side)
+            grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=self.interpolate_antialias)
+        else:
+            grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=self.interpolate_antialias)
+        if grid.shape[-2:] != (rows, cols):
+            raise RuntimeError(f"positional embedding resampled to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+        return torch.cat([pos[:, :1], grid], dim=1).to(self.pos_embed.dtype)
+
+    def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[cls, registers, patches]; registers are inserted after the positional embedding."""
+        _, _, height, width = images.shape
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding(x.shape[1] - 1, height, width)
+        if self.num_register_tokens:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All tokens after the last block, before the final norm: (B, 1 + R + N, D)."""
+        x = self.prepare_tokens(images)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        x = self.norm(self.forward_tokens(images))
+        registers = x[:, 1 : self.num_prefix_tokens] if self.num_register_tokens else None
+        return {"cls": x[:, 0], "patch": x[:, self.num_prefix_tokens :], "reg": registers}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return self.forward_features(images)
+
+
+def vit_small(**kwargs: Any) -> VisionTransformer:
+    return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs})
+
+
+def vit_base(**kwargs: Any) -> VisionTransformer:
+    return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs})
+
+
+def vit_large(**kwargs: Any) -> VisionTransformer:
+    return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kwargs})

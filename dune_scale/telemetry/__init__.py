@@ -1,0 +1,1 @@
+"""Throughput, metrics files and console output."""

@@ -1,0 +1,87 @@
+"""Where step metrics go: ``metrics.jsonl`` (one JSON object per logged step) and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class MetricsFile:
+    """Append-only JSON lines; a resumed run truncates lines past its restored step first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps > ``step`` (written after the checkpoint a run resumes from)."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class ConsoleReporter:
+    """A rich progress bar (``rich``), one line per logged step (``plain``), or nothing (``none``)."""
+
+    def __init__(self, mode: str, total_steps: int, start_step: int) -> None:
+        self.mode = mode
+        self.console = Console(stderr=True)
+        self._last_print = 0.0
+        self.progress: Progress | None = None
+        if mode == "rich":
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+            self.progress.start()
+
+    def update(self, record: dict[str, Any]) -> None:
+        status = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['img_per_s']:.1f} img/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], status=status)
+        elif self.mode == "plain":
+            self.console.print(f"step {record['step']:>7}  {status}", highlight=False)
+
+    def message(self, text: str) -> None:
+        if self.mode != "none":
+            self.console.print(text, highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class Throughput:
+    """Images per second between two logged steps (wall clock; the step syncs at log points)."""
+
+    def __init__(self) -> None:
+        self._time = time.perf_counter()
+        self._samples = 0
+
+    def rate(self, samples_seen: int) -> float:
+        now = time.perf_counter()
+        rate = (samples_seen - self._samples) / max(now - self._time, 1e-9)
+        self._time, self._samples = now, samples_seen
+        return rate
+
+    def reset(self, samples_seen: int) -> None:
+        self._time, self._samples = time.perf_counter(), samples_seen

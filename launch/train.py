@@ -1,0 +1,8 @@
+"""Train a DUNE student: `python|torchrun|deepspeed launch/train.py --config configs/X.yaml [k=v ...]`."""
+
+import sys
+
+from dune_scale.engine.run import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Shared fixtures: a private TMPDIR per test session, tiny configs, synthetic demo shards."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CPU = REPO / "configs" / "tiny_cpu.yaml"
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Streaming leaves lock files in TMPDIR: keep them out of other runs' way."""
+    path = tmp_path_factory.mktemp("tmpdir")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = None
+    yield path
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+    tempfile.tempdir = None
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dune_scale.data import write_demo_shards
+
+    root = tmp_path_factory.mktemp("demo_shards")
+    write_demo_shards(root)
+    return root
+
+
+def tiny_overrides(output_dir: Path, shards: Path, *extra: str) -> list[str]:
+    """tiny_cpu pointed at test folders, quiet console, no loader workers (fast start-up)."""
+    return [
+        f"run.output_dir={output_dir}",
+        f"data.remote_root={shards}",
+        "run.console=none",
+        "data.num_workers=0",
+        *extra,
+    ]

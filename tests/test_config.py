@@ -1,0 +1,102 @@
+"""Config loading: recipes carry the seed's numbers; bad input stops before any work, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dune_scale.config import ConfigError, config_from_dict, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ["vits14_336", "vits14_448", "vitb14_336", "vitb14_448", "in1k_vitb14_336", "tiny_cpu"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_load_and_round_trip(name: str, tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg
+
+
+def test_seed_recipe_numbers() -> None:
+    s1 = load_config(REPO / "configs" / "vitb14_336.yaml")
+    assert (s1.student.arch, s1.student.patch_size, s1.student.num_register_tokens) == ("vit_base", 14, 4)
+    assert s1.student.layerscale_init == 1e-4
+    assert (s1.train.image_size, s1.train.epochs, s1.train.batch_size_per_rank) == (336, 100, 128)
+    assert (s1.optim.betas, s1.optim.eps, s1.optim.weight_decay, s1.optim.grad_clip) == ((0.9, 0.99), 1e-15, 0.03, 1.0)
+    assert (s1.optim.warmup_fraction, s1.optim.min_lr) == (0.2, 1e-6)
+    assert (s1.distill.teacher_drop, s1.distill.teacher_drop_p) == ("lowest_loss", 0.5)
+    assert [t.name for t in s1.teachers.models] == ["dino2reg_vitlarge_14", "mast3r_vitlarge_16", "multihmr_vitlarge_14_672"]
+    # lr = 3e-4 × global batch / 256: 8 GPUs × 128 → 1.2e-3; an epoch is ImageNet-1k sized.
+    assert s1.peak_lr(8) == pytest.approx(3e-4 * 1024 / 256)
+    assert s1.total_steps(8) == -(-100 * 1_281_167 // 1024)
+    s2 = load_config(REPO / "configs" / "vitb14_448.yaml")
+    assert (s2.train.stage, s2.train.image_size, s2.train.epochs, s2.optim.base_lr) == (2, 448, 50, 5e-5)
+    assert s2.student.pretrained
+    assert load_config(REPO / "configs" / "vits14_336.yaml").student.arch == "vit_small"
+
+
+def test_overrides_types_and_list_indices() -> None:
+    cfg = load_config(
+        REPO / "configs" / "vitb14_336.yaml",
+        ["train.max_steps=7", "optim.base_lr=1e-4", "teachers.models.1.checkpoint=/x/mast3r.pth", "run.output_dir=/tmp/o"],
+    )
+    assert cfg.train.max_steps == 7 and cfg.optim.base_lr == 1e-4
+    assert cfg.teachers.models[1].checkpoint == "/x/mast3r.pth" and cfg.run.output_dir == "/tmp/o"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.image_size=100", "train.image_size: 100 is not allowed; it must be a positive multiple of student.patch_size=14"),
+        ("train.imagesize=336", "unknown config key train.imagesize; allowed keys here:"),
+        ("bogus.key=1", "unknown config key bogus"),
+        ("train.batch_size_per_rank=many", "train.batch_size_per_rank: 'many' is not a valid integer"),
+        ("train.batch_size_per_rank=0", "train.batch_size_per_rank: 0 is too small; it must be at least 1"),
+        ("strategy.name=ddp", "strategy.name: 'ddp' is not allowed; choose one of single | fsdp | deepspeed"),
+        ("strategy.zero_stage=4", "strategy.zero_stage: 4 is not allowed; choose one of 1 | 2 | 3"),
+        ("train.stage=2", "student.pretrained: None is not allowed; train.stage=2 starts from"),
+        ("train.precision=fp16", "train.precision: 'fp16' is not allowed; choose one of bf16 | fp32"),
+        ("distill.teacher_drop_p=1.5", "distill.teacher_drop_p: 1.5 is not allowed; a probability"),
+        ("teachers.models.0.checkpoint=null", "teachers.models.0.checkpoint: None is not allowed; give the teacher's checkpoint path"),
+        ("student.embed_dim=64", "student.embed_dim: 64 is not allowed; only student.arch=custom takes it"),
+        ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+        ("train.max_steps", "must look like key=value"),
+    ],
+)
+def test_bad_values_name_key_and_allowed(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "vitb14_336.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_batch_that_the_mixture_cannot_split() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "vitb14_336.yaml", ["train.batch_size_per_rank=2"])
+    assert "train.batch_size_per_rank: 2" in str(err.value)
+
+
+def test_base_recipe_cycle_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_bad_override_fails_fast_from_the_command_line(tmp_path: Path) -> None:
+    """Exit code 2 and one line naming the key, before anything is written or loaded."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
+         "train.image_size=100", f"run.output_dir={out}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "train.image_size" in result.stderr and "multiple of student.patch_size=14" in result.stderr
+    assert not out.exists()
+

@@ -1,0 +1,102 @@
+"""Engine pieces on their own: parameter groups, checkpoint atomicity and fallback, pretrained init."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from dune_scale.config import load_config
+from dune_scale.distill.student import DuneStudent
+from dune_scale.distributed import DistInfo
+from dune_scale.engine.checkpointer import LATEST, Checkpointer, is_complete
+from dune_scale.engine.optim import param_groups
+from dune_scale.engine.pretrained import PretrainedError, load_pretrained_student
+from dune_scale.engine.strategy import SingleStrategy
+from dune_scale.models.vit import VisionTransformer
+
+from conftest import TINY_CPU
+
+
+def _student(img_size: int = 42, seed: int = 0) -> DuneStudent:
+    torch.manual_seed(seed)
+    encoder = VisionTransformer(img_size=img_size, patch_size=14, embed_dim=32, depth=2, num_heads=4)
+    return DuneStudent(encoder, {"t": 16}, {"t": ("cls", "patch")})
+
+
+def test_no_weight_decay_on_biases_norms_tokens_pos_embed_gammas() -> None:
+    student = _student()
+    decay, no_decay = param_groups(student)
+    names = {id(p): n for n, p in student.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"encoder.cls_token", "encoder.register_tokens", "encoder.pos_embed"} <= no_decay_names
+    assert "encoder.blocks.0.ls1.gamma" in no_decay_names and "encoder.blocks.0.attn.qkv.bias" in no_decay_names
+    assert "encoder.blocks.0.norm1.weight" in no_decay_names and "projectors.t.head.bias" in no_decay_names
+    assert decay_names == {n for n in names.values() if n.endswith("weight") and "norm" not in n}
+    assert "encoder.norm.weight" not in decay_names | no_decay_names  # frozen: never trained
+    assert no_decay["weight_decay"] == 0.0
+
+
+def _strategy(tmp_path: Path) -> SingleStrategy:
+    cfg = load_config(TINY_CPU, [f"run.output_dir={tmp_path}", f"data.remote_root={tmp_path}"])
+    strategy = SingleStrategy(cfg, DistInfo())
+    strategy.setup(_student(), 1e-3)
+    return strategy
+
+
+def test_checkpoints_are_atomic_pruned_and_skip_incomplete(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy(tmp_path)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=2, dist=DistInfo())
+    for step in (1, 2, 3):
+        ckpt.save(step, strategy, {"step": step}, {"rng": torch.tensor([step])})
+    assert [p.name for p in ckpt.completed()] == ["step_000000002", "step_000000003"]
+    assert not list((tmp_path / "ckpt").glob(".tmp*"))
+    # A save killed half-way leaves a temporary folder; it is never a candidate.
+    (tmp_path / "ckpt" / ".tmp_step_000000004").mkdir()
+    assert ckpt.find_latest().name == "step_000000003"
+    # A truncated file in the latest checkpoint: fall back to the previous one, with a warning naming it.
+    model = tmp_path / "ckpt" / "step_000000003" / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    assert not is_complete(model.parent)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.find_latest().name == "step_000000002"
+    assert "step_000000003" in caplog.text
+    (tmp_path / "ckpt" / LATEST).unlink()
+    assert ckpt.find_latest().name == "step_000000002"
+
+
+def test_strategy_save_load_round_trip(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    strategy.module(torch.randn(2, 3, 42, 42))["t"]["patch"].sum().backward()
+    strategy.step(1e-3, 0.03)
+    (tmp_path / "a").mkdir()
+    strategy.save(tmp_path / "a")
+    other = _strategy(tmp_path)
+    other.load(tmp_path / "a")
+    for (name, p), q in zip(strategy.module.state_dict().items(), other.module.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert other.optimizer.state_dict()["state"].keys() == strategy.optimizer.state_dict()["state"].keys()
+
+
+def test_pretrained_init_resamples_pos_embed_and_checks_shapes(tmp_path: Path) -> None:
+    stage1 = _student(img_size=42, seed=1)
+    torch.save(stage1.state_dict(), tmp_path / "stage1.pt")
+    stage2 = _student(img_size=56, seed=2)
+    load_pretrained_student(stage2, tmp_path / "stage1.pt")
+    assert torch.equal(stage2.encoder.blocks[1].mlp.fc2.weight, stage1.encoder.blocks[1].mlp.fc2.weight)
+    assert stage2.encoder.pos_embed.shape == (1, 1 + 16, 32)
+    assert torch.equal(stage2.encoder.pos_embed[:, 0], stage1.encoder.pos_embed[:, 0])
+    # An encoder-only file (e.g. a released student) under a "model" key works too.
+    encoder_only = {k: v for k, v in stage1.encoder.state_dict().items()}
+    torch.save({"model": encoder_only}, tmp_path / "released.pth")
+    load_pretrained_student(_student(img_size=56), tmp_path / "released.pth")
+    wider = DuneStudent(VisionTransformer(img_size=42, patch_size=14, embed_dim=48, depth=2, num_heads=4), {"t": 16}, {"t": ("patch",)})
+    with pytest.raises(PretrainedError, match=r"encoder.cls_token has shape \(1, 1, 32\), the student needs \(1, 1, 48\)"):
+        load_pretrained_student(wider, tmp_path / "stage1.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainedError, match="cannot read"):
+        load_pretrained_student(stage2, tmp_path / "junk.pt")
+
