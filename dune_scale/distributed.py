@@ -34,8 +34,28 @@ def info() -> DistInfo:
     return _INFO
 
 
+# torchrun and the deepspeed launcher set these; under plain `srun` SLURM's own names say the same.
+_SLURM_NAMES = {
+    "RANK": "SLURM_PROCID",
+    "WORLD_SIZE": "SLURM_NTASKS",
+    "LOCAL_RANK": "SLURM_LOCALID",
+    "LOCAL_WORLD_SIZE": "SLURM_NTASKS_PER_NODE",
+}
+
+
+def adopt_slurm_environment() -> None:
+    """Under `srun` without torchrun, export the rank layout under the names torch and Streaming read."""
+    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return
+    for name, slurm_name in _SLURM_NAMES.items():
+        if slurm_name in os.environ:
+            os.environ[name] = os.environ[slurm_name].split("(")[0]
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
 def launched_world_size() -> int:
     """World size the launcher (torchrun / deepspeed / SLURM srun) asked for, before init."""
+    adopt_slurm_environment()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -26,6 +26,7 @@ from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategy import Strategy
 from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, finite_or_none
+from dune_scale.telemetry.phases import NullPhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Trainer:
         schedules: Schedules,
         checkpointer: Checkpointer,
         output_dir: Path,
+        phases: NullPhaseTimer | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist
@@ -64,6 +66,7 @@ class Trainer:
         self.global_batch = cfg.global_batch_size(dist.world_size)
         self.drop_generator = torch.Generator(device=dist.device)
         self.drop_generator.manual_seed(cfg.run.seed * 1_000_003 + dist.rank)
+        self.phases = phases or NullPhaseTimer()
         self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
 
     # ------------------------------------------------------------------ state
@@ -127,20 +130,26 @@ class Trainer:
         accum = self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.dist.device)
         teacher_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
+        phases = self.phases
         for _ in range(accum):
-            batch = next(batches)
-            images = batch["images"].to(self.dist.device, non_blocking=True)
-            teacher_out = self.teachers(images)
-            with self.strategy.autocast():
+            with phases.phase("data"):
+                batch = next(batches)
+                images = batch["images"].to(self.dist.device, non_blocking=True)
+            with phases.phase("teacher_forward"):
+                teacher_out = self.teachers(images)
+            with phases.phase("student_forward"), self.strategy.autocast():
                 student_out = self.strategy.forward(images)
-            domains = [self.domain_of(name) for name in batch["dataset"]]
-            out = self.objective(
-                student_out, teacher_out, self.strategy.module.teacher_norms, momentum, domains, self.drop_generator
-            )
-            self.strategy.backward(out.loss / accum)
+            with phases.phase("loss"):
+                domains = [self.domain_of(name) for name in batch["dataset"]]
+                out = self.objective(
+                    student_out, teacher_out, self.strategy.module.teacher_norms, momentum, domains, self.drop_generator
+                )
+            with phases.phase("backward"):
+                self.strategy.backward(out.loss / accum)
             loss_sum += out.loss.detach()
             teacher_sum += out.per_teacher()
-        grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step))
+        with phases.phase("optimizer"):
+            grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step))
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         return {"loss": loss_sum / accum, "teachers": teacher_sum / accum, "grad_norm": grad_norm.detach().float()}

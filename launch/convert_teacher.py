@@ -1,0 +1,28 @@
+"""Convert an official teacher checkpoint to safetensors + architecture JSON (never unpickled again).
+
+  python launch/convert_teacher.py dino2reg_vitlarge_14 dinov2_vitl14_reg4_pretrain.pth checkpoints/teachers/dino2reg
+"""
+
+import argparse
+import sys
+
+from dune_scale.teachers import TEACHER_SPECS, TeacherCheckpointError, convert_teacher
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("teacher", choices=sorted(TEACHER_SPECS))
+    parser.add_argument("checkpoint", help="the official release file")
+    parser.add_argument("out", help="output path without suffix (.safetensors and .json are written)")
+    args = parser.parse_args()
+    try:
+        weights, meta = convert_teacher(args.teacher, args.checkpoint, args.out)
+    except TeacherCheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {weights} and {meta}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
