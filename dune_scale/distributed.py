@@ -43,8 +43,15 @@ _SLURM_NAMES = {
 }
 
 
-def adopt_slurm_environment() -> None:
-    """Under `srun` without torchrun, export the rank layout under the names torch and Streaming read."""
+def normalise_launcher_environment() -> None:
+    """Export the rank layout under the names torch and Streaming read, whatever the launcher.
+
+    torchrun sets them all; the deepspeed launcher names the local world size LOCAL_SIZE (Streaming
+    would then think every rank leads its own node and they would collide on shared memory); plain
+    `srun` only sets SLURM's names.
+    """
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or "MASTER_ADDR" not in os.environ:
         return
     for name, slurm_name in _SLURM_NAMES.items():
@@ -55,7 +62,7 @@ def adopt_slurm_environment() -> None:
 
 def launched_world_size() -> int:
     """World size the launcher (torchrun / deepspeed / SLURM srun) asked for, before init."""
-    adopt_slurm_environment()
+    normalise_launcher_environment()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +28,7 @@ from dune_scale.engine.trainer import Trainer
 from dune_scale.models import vit
 from dune_scale.models.attention import set_attention_backend
 from dune_scale.teachers import TeacherCheckpointError, build_teacher_ensemble, get_teacher_spec
+from dune_scale.telemetry.phases import NullPhaseTimer
 
 log = logging.getLogger("dune_scale")
 
@@ -86,6 +89,51 @@ def _setup_logging(is_main: bool) -> None:
     )
 
 
+def build_objective(cfg: Config, teacher_names: list[str]) -> DistillObjective:
+    domains = {t.name: t.domain or get_teacher_spec(t.name).domain for t in cfg.teachers.models}
+    return DistillObjective(
+        teacher_names=teacher_names,
+        teacher_domains=[domains[name] for name in teacher_names],
+        drop_method=cfg.distill.teacher_drop,
+        drop_p=cfg.distill.teacher_drop_p,
+        generic_domain=cfg.distill.generic_domain,
+        norm_eps=cfg.distill.norm_eps,
+        w_cos=cfg.loss.w_cos,
+        w_sl1=cfg.loss.w_sl1,
+        beta=cfg.loss.beta,
+        fused=cfg.loss.fused,
+    )
+
+
+def build_trainer(
+    cfg: Config,
+    dist: distributed.DistInfo,
+    loader: Any,
+    domain_of: Callable[[str], str],
+    phases: NullPhaseTimer | None = None,
+) -> Trainer:
+    """Teachers → student → strategy → objective → trainer, for training and for the benchmark."""
+    set_attention_backend(cfg.teachers.attention)
+    torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
+    dtype = teacher_dtype(cfg, dist.device)
+    teachers = build_teacher_ensemble(cfg.teachers.models, cfg.student.patch_size, dist.device, dtype)
+    if cfg.teachers.shard and dist.world_size > 1:
+        for teacher in teachers.teachers.values():
+            shard_frozen_module(teacher, teacher.blocks, dtype)
+    student = build_student(cfg, teachers.embed_dims, teachers.tokens)
+    if cfg.student.pretrained:
+        load_pretrained_student(student, Path(cfg.student.pretrained))
+    prepare_student(student, cfg.train.activation_checkpointing, cfg.train.compile)
+    strategy = build_strategy(cfg, dist)
+    strategy.setup(student, cfg.peak_lr(dist.world_size))
+    output_dir = Path(cfg.run.output_dir)
+    return Trainer(
+        cfg, dist, strategy, teachers, build_objective(cfg, list(teachers.tokens)), loader, domain_of,
+        build_schedules(cfg, dist.world_size), Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, dist),
+        output_dir, phases,
+    )
+
+
 def train(cfg: Config) -> bool:
     """Run (or resume) the training ``cfg`` describes; False when a stop signal ended it early."""
     dist = distributed.init_distributed(cfg.run.device)
@@ -96,40 +144,12 @@ def train(cfg: Config) -> bool:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, output_dir / "config.yaml")
         distributed.barrier()
-        set_attention_backend(cfg.teachers.attention)
-        torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
-
-        teachers = build_teacher_ensemble(cfg.teachers.models, cfg.student.patch_size, dist.device, teacher_dtype(cfg, dist.device))
-        student = build_student(cfg, teachers.embed_dims, teachers.tokens)
-        if cfg.student.pretrained:
-            load_pretrained_student(student, Path(cfg.student.pretrained))
-
-        prepare_student(student, cfg.train.activation_checkpointing, cfg.train.compile)
-        strategy = build_strategy(cfg, dist)
-        strategy.setup(student, cfg.peak_lr(dist.world_size))
-
         mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
         loader = build_train_loader(
             cfg.data, image_size=cfg.train.image_size, batch_size=cfg.train.batch_size_per_rank, seed=cfg.run.seed
         )
-        objective = DistillObjective(
-            teacher_names=list(teachers.tokens),
-            teacher_domains=[t.domain or get_teacher_spec(t.name).domain for t in cfg.teachers.models],
-            drop_method=cfg.distill.teacher_drop,
-            drop_p=cfg.distill.teacher_drop_p,
-            generic_domain=cfg.distill.generic_domain,
-            norm_eps=cfg.distill.norm_eps,
-            w_cos=cfg.loss.w_cos,
-            w_sl1=cfg.loss.w_sl1,
-            beta=cfg.loss.beta,
-            fused=cfg.loss.fused,
-        )
-        checkpointer = Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, dist)
-        trainer = Trainer(
-            cfg, dist, strategy, teachers, objective, loader, mixture.domain_of,
-            build_schedules(cfg, dist.world_size), checkpointer, output_dir,
-        )
-        resume_from = _resume_folder(cfg, checkpointer)
+        trainer = build_trainer(cfg, dist, loader, mixture.domain_of)
+        resume_from = _resume_folder(cfg, trainer.checkpointer)
         if resume_from is not None:
             check_resume_compatible(cfg, resume_from)
             trainer.restore(resume_from)

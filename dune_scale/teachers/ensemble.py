@@ -61,7 +61,7 @@ class TeacherEnsemble(nn.Module):
         for name, teacher in self.teachers.items():
             aligned = align_images(images, teacher.patch_size, self.student_patch_size)
             with torch.autocast(images.device.type, dtype=self.dtype, enabled=low_precision):
-                features = teacher.forward_features(aligned.to(self.dtype))
+                features = teacher(aligned.to(self.dtype))  # forward(), where FSDP hooks sit
             outputs[name] = {token: features[token] for token in self.tokens[name]}
         return outputs
 
