@@ -37,6 +37,8 @@ class RunConfig:
     device: str = _choice("auto", "auto", "cpu", "cuda")
     log_every: int = _at_least(10, 1)
     console: str = _choice("rich", "rich", "plain", "none")
+    # Write each rank's sample ids per step to samples/rank_<r>.jsonl (audits data order and resume).
+    log_samples: bool = False
     wandb_project: str | None = None
 
 

@@ -47,3 +47,41 @@ def tiny_overrides(output_dir: Path, shards: Path, *extra: str) -> list[str]:
         "data.num_workers=0",
         *extra,
     ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_env(tmp: Path) -> dict[str, str]:
+    """Environment for multi-process runs: loopback only, one thread per rank, private TMPDIR."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        TMPDIR=str(tmp),
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=str(REPO),
+    )
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dune_scale" / "torch_extensions"))
+    return env
+
+
+def launch_command(launcher: str, nproc: int, script: Path, *args: str) -> list[str]:
+    """``python`` (1 process), ``torchrun`` or ``deepspeed`` with ``nproc`` ranks on 127.0.0.1."""
+    import sys
+
+    port = str(free_port())
+    if launcher == "python":
+        return [sys.executable, str(script), *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", port, str(script), *args]
+    if launcher == "deepspeed":
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", port, str(script), *args]
+    raise ValueError(launcher)

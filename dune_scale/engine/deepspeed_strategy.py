@@ -40,7 +40,12 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
         "train_batch_size": t.batch_size_per_rank * t.grad_accum_steps * world_size,
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.strategy.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
+        # Stage 1 with trainer-owned accumulation reduces in step(): nothing for overlap_comm to overlap.
+        "zero_optimization": {
+            "stage": cfg.strategy.zero_stage,
+            "overlap_comm": cfg.strategy.zero_stage >= 2,
+            "contiguous_gradients": True,
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

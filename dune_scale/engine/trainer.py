@@ -20,7 +20,7 @@ from torch import nn
 
 from dune_scale.config import Config
 from dune_scale.distill.objective import DistillObjective
-from dune_scale.distributed import DistInfo
+from dune_scale.distributed import DistInfo, all_reduce_sum
 from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
@@ -62,6 +62,7 @@ class Trainer:
         self.schedules = schedules
         self.checkpointer = checkpointer
         self.metrics = MetricsFile(output_dir / "metrics.jsonl")
+        self.sample_log = MetricsFile(output_dir / "samples" / f"rank_{dist.rank:05d}.jsonl") if cfg.run.log_samples else None
         self.state = TrainerState()
         self.global_batch = cfg.global_batch_size(dist.world_size)
         self.drop_generator = torch.Generator(device=dist.device)
@@ -135,6 +136,9 @@ class Trainer:
             with phases.phase("data"):
                 batch = next(batches)
                 images = batch["images"].to(self.dist.device, non_blocking=True)
+            if self.sample_log is not None:
+                ids = [f"{name}/{index}" for name, index in zip(batch["dataset"], batch["index"].tolist())]
+                self.sample_log.write({"step": step + 1, "samples": ids})
             with phases.phase("teacher_forward"):
                 teacher_out = self.teachers(images)
             with phases.phase("student_forward"), self.strategy.autocast():
@@ -160,6 +164,9 @@ class Trainer:
         console = ConsoleReporter(cfg.run.console if self.dist.is_main else "none", self.stop_step, self.state.step)
         if self.dist.is_main:
             self.metrics.truncate_after(self.state.step)
+        if self.sample_log is not None:
+            self.sample_log.path.parent.mkdir(parents=True, exist_ok=True)
+            self.sample_log.truncate_after(self.state.step)
         throughput = Throughput()
         throughput.reset(self.state.samples_seen)
         pending: list[dict[str, torch.Tensor]] = []
@@ -192,10 +199,11 @@ class Trainer:
             console.close()
 
     def _log_record(self, pending: list[dict[str, torch.Tensor]], img_per_s: float) -> dict[str, Any]:
-        """The one host sync of a logging interval: average what the interval accumulated."""
+        """The one host sync of a logging interval: average what the interval accumulated, over
+        steps and ranks (each rank's loss is its share of the global-batch loss)."""
         step = self.state.step - 1  # schedules of the step just taken
-        loss = torch.stack([m["loss"] for m in pending]).mean().item()
-        teachers = torch.stack([m["teachers"] for m in pending]).mean(dim=0).tolist()
+        losses = torch.stack([torch.cat([m["loss"].reshape(1), m["teachers"]]) for m in pending]).mean(dim=0)
+        loss, *teachers = (all_reduce_sum(losses) / self.dist.world_size).tolist()
         grad_norm = torch.stack([m["grad_norm"] for m in pending]).mean().item()
         record: dict[str, Any] = {
             "step": self.state.step,

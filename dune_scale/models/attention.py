@@ -2,11 +2,13 @@
 
 ``auto`` uses the ``flash-attn`` package when it is installed and the tensors suit it (CUDA,
 fp16/bf16), else PyTorch's SDPA, which itself picks its flash kernel on GPU. ``flash-attn`` is an
-optional dependency: nothing here requires it.
+optional dependency: nothing here requires it. ``math`` forces SDPA's reference kernel (debugging,
+bitwise comparisons).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -17,16 +19,22 @@ BACKENDS = ("auto", "sdpa", "flash_attn", "math")
 _backend = "auto"
 
 
+@functools.cache
 def flash_attn_installed() -> bool:
+    """Cached: looked up once, not on every attention call (and not traced by torch.compile)."""
     return importlib.util.find_spec("flash_attn") is not None
 
 
 def set_attention_backend(name: str) -> None:
+    """Select the backend for every later ``attention`` call in this process."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if name == "flash_attn" and not flash_attn_installed():
-        raise ValueError("attention backend flash_attn was asked for but the flash-attn package is not installed")
+        raise ValueError(
+            "attention backend 'flash_attn' was asked for but the flash-attn package is not installed; "
+            "install it or use 'auto' / 'sdpa'"
+        )
     _backend = name
 
 
@@ -40,7 +48,13 @@ def _flash_attn_suits(q: torch.Tensor) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / √d) v for (B, heads, N, d) tensors."""
-    if _backend == "flash_attn" or (_backend == "auto" and _flash_attn_suits(q) and flash_attn_installed()):
+    use_flash_attn = _backend == "flash_attn" or (_backend == "auto" and _flash_attn_suits(q) and flash_attn_installed())
+    if use_flash_attn:
+        if not _flash_attn_suits(q):
+            raise ValueError(
+                f"attention backend 'flash_attn' needs CUDA fp16/bf16 tensors with head dim <= 256, "
+                f"got {q.dtype} on {q.device} with head dim {q.shape[-1]}"
+            )
         from flash_attn import flash_attn_func
 
         # flash-attn takes (B, N, heads, d).

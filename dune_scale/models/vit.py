@@ -19,6 +19,8 @@ from dune_scale.models.attention import attention
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches → tokens (a strided conv with bias, as DINOv2 and CroCo)."""
+
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -33,6 +35,8 @@ class PatchEmbed(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 → exact (erf) GELU → fc2, the FFN of DINOv2 and CroCo blocks."""
+
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
@@ -44,6 +48,8 @@ class Mlp(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """Per-channel residual-branch scale; the parameter is named ``gamma`` as in the DINOv2 release."""
+
     def __init__(self, dim: int, init_value: float) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
@@ -64,6 +70,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, D) → q, k, v as (B, heads, N, d); shared with the RoPE attention of CroCo."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -79,7 +86,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with optional layer scale (DINOv2 names)."""
+    """Pre-norm transformer block with optional layer scale (DINOv2 names).
+
+    ``attn`` replaces the plain attention (CroCo's RoPE attention); ``forward``'s keyword arguments
+    are handed to it (token positions there).
+    """
 
     def __init__(
         self,
@@ -113,6 +124,14 @@ def init_linear_trunc_normal(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
+    """DINOv2 ViT: ``[cls, registers, patches]``, pre-norm blocks, final LayerNorm.
+
+    Built for ``img_size`` (the positional table is (img_size/p)² + 1), any input whose sides are
+    multiples of the patch size works through positional-embedding resampling.
+    ``with_mask_token`` adds DINOv2's (inference-unused) ``mask_token`` so release checkpoints load
+    strictly; the student leaves it out so it has no parameter without gradient.
+    """
+
     def __init__(
         self,
         img_size: int = 224,
@@ -155,6 +174,7 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
+        """DINOv2's init for training from scratch (skipped on the meta device: nothing to fill)."""
         if self.pos_embed.is_meta:
             return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -164,7 +184,11 @@ class VisionTransformer(nn.Module):
         self.apply(init_linear_trunc_normal)
 
     def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
-        """The (1, 1+N, D) positional embedding for an ``height`` × ``width`` input (DINOv2 rule)."""
+        """The (1, 1+N, D) positional embedding for a ``height`` × ``width`` pixel input (DINOv2 rule).
+
+        The stored table is returned as is only at the native grid with a square input; otherwise
+        the grid is resampled bicubically by scale factors (H/p + offset)/M, (W/p + offset)/M.
+        """
         stored = self.pos_embed.shape[1] - 1
         if num_patches == stored and height == width:
             return self.pos_embed
@@ -201,6 +225,7 @@ class VisionTransformer(nn.Module):
         return x
 
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Final-normed tokens split into ``cls`` (B, D), ``patch`` (B, N, D), ``reg`` (B, R, D) or None."""
         x = self.norm(self.forward_tokens(images))
         registers = x[:, 1 : self.num_prefix_tokens] if self.num_register_tokens else None
         return {"cls": x[:, 0], "patch": x[:, self.num_prefix_tokens :], "reg": registers}
@@ -210,12 +235,15 @@ class VisionTransformer(nn.Module):
 
 
 def vit_small(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/14: 384 wide, 12 blocks, 6 heads (keyword arguments override anything)."""
     return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs})
 
 
 def vit_base(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/14: 768 wide, 12 blocks, 12 heads."""
     return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs})
 
 
 def vit_large(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/14: 1024 wide, 24 blocks, 16 heads (the DINOv2 / Multi-HMR teachers)."""
     return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kwargs})

@@ -7,38 +7,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dune_scale.teachers.checkpoints import (
-    load_strict,
-    mast3r_arch_from_args,
-    official_state_dict,
-    read_checkpoint,
-    read_safetensors,
-    safetensors_metadata_path,
-)
+from dune_scale.teachers.checkpoints import load_strict, read_teacher_file, safetensors_metadata_path
 from dune_scale.teachers.registry import get_teacher_spec
 
 
 def build_teacher(name: str, checkpoint: str | Path | None = None, **arch: Any) -> nn.Module:
-    """``arch`` overrides the full-size architecture (embed_dim, depth, num_heads, patch_size,
-    img_size, num_register_tokens, …). The module records its architecture as ``teacher_arch``."""
+    """The teacher ``name`` in float32 on the CPU, from ``checkpoint`` (an official release file or
+    a ``.safetensors`` conversion), or randomly initialised when it is None.
+
+    ``arch`` overrides the full-size architecture (embed_dim, depth, num_heads, patch_size,
+    img_size, num_register_tokens, …) and any settings the file records (MASt3R's args string, a
+    conversion's JSON). The module records its name and architecture as ``teacher_name`` and
+    ``teacher_arch``.
+    """
     spec = get_teacher_spec(name)
-    state = None
-    if checkpoint is not None:
+    if checkpoint is None:
+        effective = {**spec.arch, **arch}
+        module = spec.build(**arch)
+    else:
         path = Path(checkpoint)
-        if path.suffix == ".safetensors":
-            saved_arch, state = read_safetensors(spec, path)
-            arch = {**saved_arch, **arch}
-        else:
-            raw = read_checkpoint(spec, path)
-            state = official_state_dict(spec, path, raw)
-            if spec.layout == "mast3r":
-                arch = {**mast3r_arch_from_args(raw["args"]), **arch}
-    effective = {**spec.arch, **arch}
-    module = spec.build(**effective)
-    if state is not None:
+        file_arch, state = read_teacher_file(spec, path)
+        effective = {**spec.arch, **file_arch, **arch}
+        with torch.device("meta"):  # no random init of weights that are overwritten at once
+            module = spec.build(**{**file_arch, **arch})
         load_strict(spec, path, module, state)
     module.teacher_name = name
     module.teacher_arch = effective
@@ -47,9 +42,10 @@ def build_teacher(name: str, checkpoint: str | Path | None = None, **arch: Any) 
 
 def convert_teacher(name: str, checkpoint: str | Path, out: str | Path, **arch: Any) -> tuple[Path, Path]:
     """Official checkpoint → ``out.safetensors`` + ``out.json`` (teacher name + architecture), so
-    cluster jobs load teachers fast and never unpickle."""
+    cluster jobs load teachers fast and never unpickle. The weights are checked by a strict load
+    first, so a conversion that succeeds always loads."""
     module = build_teacher(name, checkpoint, **arch)
-    weights = Path(out).with_suffix(".safetensors")
+    weights = Path(f"{out}.safetensors") if Path(out).suffix != ".safetensors" else Path(out)
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
     meta = safetensors_metadata_path(weights)

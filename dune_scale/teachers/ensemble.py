@@ -3,12 +3,15 @@
 Inputs are aligned as DUNE does: when a teacher's patch size differs from the student's, the
 image is resized by teacher_patch / student_patch (bicubic, align_corners=True), so every
 teacher's token grid equals the student's (448 px /14 → 32×32; MASt3R sees 512 px /16 → 32×32).
-Weights are cast to the compute dtype (bf16 on accelerators); LayerNorms and softmax run in fp32
-under autocast.
+Weights are cast to the compute dtype (bf16 on accelerators) and run under autocast; features
+come back in the dtype autocast leaves them (fp32 out of LayerNorm on CUDA, bf16 on CPU) and the
+loss upcasts them.
+The ensemble stays a plain module: sharding (FSDP2) is applied to it from outside.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,16 +22,28 @@ from torch import nn
 from dune_scale.teachers.build import build_teacher
 from dune_scale.teachers.registry import get_teacher_spec
 
+TOKEN_TYPES = ("cls", "patch")
+
 
 def align_images(images: torch.Tensor, teacher_patch: int, student_patch: int) -> torch.Tensor:
+    """Resize so the teacher's token grid equals the student's.
+
+    DUNE passes ``scale_factor=teacher_patch / student_patch``; with ``align_corners=True`` only the
+    output size matters, and for sides that are multiples of the student patch it is exactly
+    side / student_patch · teacher_patch, which is what is computed here (no float rounding).
+    """
     if teacher_patch == student_patch:
         return images
     height, width = images.shape[-2:]
+    if height % student_patch or width % student_patch:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the student patch size {student_patch}")
     size = (height // student_patch * teacher_patch, width // student_patch * teacher_patch)
     return F.interpolate(images.float(), size=size, mode="bicubic", align_corners=True).to(images.dtype)
 
 
 class TeacherEnsemble(nn.Module):
+    """Frozen teachers → ``{teacher: {token type: features}}`` for the distilled token types only."""
+
     def __init__(
         self,
         teachers: Mapping[str, nn.Module],
@@ -37,6 +52,10 @@ class TeacherEnsemble(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        for name in teachers:
+            chosen = tuple(tokens[name])
+            if not chosen or set(chosen) - set(TOKEN_TYPES):
+                raise ValueError(f"teacher {name}: token types must be a non-empty subset of {TOKEN_TYPES}, got {chosen}")
         self.teachers = nn.ModuleDict(dict(teachers))
         self.tokens = {name: tuple(tokens[name]) for name in teachers}
         self.student_patch_size = student_patch_size
@@ -54,30 +73,37 @@ class TeacherEnsemble(nn.Module):
         """Teachers are frozen: they stay in eval mode whatever the caller asks."""
         return super().train(False)
 
-    @torch.no_grad()
+    def _precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast for low-precision weights; nothing in fp32 (also where autocast does not exist, e.g. meta)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    @torch.no_grad()  # not inference_mode: the features are loss targets next to tensors with grad
     def forward(self, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        low_precision = self.dtype != torch.float32
         outputs: dict[str, dict[str, torch.Tensor]] = {}
         for name, teacher in self.teachers.items():
             aligned = align_images(images, teacher.patch_size, self.student_patch_size)
-            with torch.autocast(images.device.type, dtype=self.dtype, enabled=low_precision):
-                features = teacher(aligned.to(self.dtype))  # forward(), where FSDP hooks sit
+            with self._precision(images.device):
+                features = teacher(aligned)  # forward(), where FSDP hooks sit
             outputs[name] = {token: features[token] for token in self.tokens[name]}
         return outputs
 
 
 def build_teacher_ensemble(
-    configs: Sequence[Any], student_patch_size: int, device: torch.device, dtype: torch.dtype
+    configs: Sequence[Any], student_patch_size: int, device: torch.device | str, dtype: torch.dtype
 ) -> TeacherEnsemble:
-    """From config entries with ``name``, ``checkpoint``, ``random_init``, ``arch``, ``tokens``."""
+    """From config entries with ``name``, ``checkpoint``, ``random_init``, ``arch``, ``tokens``
+    (empty ``tokens``: the teacher's DUNE default)."""
     teachers: dict[str, nn.Module] = {}
     tokens: dict[str, Sequence[str]] = {}
     for config in configs:
         if config.checkpoint is None and not config.random_init:
             raise ValueError(
                 f"teacher {config.name}: no checkpoint given; set its checkpoint path "
-                "(random weights are for tests only and need random_init: true)"
+                "(random weights are for tests and the demo only and need random_init: true)"
             )
-        teachers[config.name] = build_teacher(config.name, config.checkpoint, **config.arch).to(device)
+        teacher = build_teacher(config.name, config.checkpoint, **config.arch)
+        teachers[config.name] = teacher.to(device=device, dtype=dtype)  # one copy on the device, already cast
         tokens[config.name] = tuple(config.tokens) or get_teacher_spec(config.name).tokens
     return TeacherEnsemble(teachers, tokens, student_patch_size, dtype)

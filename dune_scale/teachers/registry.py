@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ _DINOV2_ARCH: dict[str, Any] = {
     "img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0,
     "layerscale_init": 1.0, "norm_eps": 1e-6, "interpolate_offset": 0.1, "interpolate_antialias": False,
 }
+_FAMILIES: dict[str, type[nn.Module]] = {"dinov2": VisionTransformer, "croco": CrocoEncoder}
+# Fixed by the checkpoint layout, never an architecture choice.
+_NOT_ARCH = {"with_mask_token"}
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,24 @@ class TeacherSpec:
     tokens: tuple[str, ...] = ("patch",)  # token types DUNE distils
     domain: str = ""  # the data domain this teacher "owns"
 
+    @property
+    def patch_size(self) -> int:
+        return int(self.arch["patch_size"])
+
+    def arch_keys(self) -> list[str]:
+        """The settings ``arch`` may override (the constructor's keyword arguments)."""
+        params = inspect.signature(_FAMILIES[self.family]).parameters
+        return [name for name in params if name not in _NOT_ARCH]
+
     def build(self, **overrides: Any) -> nn.Module:
-        """The architecture with ``overrides`` (tiny test teachers), randomly initialised."""
+        """The architecture with ``overrides`` (tiny test teachers), randomly initialised (or
+        parameter-less under ``torch.device("meta")``, before a checkpoint is assigned)."""
+        unknown = sorted(set(overrides) - set(self.arch_keys()))
+        if unknown:
+            raise ValueError(
+                f"teacher {self.name}: unknown arch setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(self.arch_keys())}"
+            )
         arch = {**self.arch, **overrides}
         if self.family == "croco":
             return CrocoEncoder(**arch)
@@ -45,7 +65,8 @@ TEACHER_SPECS: dict[str, TeacherSpec] = {
         ),
         TeacherSpec(
             "mast3r_vitlarge_16", "croco", "mast3r",
-            {"embed_dim": 1024, "depth": 24, "num_heads": 16, "patch_size": 16, "rope_base": 100.0}, ("patch",), "mast3r",
+            {"embed_dim": 1024, "depth": 24, "num_heads": 16, "patch_size": 16, "img_size": 512, "rope_base": 100.0},
+            ("patch",), "mast3r",
         ),
         TeacherSpec(
             "multihmr_vitlarge_14_672", "dinov2", "multihmr",

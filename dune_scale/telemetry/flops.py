@@ -5,12 +5,16 @@ A multiply-add counts as 2 FLOPs. Per transformer block over N tokens of width D
   2·N·D², MLP 4·r·N·D²  →  (8 + 4r)·N·D² + 4·N²·D   (= 24·N·D² + 4·N²·D for r = 4).
 Patch embedding: 2·N·(3·p²)·D. LayerNorms, softmax, GELU, RoPE and the loss are left out (a few
 per cent at most), as is usual for MFU. Backward costs twice the forward, so a trained module
-costs 3× its forward. Frozen teachers run forward only.
+costs 3× its forward (the usual convention: it slightly overstates the student's backward, whose
+patch embedding needs no input gradient). Frozen teachers run forward only. Activation
+checkpointing's recomputed forward is not counted: MFU counts the model's FLOPs, not the hardware's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
@@ -52,6 +56,10 @@ class StepFlops:
     def total(self) -> float:
         return self.teachers_forward + 3 * self.student_forward
 
+    @property
+    def teachers_share(self) -> float:
+        return self.teachers_forward / self.total
+
 
 def step_flops_per_image(
     student: VitShape,
@@ -68,3 +76,41 @@ def step_flops_per_image(
         teachers_forward=sum(t.forward_flops() for t in teachers),
         student_forward=student.forward_flops() + projectors,
     )
+
+
+def encoder_shape(encoder: Any, patches: int) -> VitShape:
+    """The shape of a built encoder (``VisionTransformer`` or ``CrocoEncoder``) at ``patches`` patch
+    tokens, read from its modules so the count follows what runs (arch overrides, registers, MLP
+    width). Block wrappers (activation checkpointing, compile) forward the attributes read here."""
+    return VitShape(
+        dim=encoder.embed_dim,
+        depth=len(encoder.blocks),
+        patch_size=encoder.patch_size,
+        patches=patches,
+        prefix_tokens=getattr(encoder, "num_prefix_tokens", 0),  # CroCo has neither class nor registers
+        mlp_ratio=_mlp_ratio(encoder.blocks[0], encoder.embed_dim),
+    )
+
+
+def dune_step_flops(student: Any, teachers: Mapping[str, Any], image_size: int) -> StepFlops:
+    """FLOPs per image of a DUNE step from the built student (``DuneStudent``: encoder + one projector
+    per teacher) and teachers. Every teacher sees the student's token grid: its input is resized by
+    teacher patch / student patch (MASt3R: 448 px → 512 px, 32×32 patches either way)."""
+    encoder = student.encoder
+    patches = (image_size // encoder.patch_size) ** 2
+    projectors = list(student.projectors.values())
+    depths = {len(p.blocks) for p in projectors}
+    ratios = {_mlp_ratio(p.blocks[0], encoder.embed_dim) for p in projectors}
+    if len(depths) != 1 or len(ratios) != 1:
+        raise ValueError(f"projectors differ in depth {sorted(depths)} or MLP ratio {sorted(ratios)}")
+    return step_flops_per_image(
+        encoder_shape(encoder, patches),
+        [encoder_shape(teacher, patches) for teacher in teachers.values()],
+        [p.head.out_features for p in projectors],
+        projector_depth=depths.pop(),
+        projector_mlp_ratio=ratios.pop(),
+    )
+
+
+def _mlp_ratio(block: Any, dim: int) -> float:
+    return block.mlp.fc1.out_features / dim

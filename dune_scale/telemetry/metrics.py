@@ -19,10 +19,17 @@ class MetricsFile:
         self.path = Path(path)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps > ``step`` (written after the checkpoint a run resumes from)."""
+        """Drop records of steps > ``step`` (written after the checkpoint a run resumes from), and a
+        last line cut short by a kill."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -1,0 +1,339 @@
+"""Images on disk → one MDS folder per dataset (columns ``jpeg``, ``dataset``, ``index``), local or remote.
+
+The sorted file list is cut into fixed chunks of ``samples_per_shard`` files; chunk ``k`` becomes
+``shard.{k:05}.mds`` and, once that shard is stored, a marker ``.convert/chunk.{k:05}.json`` with its
+index entry, its sources' digest and the files it skipped. Chunks are independent, so they convert
+in parallel processes, and a rerun skips every chunk whose marker matches its sources (resumable).
+``index.json`` is written last, from the markers: its presence means the dataset is complete.
+
+JPEG files are stored byte for byte; other formats are decoded and re-encoded as JPEG. Every image is
+fully decoded first: corrupt or unreadable files are skipped and listed in ``convert_report.json``,
+never abort the conversion. ``index`` is the file's position in the sorted list (gaps where files
+were skipped), so it names the same file on every rerun.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from PIL import Image, UnidentifiedImageError
+from streaming import MDSWriter
+from streaming.base.storage import CloudDownloader, CloudUploader
+
+from dune_scale.data.remote import storage_error
+from dune_scale.data.synthetic import MDS_COLUMNS, MDS_HASHES
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+LAYOUTS = ("auto", "imagefolder", "folder", "glob", "filelist")
+MARKER_DIR = ".convert"
+REPORT_NAME = "convert_report.json"
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion did; written next to the shards as ``convert_report.json``."""
+
+    dataset: str
+    output: str
+    files: int
+    written: int = 0
+    reencoded: int = 0
+    shards: int = 0
+    chunks_reused: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    number: int
+    items: tuple[tuple[int, str], ...]  # (index in the dataset, file path)
+
+    @property
+    def digest(self) -> str:
+        """Identifies the chunk's inputs: paths and sizes (a changed file changes it)."""
+        h = hashlib.sha1()
+        for index, path in self.items:
+            h.update(f"{index}\t{path}\t{os.path.getsize(path) if os.path.exists(path) else -1}\n".encode())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def list_sources(source: str, layout: str = "auto") -> list[str]:
+    """The image files of a dataset, sorted so indices are stable across runs.
+
+    * ``imagefolder``: ``source/<class>/.../<image>`` (image extensions only);
+    * ``folder``: images directly inside ``source``;
+    * ``glob``: a recursive pattern (``root/**/*.jpg``), every matching file;
+    * ``filelist``: a text file, one path per line (relative to the list's folder; ``#`` comments).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is unknown; choose one of {' | '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = _guess_layout(source)
+    root = Path(source)
+    if layout == "imagefolder":
+        files = [p for d in sorted(root.iterdir()) if d.is_dir() for p in sorted(d.rglob("*")) if _is_image(p)]
+    elif layout == "folder":
+        files = sorted(p for p in root.iterdir() if _is_image(p))
+    elif layout == "glob":
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+    else:
+        lines = [line.strip() for line in root.read_text().splitlines()]
+        files = [root.parent / line for line in lines if line and not line.startswith("#")]
+    if not files:
+        raise FileNotFoundError(f"no images found in {source} (layout {layout})")
+    return [str(p) for p in files]
+
+
+def _guess_layout(source: str) -> str:
+    if glob.has_magic(source):
+        return "glob"
+    path = Path(source)
+    if path.is_file():
+        return "filelist"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{source} is neither a folder, a file list nor a glob pattern")
+    return "imagefolder" if any(d.is_dir() for d in path.iterdir()) else "folder"
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_bytes(path: str, quality: int = 95) -> tuple[bytes, bool]:
+    """The bytes to store and whether they were re-encoded; raises on anything undecodable."""
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # a full decode: truncated and damaged files fail here, not at training time
+        if img.format == "JPEG":
+            return data, False
+        buffer = io.BytesIO()
+        img.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue(), True
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: a local folder, or a staging folder uploaded to s3:// / gs:// through Streaming
+
+
+class _Output:
+    """Where shards, markers and the index go; remote files are staged locally then uploaded."""
+
+    def __init__(self, url: str, staging: str) -> None:
+        self.url = url
+        self.remote = "://" in url
+        self.local = staging if self.remote else url
+        os.makedirs(os.path.join(self.local, MARKER_DIR), exist_ok=True)
+        self._uploader: Any = None
+
+    def store(self, basename: str) -> None:
+        """Make ``local/basename`` part of the output (upload it when the output is remote)."""
+        if not self.remote:
+            return
+        if self._uploader is None:
+            self._uploader = CloudUploader.get((self.local, self.url), exist_ok=True)
+        self._uploader.upload_file(basename)
+
+    def markers(self) -> dict[int, dict[str, Any]]:
+        """The markers already stored, by chunk number."""
+        if not self.remote:
+            names = [p.name for p in Path(self.local, MARKER_DIR).glob("chunk.*.json")]
+        else:
+            uploader = CloudUploader.get((self.local, self.url), exist_ok=True)
+            names = [os.path.basename(k) for k in uploader.list_objects(f"{MARKER_DIR}/") or []]
+            names = [n for n in names if n.startswith("chunk.") and n.endswith(".json")]
+        found = {}
+        for name in names:
+            path = os.path.join(self.local, MARKER_DIR, name)
+            if self.remote:
+                CloudDownloader.direct_download(f"{self.url}/{MARKER_DIR}/{name}", path)
+            marker = json.loads(Path(path).read_text())
+            found[int(marker["chunk"])] = marker
+            if self.remote:
+                os.remove(path)
+        return found
+
+
+def _write_json(output: _Output, basename: str, obj: Any) -> None:
+    path = os.path.join(output.local, basename)
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    output.store(basename)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def _convert_chunk(job: tuple[_Chunk, str, str, str, int]) -> dict[str, Any]:
+    """Worker: one chunk → one stored shard + its marker (returned)."""
+    chunk, name, url, staging, quality = job
+    try:
+        return _write_chunk(chunk, name, _Output(url, staging), quality)
+    except Exception as err:  # storage errors may not pickle back to the parent: send a plain one
+        raise storage_error(url, err) from None
+
+
+def _write_chunk(chunk: _Chunk, name: str, output: _Output, quality: int) -> dict[str, Any]:
+    marker: dict[str, Any] = {"chunk": chunk.number, "sources": chunk.digest, "shard": None,
+                              "written": 0, "reencoded": 0, "skipped": []}
+    basename = f"shard.{chunk.number:05}.mds"
+    with tempfile.TemporaryDirectory(dir=os.path.join(output.local, MARKER_DIR)) as tmp:
+        folder = os.path.join(tmp, "mds")
+        with MDSWriter(out=folder, columns=MDS_COLUMNS, hashes=MDS_HASHES, size_limit=None) as writer:
+            for index, path in chunk.items:
+                try:
+                    data, reencoded = image_bytes(path, quality)
+                except UnidentifiedImageError:
+                    marker["skipped"].append({"index": index, "path": path, "error": "not an image file PIL can read"})
+                    continue
+                except Exception as err:  # any other failure to read or decode: skip and report
+                    marker["skipped"].append({"index": index, "path": path, "error": f"{type(err).__name__}: {err}"})
+                    continue
+                writer.write({"jpeg": data, "dataset": name, "index": index})
+                marker["written"] += 1
+                marker["reencoded"] += int(reencoded)
+        shards = json.loads(Path(folder, "index.json").read_text())["shards"]
+        if shards:
+            (shard,) = shards
+            os.replace(os.path.join(folder, shard["raw_data"]["basename"]), os.path.join(output.local, basename))
+            shard["raw_data"]["basename"] = basename
+            marker["shard"] = shard
+    if marker["shard"] is not None:
+        output.store(basename)
+    _write_json(output, f"{MARKER_DIR}/chunk.{chunk.number:05}.json", marker)
+    return marker
+
+
+def convert_dataset(
+    source: str,
+    out_root: str,
+    name: str,
+    *,
+    layout: str = "auto",
+    samples_per_shard: int = 512,
+    workers: int | None = None,
+    quality: int = 95,
+    progress: bool = True,
+) -> ConvertReport:
+    """Convert one dataset into ``<out_root>/<name>`` (a folder, ``s3://…`` or ``gs://…``)."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    files = list_sources(source, layout)
+    url = f"{out_root.rstrip('/')}/{name}"
+    staging = tempfile.mkdtemp(prefix="dune_convert_") if "://" in url else url
+    try:
+        output = _Output(url, staging)
+        chunks = [
+            _Chunk(k, tuple((i, files[i]) for i in range(start, min(start + samples_per_shard, len(files)))))
+            for k, start in enumerate(range(0, len(files), samples_per_shard))
+        ]
+        try:
+            stored = output.markers()
+            reused = {c.number: stored[c.number] for c in chunks if stored.get(c.number, {}).get("sources") == c.digest}
+            todo = [c for c in chunks if c.number not in reused]
+            done = dict(reused)
+            jobs = [(c, name, url, staging, quality) for c in todo]
+            for marker in _run(jobs, workers, progress, total=sum(len(c.items) for c in todo), label=name):
+                done[marker["chunk"]] = marker
+        except Exception as err:
+            raise storage_error(url, err) from None
+        markers = [done[c.number] for c in chunks]
+        report = ConvertReport(
+            dataset=name,
+            output=url,
+            files=len(files),
+            written=sum(m["written"] for m in markers),
+            reencoded=sum(m["reencoded"] for m in markers),
+            shards=sum(m["shard"] is not None for m in markers),
+            chunks_reused=len(reused),
+            skipped=[s for m in markers for s in m["skipped"]],
+        )
+        _write_json(output, REPORT_NAME, asdict(report))
+        _write_json(output, "index.json", {"version": 2, "shards": [m["shard"] for m in markers if m["shard"]]})
+        return report
+    finally:
+        if staging != url:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(jobs: Sequence[tuple[Any, ...]], workers: int | None, progress: bool, total: int, label: str) -> Iterator[dict[str, Any]]:
+    """Chunks in parallel processes (forked before any progress thread starts), with a progress bar."""
+    workers = min(workers if workers is not None else os.cpu_count() or 1, len(jobs))
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(_convert_chunk, jobs) if pool else map(_convert_chunk, jobs)
+        if not progress:
+            yield from results
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            columns = ("[bold]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            with Progress(*columns) as bar:
+                task = bar.add_task(f"converting {label}", total=total)
+                for marker in results:
+                    bar.advance(task, marker["written"] + len(marker["skipped"]))
+                    yield marker
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``launch/convert_data.py``: convert one dataset, print a summary, exit 0 (1 if nothing was written)."""
+    import argparse
+
+    from dune_scale.data.remote import configure_s3_endpoint
+
+    parser = argparse.ArgumentParser(
+        description="Convert a dataset of images into MDS shards (one folder per dataset: OUT/NAME).",
+    )
+    parser.add_argument("source", help="image folder, class folders (ImageFolder), a file list, or a glob pattern")
+    parser.add_argument("out", help="output root: a local folder, s3://bucket/prefix or gs://bucket/prefix")
+    parser.add_argument("--name", required=True, help="dataset name (= folder name the mixture refers to)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="how SOURCE lists images (default: guess)")
+    parser.add_argument("--samples-per-shard", type=int, default=512, help="images per shard (default 512, ~50 MB of ImageNet JPEGs)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding non-JPEG images")
+    parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible store endpoint (else S3_ENDPOINT_URL)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    configure_s3_endpoint(args.s3_endpoint_url)
+    report = convert_dataset(
+        args.source,
+        args.out,
+        args.name,
+        layout=args.layout,
+        samples_per_shard=args.samples_per_shard,
+        workers=args.workers,
+        quality=args.quality,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{report.dataset}: {report.written} of {report.files} images in {report.shards} shards at {report.output} "
+        f"({report.reencoded} re-encoded, {report.chunks_reused} shards kept from an earlier run, "
+        f"{len(report.skipped)} skipped; see {report.output}/{REPORT_NAME})"
+    )
+    for item in report.skipped[:20]:
+        print(f"  skipped {item['path']}: {item['error']}")
+    if len(report.skipped) > 20:
+        print(f"  ... and {len(report.skipped) - 20} more")
+    return 0 if report.written else 1

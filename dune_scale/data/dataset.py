@@ -1,0 +1,116 @@
+"""The training dataset: a StreamingDataset over one stream per mixture dataset, yielding augmented images.
+
+On top of Streaming it adds grouped batching (``batching.py``), per-sample augmentation seeds from
+(seed, epoch, position in the epoch), and deterministic replacement of images that fail to decode.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataset
+
+from dune_scale.data.batching import GROUPED, samples_per_epoch, worker_positions
+from dune_scale.data.mixture import Mixture
+from dune_scale.data.transforms import CorruptImageError, decode_image, sample_generator
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class MixtureDataset(StreamingDataset):
+    """Streams of a :class:`Mixture` → samples ``{images, dataset, index, corrupt}``.
+
+    ``dataset`` is the mixture's name of the sample's stream, ``index`` the sample's index within
+    its dataset (the MDS ``index`` column), ``corrupt`` 1 when the stored image could not be decoded
+    and was replaced by the next decodable image of the same shard (the same one on every run).
+    """
+
+    def __init__(self, *, streams: Sequence[Stream], mixture: Mixture, transform: Transform, **kwargs: Any) -> None:
+        super().__init__(streams=streams, batching_method="random", **kwargs)
+        # Streaming validates the method name against its own list; ours is registered by batching.py.
+        self.batching_method = GROUPED
+        self.mixture = mixture
+        self.group_streams = mixture.group_streams()
+        self.group_shares = list(mixture.group_shares)
+        self.group_names = list(mixture.group_names)
+        self.transform = transform
+        self._epoch = 0
+        self._positions = np.zeros(0, np.int64)
+        self._position: int | None = None
+        self._background_error: BaseException | None = None
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """Streaming's resume state, with a finished epoch saved as the start of the next one.
+
+        Otherwise a run resumed from a checkpoint taken right after an epoch's last batch would
+        first see an empty pass over the loader.
+        """
+        state = super().state_dict(num_samples, from_beginning)
+        global_batch = self.batch_size * self._parallel_rank_world.num_ranks
+        if state["sample_in_epoch"] >= samples_per_epoch(self, global_batch):
+            state.update(epoch=state["epoch"] + 1, sample_in_epoch=0)
+        return state
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        """Keep this worker's epoch and sample positions alongside Streaming's work split."""
+        work = super()._get_work(epoch, sample_in_epoch)
+        self._epoch = epoch
+        self._positions = worker_positions(self._parallel_worker_world, self.batch_size, sample_in_epoch, len(work))
+        return work
+
+    def _each_sample_id(self, it: Any) -> Iterator[int]:
+        """Expose the position of the sample being yielded to :meth:`get_item`.
+
+        Streaming ends the epoch quietly when a download thread fails; raise that failure instead.
+        """
+        for sample_id in super()._each_sample_id(it):
+            self._position = int(self._positions[it.yield_index])
+            yield sample_id
+            self._position = None
+        if self._background_error is not None:
+            raise self._background_error
+
+    def on_exception(self, future: Future) -> None:
+        """Keep a download thread's error: Streaming only says "Background thread failed"."""
+        if future.exception() is not None and self._background_error is None:
+            self._background_error = future.exception()
+        super().on_exception(future)
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        shard_id, _ = self.spanner[sample_id]
+        name = self.mixture.streams[self.stream_per_shard[shard_id]].name
+        raw, image, replaced = self._decoded(sample_id, name, retry)
+        epoch, position = (self._epoch, self._position) if self._position is not None else (0, sample_id)
+        images = self.transform(image, sample_generator(self.shuffle_seed, epoch, position))
+        return {"images": images, "dataset": name, "index": int(raw["index"]), "corrupt": int(replaced)}
+
+    def _decoded(self, sample_id: int, name: str, retry: int) -> tuple[dict[str, Any], torch.Tensor, bool]:
+        """The sample and its image; an undecodable one is swapped for the next good one in its shard."""
+        shard_id, offset = self.spanner[sample_id]
+        first = sample_id - offset
+        count = int(self.samples_per_shard[shard_id])
+        shard = self.shards[shard_id].file_pairs[0][0].basename
+        for step in range(count):
+            raw = self._stored(first + (offset + step) % count, retry)
+            try:
+                image = decode_image(raw["jpeg"])
+            except CorruptImageError as err:
+                logger.warning("%s: image %s in %s cannot be decoded (%s)", name, raw["index"], shard, err)
+                continue
+            return raw, image, step > 0
+        raise CorruptImageError(f"{name}: no image of {shard} decodes")
+
+    def _stored(self, sample_id: int, retry: int) -> dict[str, Any]:
+        """The raw sample; a failed background download raises its own error, not a generic one."""
+        try:
+            return super().get_item(sample_id, retry)
+        except RuntimeError:
+            if self._background_error is not None:
+                raise self._background_error from None
+            raise

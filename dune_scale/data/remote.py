@@ -1,0 +1,218 @@
+"""Where shards live: local folders read in place, or object storage (s3://, gs://) cached on disk.
+
+On top of Streaming's downloads this module adds what a long run on shared storage needs:
+
+* a clear "access denied / bad credentials" error when the store answers 403 (Streaming reports
+  it as "object not found"), checked once before any worker starts and again on every download;
+* retries with exponential backoff for transient failures only (403/404 fail at once);
+* a shard whose hash does not match index.json is downloaded once more, then the run stops with
+  an error naming it;
+* the fix for forked DataLoader workers sharing the parent's boto3 connection (NOTES.md): the
+  parent reads every index.json through a client with a keep-alive socket; workers forked
+  afterwards inherit client and socket, and several processes then read one TCP stream (stalls of
+  exactly ``download_timeout``, garbled shards). The clients are dropped in the parent after
+  setup and again in every worker, so each process opens its own connections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch.utils.data
+from streaming import Stream, StreamingDataset
+from streaming.base.format import Reader, get_index_basename
+
+from dune_scale.data.mixture import Mixture
+
+logger = logging.getLogger(__name__)
+
+# The hash the converter writes and the loader checks on every downloaded shard (fast, in MDS).
+SHARD_HASH = "xxh64"
+_DENIED_CODES = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_BACKOFF_S = 1.0
+
+
+class StorageAccessError(PermissionError):
+    """The object store refused the request (HTTP 403): access denied or bad credentials."""
+
+
+class ShardIntegrityError(RuntimeError):
+    """A shard still does not match its index.json hash after being downloaded again."""
+
+
+def is_remote(root: str) -> bool:
+    return "://" in root
+
+
+def default_cache_dir(remote_root: str) -> Path:
+    """A cache folder per remote root, so two runs on different data never share one."""
+    digest = hashlib.blake2s(remote_root.encode(), digest_size=8).hexdigest()
+    return Path(tempfile.gettempdir()) / "dune_scale_cache" / digest
+
+
+def configure_s3_endpoint(url: str | None) -> None:
+    """Point Streaming's S3 clients (they read ``S3_ENDPOINT_URL``) at an S3-compatible store.
+
+    Set in the environment so DataLoader workers, which build their own clients, inherit it.
+    """
+    if url:
+        os.environ["S3_ENDPOINT_URL"] = url
+
+
+def _error_code(err: BaseException) -> str | None:
+    """The storage error code of a botocore ClientError or a google-api-core HTTP error."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code"))
+    code = getattr(err, "code", None)
+    return str(code) if code is not None else None
+
+
+def _access_denied(url: str, err: BaseException) -> StorageAccessError:
+    return StorageAccessError(
+        f"access denied / bad credentials reading {url}: the object store answered 403 ({err}). "
+        "Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the GCS credentials), the bucket "
+        "policy and data.s3_endpoint_url (AWS also answers 403 for a missing object when the "
+        "credentials may not list the bucket)"
+    )
+
+
+def storage_error(url: str, err: Exception) -> Exception:
+    """A 403 as :class:`StorageAccessError`; other storage-client errors as plain, picklable ones."""
+    code = _error_code(err)
+    if code in _DENIED_CODES:
+        return _access_denied(url, err)
+    if code is not None and type(err).__module__.startswith(("botocore", "google")):
+        return RuntimeError(f"{url}: {type(err).__name__}: {err}")
+    return err
+
+
+class RemoteStream(Stream):
+    """A Stream whose downloads name 403s, skip pointless retries and re-fetch a bad shard once."""
+
+    def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
+        remote = os.path.join(self.remote, self.split, from_basename)
+        local = os.path.join(self.local, self.split, to_basename or from_basename)
+        failures = 0
+        while True:
+            try:
+                self._downloader.download(remote, local, self.download_timeout)
+                return local
+            except Exception as err:
+                code = _error_code(err)
+                if code in _DENIED_CODES:
+                    raise _access_denied(remote, err) from None
+                failures += 1
+                if code in _MISSING_CODES or failures > self.download_retry:
+                    raise
+                self._downloader.clean_up()  # a fresh connection for the next attempt
+                delay = _BACKOFF_S * 2 ** (failures - 1) * (1 + random.random() / 2)
+                logger.warning("download of %s failed (%s); retry %d/%d in %.1f s", remote, err, failures, self.download_retry, delay)
+                time.sleep(delay)
+
+    def get_shards(self, world: Any, allow_unsafe_types: bool) -> list[Reader]:
+        """Read the index; check downloads against the shards' hash when the index lists it."""
+        shards = super().get_shards(world, allow_unsafe_types)
+        if self.validate_hash is None and shards and all(
+            SHARD_HASH in raw.hashes for shard in shards for raw, _ in shard.file_pairs
+        ):
+            self.validate_hash = SHARD_HASH
+        return shards
+
+    def prepare_shard(self, shard: Reader) -> int:
+        try:
+            return super().prepare_shard(shard)
+        except ValueError as err:
+            if not str(err).startswith("Checksum failure"):
+                raise
+        name = shard.file_pairs[0][0].basename
+        logger.warning("shard %s of %s does not match its hash; downloading it again", name, self.remote)
+        shard.evict()
+        try:
+            return super().prepare_shard(shard)
+        except ValueError as err:
+            if not str(err).startswith("Checksum failure"):
+                raise
+            shard.evict()
+            raise ShardIntegrityError(
+                f"shard {os.path.join(self.remote, self.split, name)} does not match its {self.validate_hash} "
+                f"hash in index.json, also after downloading it again: the stored shard is damaged "
+                f"(re-convert that dataset or restore the shard)"
+            ) from None
+
+
+def check_access(remote_root: str, names: Sequence[str]) -> None:
+    """Fail fast, before any worker starts, when an S3 store refuses us or lacks an index.json."""
+    if urllib.parse.urlparse(remote_root).scheme != "s3":
+        return
+    from boto3.session import Session
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    client = Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+    try:
+        for name in names:
+            url = f"{remote_root.rstrip('/')}/{name}/{get_index_basename()}"
+            parsed = urllib.parse.urlparse(url)
+            try:
+                client.head_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
+            except NoCredentialsError:
+                return  # no credentials at all: Streaming reads public buckets unsigned
+            except ClientError as err:
+                code = _error_code(err)
+                if code in _DENIED_CODES:
+                    raise _access_denied(url, err) from None
+                if code in _MISSING_CODES:
+                    raise FileNotFoundError(
+                        f"dataset {name}: no MDS index at {url} (data.remote_root must hold one MDS "
+                        f"folder per dataset, named after it)"
+                    ) from None
+                raise
+    finally:
+        client.close()
+
+
+def build_streams(mixture: Mixture, remote_root: str, local_cache: str = "") -> list[Stream]:
+    """One Stream per dataset ``<remote_root>/<name>``; local roots are read in place (no copy)."""
+    streams: list[Stream] = []
+    for spec in mixture.streams:
+        if is_remote(remote_root):
+            cache = Path(local_cache) if local_cache else default_cache_dir(remote_root)
+            streams.append(
+                RemoteStream(
+                    remote=f"{remote_root.rstrip('/')}/{spec.name}",
+                    local=str(cache / spec.name),
+                    proportion=spec.proportion,
+                )
+            )
+            continue
+        folder = Path(remote_root) / spec.name
+        if not (folder / get_index_basename()).is_file():
+            raise FileNotFoundError(
+                f"dataset {spec.name}: no MDS index at {folder / get_index_basename()} (data.remote_root="
+                f"{remote_root!r} must hold one MDS folder per dataset, named after it)"
+            )
+        streams.append(Stream(local=str(folder.resolve()), proportion=spec.proportion))
+    return streams
+
+
+def release_connections(streams: Sequence[Stream]) -> None:
+    """Drop every stream downloader's client (and its pooled sockets) so no fork inherits them."""
+    for stream in streams:
+        stream._downloader.clean_up()
+
+
+def reset_worker_connections(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: this worker opens its own storage connections."""
+    info = torch.utils.data.get_worker_info()
+    dataset: Any = info.dataset if info is not None else None
+    if isinstance(dataset, StreamingDataset):
+        release_connections(dataset.streams)

@@ -1,0 +1,427 @@
+"""Throughput benchmark of the training step: images/s, MFU, where the time goes, peak memory.
+
+What is measured is ``Trainer.train_step`` itself, on a trainer that ``build_trainer`` assembles
+exactly as training does (teachers, student, strategy, objective), so a number here is a number
+of training. Inputs are synthetic batches made once on the device (no I/O: the step alone) or, with
+``--data``, the real training loader.
+
+Timing. Warm-up steps (compilation, allocator growth, autotuning) run first and are discarded.
+Inside the measured steps nothing waits for the device beyond what training itself does: step
+boundaries and the trainer's phases (data, teacher_forward, student_forward, loss, backward,
+optimizer) are CUDA events, read once after the last step (on CPU, where work is synchronous, the
+wall clock). Phases are the device time between a phase's start and end, so a host stall (e.g.
+waiting for the loader) shows up in the phase during which the device sat idle. Communication is
+not a phase of its own: FSDP/ZeRO collectives overlap backward and the optimizer step and are
+counted there.
+
+Across ranks: a step takes as long as its slowest rank; images/s per rank is the global rate
+divided by the number of ranks; phases are averaged over ranks; peak memory is listed per rank.
+
+MFU = achieved model FLOP/s per device (``flops.dune_step_flops``) ÷ the device's dense bf16 peak
+(spec sheet, matched by device name; ``--peak-tflops`` overrides, e.g. with a measured matmul peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from dune_scale import distributed
+from dune_scale.config import Config, ConfigError, load_config
+from dune_scale.data import Mixture, build_train_loader, resolve_mixture
+from dune_scale.engine.run import build_trainer
+from dune_scale.telemetry.flops import dune_step_flops
+from dune_scale.telemetry.phases import PhaseTimer
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' spec sheets, matched as a
+# case-insensitive substring of torch.cuda.get_device_name(); the first match wins, so a name that
+# contains another (H100 PCIe ⊃ H100, L40S ⊃ L40 ⊃ L4, A100 ⊃ A10) comes first.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM ("H100 80GB HBM3")
+    ("H200", 989.0),  # also GH200
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
+
+SYNTHETIC_POOL = 2  # distinct synthetic batches cycled through (so no step sees the previous input)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    steps: int = 20
+    warmup: int = 5
+    real_data: bool = False
+    random_init: bool = False
+    peak_tflops: float | None = None
+
+
+@dataclass
+class VariantResult:
+    """One configuration's numbers (the JSON ``results`` entries; BENCHMARKS.md lists the fields)."""
+
+    name: str
+    overrides: list[str]
+    status: str = "ok"  # "ok" | "failed"
+    error: str | None = None
+    world_size: int = 1
+    batch_size_per_rank: int = 0
+    grad_accum_steps: int = 1
+    global_batch_size: int = 0
+    image_size: int = 0
+    steps: int = 0
+    warmup_steps: int = 0
+    step_time_s: float | None = None  # mean over measured steps
+    step_time_median_s: float | None = None
+    step_time_min_s: float | None = None
+    step_time_max_s: float | None = None
+    step_times_s: list[float] = field(default_factory=list)
+    img_per_s_per_rank: float | None = None
+    img_per_s_global: float | None = None
+    flops_per_image: dict[str, float] | None = None
+    achieved_tflops_per_rank: float | None = None
+    peak_tflops: float | None = None
+    mfu: float | None = None
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)  # name → seconds per step, percent
+    peak_memory_gib: list[float] = field(default_factory=list)  # per rank
+    final_loss: float | None = None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def table_peak_tflops(name: str) -> float | None:
+    """The spec-sheet dense bf16 peak of a known GPU name, None for others (and CPUs)."""
+    lowered = name.lower()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key.lower() in lowered), None)
+
+
+def random_init_overrides(cfg: Config) -> list[str]:
+    """Overrides that start every teacher and the student from random weights: speed does not
+    depend on the weights, and the full-size recipes otherwise need checkpoints on disk."""
+    overrides = ["student.pretrained=null"]
+    for i in range(len(cfg.teachers.models)):
+        overrides += [f"teachers.models.{i}.checkpoint=null", f"teachers.models.{i}.random_init=true"]
+    return overrides
+
+
+def synthetic_batches(cfg: Config, mixture: Mixture, device: torch.device, rank: int) -> list[dict[str, Any]]:
+    """Per-rank batches made once on the device, shaped as the loader's (ImageNet-normalised images
+    ≈ N(0, 1)). Dataset names fill each batch in the mixture's shares (largest remainder), so a
+    batch is teacher-balanced as the loader makes it and domain-based teacher dropping sees real
+    domains."""
+    size, batch = cfg.train.image_size, cfg.train.batch_size_per_rank
+    quotas = [s.proportion * batch for s in mixture.streams]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])
+    for i in by_remainder[: batch - sum(counts)]:
+        counts[i] += 1
+    names = [s.name for s, n in zip(mixture.streams, counts) for _ in range(n)]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.run.seed * 1_000_003 + rank)
+    return [
+        {
+            "images": torch.randn(batch, 3, size, size, generator=generator, device=device),
+            "dataset": names,
+            "index": torch.arange(i * batch, (i + 1) * batch),
+        }
+        for i in range(SYNTHETIC_POOL)
+    ]
+
+
+class StepClock:
+    """Step boundaries as CUDA events read after the last step (no sync in between), or the wall
+    clock on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self._marks, self._marks[1:])]
+        return [b - a for a, b in zip(self._marks, self._marks[1:])]
+
+
+def _rank_rows(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """world × len(values): every rank's values (zero-padded rows summed, so the plain all-reduce
+    serves; works with gloo and nccl)."""
+    info = distributed.info()
+    rows = torch.zeros(info.world_size, len(values), dtype=torch.float64, device=device)
+    rows[info.rank] = torch.tensor(list(values), dtype=torch.float64)
+    return distributed.all_reduce_sum(rows).cpu()
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    """CUDA: peak allocated since the variant began. CPU: the process's max RSS (a high-water mark
+    over the whole process: later variants of one call report at least the earlier ones' peak)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure(cfg: Config, options: BenchOptions, result: VariantResult) -> None:
+    """Build the trainer for ``cfg``, warm up, time ``options.steps`` steps; fill ``result``."""
+    dist = distributed.info()
+    device = dist.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
+    if options.real_data:
+        loader: Any = build_train_loader(
+            cfg.data, image_size=cfg.train.image_size, batch_size=cfg.train.batch_size_per_rank, seed=cfg.run.seed
+        )
+    else:
+        loader = synthetic_batches(cfg, mixture, device, dist.rank)
+    phases = PhaseTimer(device)
+    trainer = build_trainer(cfg, dist, loader, mixture.domain_of, phases)
+    flops = dune_step_flops(trainer.strategy.module, trainer.teachers.teachers, cfg.train.image_size)
+    batches: Iterator[dict[str, Any]] = trainer._batches()  # the loop training runs: endless, epoch after epoch
+    trainer.strategy.module.train()
+
+    for _ in range(options.warmup):
+        trainer.train_step(batches)
+    phases.reset()  # drops the warm-up's phases (waits for the device once)
+    clock = StepClock(device)
+    clock.mark()
+    for _ in range(options.steps):
+        metrics = trainer.train_step(batches)
+        clock.mark()
+    local_steps = clock.intervals()
+    phases.collect()
+    final_loss = float(metrics["loss"])
+
+    step_times = _rank_rows(local_steps, device).max(dim=0).values.tolist()  # the slowest rank sets the pace
+    names = list(phases.totals)
+    phase_seconds = _rank_rows([phases.totals[n] / options.steps for n in names], device).mean(dim=0).tolist()
+    memory = _rank_rows([_peak_memory_gib(device)], device)[:, 0].tolist()
+
+    mean_step = statistics.fmean(step_times)
+    global_rate = result.global_batch_size / mean_step
+    per_rank = global_rate / dist.world_size
+    achieved = flops.total * per_rank / 1e12
+    peak = options.peak_tflops if options.peak_tflops is not None else table_peak_tflops(device_name(device))
+    breakdown = dict(zip(names, phase_seconds))
+    breakdown["other"] = mean_step - sum(phase_seconds)  # host work between phases, launch gaps
+    result.step_time_s = mean_step
+    result.step_time_median_s = statistics.median(step_times)
+    result.step_time_min_s = min(step_times)
+    result.step_time_max_s = max(step_times)
+    result.step_times_s = step_times
+    result.img_per_s_global = global_rate
+    result.img_per_s_per_rank = per_rank
+    result.flops_per_image = {
+        "total": flops.total,
+        "teachers_forward": flops.teachers_forward,
+        "student_forward": flops.student_forward,
+        "teachers_share": flops.teachers_share,
+    }
+    result.achieved_tflops_per_rank = achieved
+    result.peak_tflops = peak
+    result.mfu = achieved / peak if peak else None
+    result.phases = {n: {"seconds": s, "percent": 100.0 * s / mean_step} for n, s in breakdown.items()}
+    result.peak_memory_gib = memory
+    result.final_loss = final_loss
+
+
+def run_variant(
+    config_path: str, base_overrides: Sequence[str], variant: Sequence[str], options: BenchOptions, name: str
+) -> VariantResult:
+    """One row of the comparison: a failure (bad override, unsupported here, out of memory) becomes
+    a failed result with its message, and the next variant still runs."""
+    dist = distributed.info()
+    result = VariantResult(name=name, overrides=list(variant), world_size=dist.world_size)
+    try:
+        overrides = [*base_overrides, *variant]
+        cfg = load_config(config_path, overrides)
+        if options.random_init:
+            cfg = load_config(config_path, [*overrides, *random_init_overrides(cfg)])
+        result.batch_size_per_rank = cfg.train.batch_size_per_rank
+        result.grad_accum_steps = cfg.train.grad_accum_steps
+        result.global_batch_size = cfg.global_batch_size(dist.world_size)
+        result.image_size = cfg.train.image_size
+        result.steps, result.warmup_steps = options.steps, options.warmup
+        measure(cfg, options, result)
+    except Exception as err:  # noqa: BLE001 - any failure is this variant's result
+        result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+    finally:
+        _release_memory(dist.device)
+    return result
+
+
+def _release_memory(device: torch.device) -> None:
+    """Free what a variant held (modules, optimizer state, compiled graphs) before the next one."""
+    gc.collect()
+    if "torch._dynamo" in sys.modules:  # only a compiled variant loaded it; importing it is slow
+        torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_benchmark(
+    config_path: str, base_overrides: Sequence[str], variants: Sequence[str], options: BenchOptions
+) -> dict[str, Any]:
+    """The base configuration, then each variant (a string of extra ``key=value`` overrides), in turn.
+    Expects ``distributed.init_distributed`` to have run; returns the JSON report."""
+    dist = distributed.info()
+    rows = [("base", [])] + [(text, shlex.split(text)) for text in variants]
+    results = [run_variant(config_path, base_overrides, extra, options, name) for name, extra in rows]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(dist.device),
+        "world_size": dist.world_size,
+        "torch": torch.__version__,
+        "config": config_path,
+        "overrides": list(base_overrides),
+        "data": "loader" if options.real_data else "synthetic",
+        "options": dataclasses.asdict(options),
+        "results": [dataclasses.asdict(r) for r in results],
+    }
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """A comparison table (one row per variant), the phase breakdown, and each failure's message."""
+    results = report["results"]
+    title = f"{report['config']} · {report['device']} × {report['world_size']} · {report['data']} data"
+    table = Table(title=title)
+    for column in ("variant", "img/s/rank", "img/s global", "step ms", "TFLOP/s/rank", "MFU", "peak GiB", "loss"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in results:
+        if r["status"] != "ok":
+            table.add_row(r["name"], "[red]failed[/red]", *[""] * 6)
+            continue
+        table.add_row(
+            r["name"],
+            _fmt(r["img_per_s_per_rank"], ".1f"),
+            _fmt(r["img_per_s_global"], ".1f"),
+            _fmt(r["step_time_s"] * 1e3, ".1f"),
+            _fmt(r["achieved_tflops_per_rank"], ".1f"),
+            "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+            _fmt(max(r["peak_memory_gib"]), ".2f"),
+            _fmt(r["final_loss"], ".4f"),
+        )
+    console.print(table)
+
+    ok = [r for r in results if r["status"] == "ok"]
+    if ok:
+        phases = Table(title="time per step by phase: ms (% of step)")
+        phases.add_column("phase")
+        for r in ok:
+            phases.add_column(r["name"], justify="right")
+        for name in dict.fromkeys(p for r in ok for p in r["phases"]):
+            cells = []
+            for r in ok:
+                p = r["phases"].get(name)
+                cells.append("—" if p is None else f"{1e3 * p['seconds']:.1f} ({p['percent']:.0f}%)")
+            phases.add_row(name, *cells)
+        console.print(phases)
+        flops = ok[0]["flops_per_image"]
+        console.print(
+            f"model FLOPs/image {flops['total'] / 1e12:.4g} TFLOP (teachers' forward {100 * flops['teachers_share']:.0f}%); "
+            f"peak {_fmt(ok[0]['peak_tflops'], '.0f')} TFLOP/s bf16 dense; "
+            f"{ok[0]['steps']} steps after {ok[0]['warmup_steps']} warm-up",
+            highlight=False,
+        )
+    for r in results:
+        if r["status"] != "ok":
+            console.print(f"[red]{r['name']} failed:[/red] {r['error']}", highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Training-step throughput, MFU, phase breakdown and peak memory (python / torchrun / deepspeed)"
+    )
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the base configuration (before --variants)")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="discarded warm-up steps (default 5)")
+    parser.add_argument("--data", action="store_true", help="real training loader instead of synthetic in-memory batches")
+    parser.add_argument(
+        "--random-init", "--random-teachers", dest="random_init", action="store_true",
+        help="random-initialised teachers and student: no checkpoint is read (speed does not depend on weights)",
+    )
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table by device name)")
+    parser.add_argument("--json", type=Path, default=None, help="report file (default: <run.output_dir>/bench.json)")
+    parser.add_argument(
+        "--variants", nargs="+", default=[], metavar="OVERRIDES",
+        help='extra overrides per variant, one quoted string each, e.g. "train.compile=true" "loss.fused=false"',
+    )
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when every variant ran, 1 when one failed (the report still lists it), 2 on a bad base config."""
+    args = parse_args(argv)
+    try:
+        base = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    options = BenchOptions(
+        steps=args.steps, warmup=args.warmup, real_data=args.data, random_init=args.random_init, peak_tflops=args.peak_tflops
+    )
+    dist = distributed.init_distributed(base.run.device)
+    try:
+        report = run_benchmark(args.config, args.overrides, args.variants, options)
+    finally:
+        distributed.shutdown()
+    if dist.is_main:
+        path = args.json or Path(base.run.output_dir) / "bench.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        render(report, console)
+        console.print(f"report: {path}", highlight=False)
+    return 0 if all(r["status"] == "ok" for r in report["results"]) else 1

@@ -1,0 +1,87 @@
+"""Strategies on 2 CPU ranks (gloo, 127.0.0.1): train, checkpoint, resume, and agree with `single`.
+
+Every run is a real launcher (`torchrun` / `deepspeed`) in a subprocess with a timeout. In fp32 with
+the same global batch and teacher dropping off, the strategies compute the same losses; resumed runs
+continue bitwise as if never stopped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_CPU, launch_command, launcher_env, tiny_overrides
+from dune_scale.telemetry.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+TRAIN = REPO / "launch" / "train.py"
+LAUNCHER = {"single": ("python", 1), "fsdp": ("torchrun", 2), "deepspeed": ("deepspeed", 2)}
+
+
+def run_training(strategy: str, out: Path, shards: Path, *extra: str, stage: int = 2, timeout: int = 300) -> list[dict]:
+    launcher, nproc = LAUNCHER[strategy]
+    overrides = tiny_overrides(out, shards, f"strategy.name={strategy}", f"strategy.zero_stage={stage}",
+                               f"train.batch_size_per_rank={24 // nproc}", "distill.teacher_drop=none",
+                               "run.log_samples=true", *extra)
+    command = launch_command(launcher, nproc, TRAIN, "--config", str(TINY_CPU), *overrides)
+    result = subprocess.run(command, env=launcher_env(out.parent), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, f"{strategy} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    return read_metrics(out / "metrics.jsonl")
+
+
+def global_batches(out: Path) -> list[list[str]]:
+    """Per step, the sorted sample ids of the whole global batch (all ranks)."""
+    steps: dict[int, list[str]] = {}
+    for path in sorted((out / "samples").glob("rank_*.jsonl")):
+        for record in read_metrics(path):
+            steps.setdefault(record["step"], []).extend(record["samples"])
+    return [sorted(steps[s]) for s in sorted(steps)]
+
+
+def losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("single") / "run"
+    return out, run_training("single", out, demo_shards, "train.max_steps=5")
+
+
+@pytest.mark.parametrize("strategy, stage", [("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)])
+def test_strategy_trains_checkpoints_resumes_and_matches_single(
+    strategy: str, stage: int, tmp_path: Path, demo_shards: Path, single_run: tuple[Path, list[dict]]
+) -> None:
+    single_dir, single = single_run
+    out = tmp_path / "run"
+    first = run_training(strategy, out, demo_shards, "train.max_steps=5", "checkpoint.every_steps=3", stage=stage or 2)
+    assert global_batches(out) == global_batches(single_dir)  # same samples per global batch
+    for mine, reference in zip(losses(first), losses(single)):
+        assert mine == pytest.approx(reference, rel=1e-4)
+    resumed = run_training(strategy, out, demo_shards, "train.max_steps=7", "checkpoint.every_steps=3", stage=stage or 2)
+    assert [r["step"] for r in resumed] == list(range(1, 8))
+    assert losses(resumed)[:5] == losses(first)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000007"
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(strategy: str, tmp_path: Path, demo_shards: Path) -> None:
+    straight = run_training(strategy, tmp_path / "straight", demo_shards, "train.max_steps=6")
+    out = tmp_path / "resumed"
+    run_training(strategy, out, demo_shards, "train.max_steps=3", "checkpoint.every_steps=3")
+    resumed = run_training(strategy, out, demo_shards, "train.max_steps=6", "checkpoint.every_steps=3")
+    assert losses(resumed) == losses(straight)
+    assert global_batches(out) == global_batches(tmp_path / "straight")
+
+
+def test_sharded_teachers_give_the_replicated_features(tmp_path: Path) -> None:
+    worker = REPO / "tests" / "workers" / "teacher_shard.py"
+    result = subprocess.run(launch_command("torchrun", 2, worker, str(tmp_path)), env=launcher_env(tmp_path),
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        diffs = torch.load(tmp_path / f"diff_{rank}.pt", weights_only=True)
+        assert diffs and max(diffs.values()) <= 1e-5, diffs
