@@ -118,7 +118,8 @@ def mast3r_arch_from_args(spec: TeacherSpec, path: Path, args: Any) -> dict[str,
     if not isinstance(text, str):
         raise _fail(spec, path, "key 'args' has no 'model' constructor string")
     found: dict[str, Any] = {}
-    for key, arch_key in (("enc_embed_dim", "embed_dim"), ("enc_depth", "depth"), ("enc_num_heads", "num_heads"), ("patch_size", "patch_size")):
+    names = {"enc_embed_dim": "embed_dim", "enc_depth": "depth", "enc_num_heads": "num_heads", "patch_size": "patch_size"}
+    for key, arch_key in names.items():
         match = re.search(rf"\b{key}\s*=\s*(\d+)", text)
         if match:
             found[arch_key] = int(match.group(1))
@@ -130,7 +131,9 @@ def mast3r_arch_from_args(spec: TeacherSpec, path: Path, args: Any) -> dict[str,
     if pos_embed:
         rope = re.fullmatch(r"RoPE(\d+)", pos_embed.group(1))
         if not rope:
-            raise _fail(spec, path, f"args.model has pos_embed={pos_embed.group(1)!r}; only 2D RoPE (e.g. 'RoPE100') is supported")
+            raise _fail(
+                spec, path, f"args.model has pos_embed={pos_embed.group(1)!r}; only 2D RoPE (e.g. 'RoPE100') is supported"
+            )
         found["rope_base"] = float(rope.group(1))
     return found
 
@@ -147,7 +150,9 @@ def load_strict(spec: TeacherSpec, path: Path, module: nn.Module, state: dict[st
         raise _fail(spec, path, f"missing key {missing[0]!r} ({len(missing)} missing); check the teacher's arch settings")
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise _fail(spec, path, f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected); check the teacher's arch settings")
+        raise _fail(
+            spec, path, f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected); check the teacher's arch settings"
+        )
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise _fail(
@@ -178,7 +183,8 @@ def read_safetensors(spec: TeacherSpec, path: Path) -> tuple[dict[str, Any], dic
     except (OSError, ValueError) as err:
         raise _fail(spec, path, f"its architecture file {meta_path} is missing or unreadable: {err}") from None
     if meta.get("teacher") != spec.name:
-        raise _fail(spec, path, f"key 'teacher' of {meta_path.name}: converted from teacher {meta.get('teacher')!r}, not {spec.name!r}")
+        converted_from = meta.get("teacher")
+        raise _fail(spec, path, f"key 'teacher' of {meta_path.name}: converted from teacher {converted_from!r}, not {spec.name!r}")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:

@@ -1,0 +1,156 @@
+"""Preemption and exact resumption: a killed job, started again with the same command, trains as if
+it had never stopped (same losses, same samples, same final weights)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, TINY_CPU, launch_command, launcher_env, tiny_overrides
+from dune_scale.engine.preemption import EXIT_PREEMPTED
+from dune_scale.telemetry.metrics import read_metrics
+
+TRAIN = REPO / "launch" / "train.py"
+LAUNCHER = {"single": ("python", 1), "fsdp": ("torchrun", 2), "deepspeed": ("deepspeed", 2)}
+STEPS = 10
+
+
+def command(strategy: str, out: Path, shards: Path, *extra: str, nproc: int | None = None) -> list[str]:
+    launcher, default_nproc = LAUNCHER[strategy]
+    nproc = nproc or default_nproc
+    overrides = tiny_overrides(out, shards, f"strategy.name={strategy}", f"train.batch_size_per_rank={24 // nproc}",
+                               f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "run.log_samples=true", *extra)
+    return launch_command(launcher if nproc > 1 else "python" if strategy == "single" else launcher, nproc, TRAIN,
+                          "--config", str(TINY_CPU), *overrides)
+
+
+def run(cmd: list[str], out: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=launcher_env(out.parent), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def training_ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    """The processes running launch/train.py (the launcher itself for plain python)."""
+    found = [p for p in [launcher, *launcher.children(recursive=True)] if str(TRAIN) in " ".join(p.cmdline())]
+    return [p for p in found if not any(str(TRAIN) in " ".join(c.cmdline()) for c in p.children())] or [launcher]
+
+
+def samples(out: Path) -> list[list[str]]:
+    steps: dict[int, list[str]] = {}
+    for path in sorted((out / "samples").glob("rank_*.jsonl")):
+        for record in read_metrics(path):
+            steps.setdefault(record["step"], []).extend(record["samples"])
+    return [sorted(steps[s]) for s in sorted(steps)]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    folder = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    if (folder / "model.pt").is_file():
+        return torch.load(folder / "model.pt", weights_only=True)
+    if (folder / "fsdp").is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(folder / "fsdp", folder.parent / "consolidated.pt")
+        return torch.load(folder.parent / "consolidated.pt", weights_only=True)["model"]
+    shards = sorted((folder / "deepspeed").glob("mp_rank_*_model_states.pt"))
+    return torch.load(shards[0], weights_only=False)["module"]  # test-only: DeepSpeed's own file format
+
+
+def assert_same_training(out: Path, reference: Path) -> None:
+    assert [r["loss"] for r in read_metrics(out / "metrics.jsonl")] == [r["loss"] for r in read_metrics(reference / "metrics.jsonl")]
+    assert samples(out) == samples(reference)
+    mine, theirs = final_weights(out), final_weights(reference)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["single", "fsdp", "deepspeed"])
+def test_sigterm_at_a_random_step_then_same_command_resumes_bitwise(strategy: str, tmp_path: Path, demo_shards: Path) -> None:
+    straight = tmp_path / "straight"
+    run(command(strategy, straight, demo_shards), straight)
+
+    out = tmp_path / "preempted"
+    cmd = command(strategy, out, demo_shards, "run.log_every=1")
+    stop_after = random.Random(f"{strategy}-sigterm").randint(1, STEPS - 3)
+    proc = subprocess.Popen(cmd, env=launcher_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while logged_steps(out) < stop_after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = training_ranks(psutil.Process(proc.pid))
+    ranks[0].send_signal(signal.SIGTERM)  # one rank signalled: all must stop at the same step
+    output, _ = proc.communicate(timeout=300)
+    if strategy == "fsdp":  # torchrun turns a failed worker into exit 1 and names the worker's code
+        assert proc.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in output, output[-3000:]
+    else:  # python and the deepspeed launcher pass the code on (SLURM's srun does too)
+        assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert logged_steps(out) < STEPS
+    run(cmd, out)
+    assert_same_training(out, straight)
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, demo_shards: Path) -> None:
+    """kill -9 three times at random moments (in a step, a save, a metrics write); each restart
+    resumes from the last complete checkpoint and the end result is the uninterrupted run's."""
+    straight = tmp_path / "straight"
+    run(command("single", straight, demo_shards, "checkpoint.every_steps=2"), straight)
+    out = tmp_path / "killed"
+    cmd = command("single", out, demo_shards, "checkpoint.every_steps=2")
+    rng = random.Random("sigkill")
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, env=launcher_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        start = logged_steps(out)
+        deadline = time.monotonic() + 120
+        while logged_steps(out) < start + rng.randint(1, 2) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
+        proc.kill()
+        proc.wait()
+    run(cmd, out)
+    assert_same_training(out, straight)
+
+
+def test_a_save_cut_short_is_skipped_for_the_previous_checkpoint(tmp_path: Path, demo_shards: Path) -> None:
+    straight = tmp_path / "straight"
+    run(command("single", straight, demo_shards), straight)
+    out = tmp_path / "cut"
+    cmd = command("single", out, demo_shards, "train.max_steps=8")
+    run(cmd, out)
+    checkpoints = out / "checkpoints"
+    # What a kill during the step-8 save can leave: the folder without its manifest, a temp folder.
+    (checkpoints / "step_000000008" / "COMPLETE").unlink()
+    shutil.copytree(checkpoints / "step_000000008", checkpoints / ".tmp_step_000000009")
+    result = run(command("single", out, demo_shards), out)
+    assert "step_000000008" in result.stderr and "incomplete" in result.stderr
+    assert "resumed from" in result.stderr and "step 4" in result.stderr
+    assert_same_training(out, straight)
+
+
+@pytest.mark.distributed
+def test_two_rank_run_resumed_on_one_rank_sees_the_same_global_batches(tmp_path: Path, demo_shards: Path) -> None:
+    reference = tmp_path / "two_ranks"
+    run(command("fsdp", reference, demo_shards), reference)
+    out = tmp_path / "shrunk"
+    run(command("fsdp", out, demo_shards, "train.max_steps=4"), out)
+    run(command("fsdp", out, demo_shards, nproc=1), out)
+    assert samples(out) == samples(reference)
+    resumed = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["samples_seen"] for r in resumed] == [24 * s for s in range(1, STEPS + 1)]
+    json.dumps(resumed)  # plain JSON all the way
