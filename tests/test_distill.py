@@ -150,7 +150,8 @@ def test_objective_combines_tokens_teachers_and_dropping() -> None:
     teacher = {"a": {"cls": torch.randn(3, 24, generator=g), "patch": torch.randn(3, 9, 24, generator=g)},
                "b": {"patch": torch.randn(3, 9, 40, generator=g)}}
     objective = DistillObjective(["a", "b"], ["dino2", "mast3r"], drop_method="none", fused=False)
-    out = objective(preds, teacher, student.teacher_norms, momentum=1.0)
+    stats = objective.teacher_statistics([teacher], student.teacher_norms, momentum=1.0)
+    out = objective(preds, teacher, stats)
     norms = student.teacher_norms
     per_a = (reference_distill_loss(preds["a"]["cls"], teacher["a"]["cls"], norms.a.cls.running_mean, norms.a.cls.running_std)
              + reference_distill_loss(preds["a"]["patch"], teacher["a"]["patch"], norms.a.patch.running_mean, norms.a.patch.running_std)) / 2

@@ -85,3 +85,12 @@ def test_sharded_teachers_give_the_replicated_features(tmp_path: Path) -> None:
     for rank in range(2):
         diffs = torch.load(tmp_path / f"diff_{rank}.pt", weights_only=True)
         assert diffs and max(diffs.values()) <= 1e-5, diffs
+
+
+def test_unsupported_launch_is_named_before_any_work(tmp_path: Path, demo_shards: Path) -> None:
+    out = tmp_path / "run"
+    command = launch_command("torchrun", 2, TRAIN, "--config", str(TINY_CPU), *tiny_overrides(out, demo_shards, "strategy.name=single"))
+    result = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode != 0
+    assert "strategy.name=single runs one process, but 2 were launched" in result.stderr
+    assert not (out / "checkpoints").exists()

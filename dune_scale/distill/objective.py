@@ -12,6 +12,10 @@ from dune_scale.distill.dropping import drop_coefficients
 from dune_scale.distill.losses import fused_distill_loss
 
 
+# teacher → token type → (mean, std) used to standardise that teacher's features this step.
+Stats = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar, differentiable
@@ -36,12 +40,28 @@ class DistillObjective:
     beta: float = 1.0
     fused: bool = True
 
+    def teacher_statistics(
+        self,
+        teacher_outs: Sequence[Mapping[str, Mapping[str, torch.Tensor]]],
+        teacher_norms: nn.ModuleDict,
+        momentum: float,
+    ) -> Stats:
+        """Standardisation statistics of one optimizer step: over all its micro-batches (and ranks),
+        so gradient accumulation standardises exactly like one large batch; the running statistics
+        are updated once per step."""
+        return {
+            name: {
+                token: teacher_norms[name][token].stats([out[name][token] for out in teacher_outs], momentum)
+                for token in teacher_outs[0][name]
+            }
+            for name in self.teacher_names
+        }
+
     def __call__(
         self,
         student_out: Mapping[str, Mapping[str, torch.Tensor]],
         teacher_out: Mapping[str, Mapping[str, torch.Tensor]],
-        teacher_norms: nn.ModuleDict,
-        momentum: float,
+        stats: Stats,
         sample_domains: Sequence[str] = (),
         generator: torch.Generator | None = None,
     ) -> ObjectiveOutput:
@@ -49,11 +69,10 @@ class DistillObjective:
         for name in self.teacher_names:
             token_losses = []
             for token, prediction in student_out[name].items():
-                target = teacher_out[name][token]
-                mean, std = teacher_norms[name][token].stats(target, momentum)
+                mean, std = stats[name][token]
                 token_losses.append(
                     fused_distill_loss(
-                        prediction, target, mean, std,
+                        prediction, teacher_out[name][token], mean, std,
                         eps=self.norm_eps, w_cos=self.w_cos, w_sl1=self.w_sl1, beta=self.beta, fused=self.fused,
                     )
                 )

@@ -9,26 +9,33 @@ running statistics start as the first batch's and settle as training goes on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from dune_scale.distributed import all_reduce_sum
 
 
-def global_mean_std(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and unbiased std over every row of ``features`` (…, D) on all ranks.
+def global_mean_std(pieces: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased std over every row of ``pieces`` (…, D), on all ranks.
 
-    Each rank reduces its rows in fp32 (``var_mean`` is numerically stable); ranks are then merged
-    with Chan's parallel formula in fp64, which stays exact for tens of millions of tokens where a
-    sum of squares in fp32 would not.
+    ``pieces`` may be one tensor or the micro-batches of an accumulated step (the statistics are
+    then those of the whole step, as with one large batch). Each piece is reduced in fp32
+    (``var_mean`` is numerically stable); pieces and ranks are merged with Chan's parallel formula
+    in fp64, which stays exact for tens of millions of tokens where a sum of squares would not.
     """
-    rows = features.reshape(-1, features.shape[-1]).float()
-    local_var, local_mean = torch.var_mean(rows, dim=0, correction=0)
-    count = torch.tensor([float(rows.shape[0])], device=rows.device, dtype=torch.float64)
-    local_mean, local_m2 = local_mean.double(), local_var.double() * count
-    total = all_reduce_sum(count.clone())
-    mean = all_reduce_sum(local_mean * count) / total
-    m2 = all_reduce_sum(local_m2 + count * (local_mean - mean) ** 2)
+    pieces = [pieces] if isinstance(pieces, torch.Tensor) else list(pieces)
+    counts, means, m2s = [], [], []
+    for piece in pieces:
+        rows = piece.reshape(-1, piece.shape[-1]).float()
+        var, mean = torch.var_mean(rows, dim=0, correction=0)
+        counts.append(float(rows.shape[0]))
+        means.append(mean.double())
+        m2s.append(var.double() * rows.shape[0])
+    total = all_reduce_sum(torch.tensor([sum(counts)], device=means[0].device, dtype=torch.float64))
+    mean = all_reduce_sum(sum(n * m for n, m in zip(counts, means))) / total
+    m2 = all_reduce_sum(sum(m2 + n * (m - mean) ** 2 for n, m, m2 in zip(counts, means, m2s)))
     var = m2 / (total - 1).clamp_min(1.0)
     return mean.float(), var.sqrt().float()
 
@@ -47,8 +54,9 @@ class TeacherNorm(nn.Module):
         self.running_std.lerp_(std.to(self.running_std), momentum)
 
     @torch.no_grad()
-    def stats(self, features: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: global batch statistics (and the running ones updated); eval: running ones."""
+    def stats(self, features: torch.Tensor | Sequence[torch.Tensor], momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: statistics of the global batch, i.e. of every micro-batch of the step on every
+        rank (and the running ones updated once); eval: the running ones."""
         if not self.training:
             return self.running_mean, self.running_std
         mean, std = global_mean_std(features)

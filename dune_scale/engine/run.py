@@ -23,7 +23,7 @@ from dune_scale.engine.parallelize import prepare_student, shard_frozen_module
 from dune_scale.engine.preemption import EXIT_PREEMPTED
 from dune_scale.engine.pretrained import PretrainedError, load_pretrained_student
 from dune_scale.engine.schedules import Schedules
-from dune_scale.engine.strategy import build_strategy
+from dune_scale.engine.strategy import build_strategy, check_launch
 from dune_scale.engine.trainer import Trainer
 from dune_scale.models import vit
 from dune_scale.models.attention import set_attention_backend
@@ -117,7 +117,7 @@ def build_trainer(
     torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
     dtype = teacher_dtype(cfg, dist.device)
     teachers = build_teacher_ensemble(cfg.teachers.models, cfg.student.patch_size, dist.device, dtype)
-    if cfg.teachers.shard and dist.world_size > 1:
+    if cfg.teachers.shard:
         for teacher in teachers.teachers.values():
             shard_frozen_module(teacher, teacher.blocks, dtype)
     student = build_student(cfg, teachers.embed_dims, teachers.tokens)
@@ -140,6 +140,7 @@ def train(cfg: Config) -> bool:
     _setup_logging(dist.is_main)
     output_dir = Path(cfg.run.output_dir)
     try:
+        check_launch(cfg, dist)
         if dist.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, output_dir / "config.yaml")

@@ -100,12 +100,25 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.state.step, "samples_seen": self.state.samples_seen, "config": self.cfg.to_dict()}
+        return {
+            "step": self.state.step,
+            "samples_seen": self.state.samples_seen,
+            "global_batch": self.global_batch,
+            "world_size": self.dist.world_size,
+            "config": self.cfg.to_dict(),
+        }
 
     def restore(self, folder: Path) -> None:
         trainer_state, rank_state = self.checkpointer.load(folder, self.strategy)
         self.state = TrainerState(step=int(trainer_state["step"]), samples_seen=int(trainer_state["samples_seen"]))
         self.load_rank_state(rank_state)
+        saved_batch = int(trainer_state.get("global_batch", self.global_batch))
+        if saved_batch != self.global_batch:
+            log.warning(
+                "the global batch changed from %d to %d: training continues from sample %d with the new batch "
+                "(the schedules are recomputed for it; the data order from here on differs from an unchanged run)",
+                saved_batch, self.global_batch, self.state.samples_seen,
+            )
         log.info("resumed from %s at step %d (%d samples seen)", folder, self.state.step, self.state.samples_seen)
 
     def save(self) -> Path:
@@ -132,6 +145,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.dist.device)
         teacher_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
         phases = self.phases
+        micro_batches, teacher_outs = [], []
+        # Teachers first, for every micro-batch: the standardisation statistics are those of the
+        # whole step (as one large batch would have), at the cost of holding accum× teacher features.
         for _ in range(accum):
             with phases.phase("data"):
                 batch = next(batches)
@@ -140,14 +156,15 @@ class Trainer:
                 ids = [f"{name}/{index}" for name, index in zip(batch["dataset"], batch["index"].tolist())]
                 self.sample_log.write({"step": step + 1, "samples": ids})
             with phases.phase("teacher_forward"):
-                teacher_out = self.teachers(images)
+                teacher_outs.append(self.teachers(images))
+            micro_batches.append((images, [self.domain_of(name) for name in batch["dataset"]]))
+        with phases.phase("loss"):
+            stats = self.objective.teacher_statistics(teacher_outs, self.strategy.module.teacher_norms, momentum)
+        for (images, domains), teacher_out in zip(micro_batches, teacher_outs):
             with phases.phase("student_forward"), self.strategy.autocast():
                 student_out = self.strategy.forward(images)
             with phases.phase("loss"):
-                domains = [self.domain_of(name) for name in batch["dataset"]]
-                out = self.objective(
-                    student_out, teacher_out, self.strategy.module.teacher_norms, momentum, domains, self.drop_generator
-                )
+                out = self.objective(student_out, teacher_out, stats, domains, self.drop_generator)
             with phases.phase("backward"):
                 self.strategy.backward(out.loss / accum)
             loss_sum += out.loss.detach()
