@@ -85,3 +85,14 @@ def launch_command(launcher: str, nproc: int, script: Path, *args: str) -> list[
         return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", port, str(script), *args]
     raise ValueError(launcher)
+
+
+def global_batches(out: Path) -> list[list[str]]:
+    """Per step, the sorted sample ids of the whole global batch (all ranks' sample logs)."""
+    from dune_scale.telemetry.metrics import read_metrics
+
+    steps: dict[int, list[str]] = {}
+    for path in sorted((out / "samples").glob("rank_*.jsonl")):
+        for record in read_metrics(path):
+            steps.setdefault(record["step"], []).extend(record["samples"])
+    return [sorted(steps[s]) for s in sorted(steps)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_CPU, launch_command, launcher_env, tiny_overrides
+from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
 from dune_scale.telemetry.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -30,15 +30,6 @@ def run_training(strategy: str, out: Path, shards: Path, *extra: str, stage: int
     result = subprocess.run(command, env=launcher_env(out.parent), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{strategy} failed ({result.returncode}):\n{result.stderr[-4000:]}"
     return read_metrics(out / "metrics.jsonl")
-
-
-def global_batches(out: Path) -> list[list[str]]:
-    """Per step, the sorted sample ids of the whole global batch (all ranks)."""
-    steps: dict[int, list[str]] = {}
-    for path in sorted((out / "samples").glob("rank_*.jsonl")):
-        for record in read_metrics(path):
-            steps.setdefault(record["step"], []).extend(record["samples"])
-    return [sorted(steps[s]) for s in sorted(steps)]
 
 
 def losses(records: list[dict]) -> list[float]:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, TINY_CPU, launch_command, launcher_env, tiny_overrides
+from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
 from dune_scale.engine.preemption import EXIT_PREEMPTED
 from dune_scale.telemetry.metrics import read_metrics
 
@@ -50,14 +50,6 @@ def training_ranks(launcher: psutil.Process) -> list[psutil.Process]:
     return [p for p in found if not any(str(TRAIN) in " ".join(c.cmdline()) for c in p.children())] or [launcher]
 
 
-def samples(out: Path) -> list[list[str]]:
-    steps: dict[int, list[str]] = {}
-    for path in sorted((out / "samples").glob("rank_*.jsonl")):
-        for record in read_metrics(path):
-            steps.setdefault(record["step"], []).extend(record["samples"])
-    return [sorted(steps[s]) for s in sorted(steps)]
-
-
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     folder = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     if (folder / "model.pt").is_file():
@@ -73,7 +65,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 def assert_same_training(out: Path, reference: Path) -> None:
     assert [r["loss"] for r in read_metrics(out / "metrics.jsonl")] == [r["loss"] for r in read_metrics(reference / "metrics.jsonl")]
-    assert samples(out) == samples(reference)
+    assert global_batches(out) == global_batches(reference)
     mine, theirs = final_weights(out), final_weights(reference)
     assert mine.keys() == theirs.keys()
     for key in mine:
@@ -149,7 +141,7 @@ def test_two_rank_run_resumed_on_one_rank_sees_the_same_global_batches(tmp_path:
     out = tmp_path / "shrunk"
     run(command("fsdp", out, demo_shards, "train.max_steps=4"), out)
     run(command("fsdp", out, demo_shards, nproc=1), out)
-    assert samples(out) == samples(reference)
+    assert global_batches(out) == global_batches(reference)
     resumed = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["samples_seen"] for r in resumed] == [24 * s for s in range(1, STEPS + 1)]

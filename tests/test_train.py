@@ -62,3 +62,16 @@ def test_final_weights_are_loadable_without_unpickling(tmp_path: Path, demo_shar
     state = torch.load(out / "checkpoints" / "step_000000002" / "model.pt", weights_only=True)
     assert any(k.startswith("encoder.blocks.0.") for k in state)
     assert any(k.startswith("teacher_norms.mast3r_vitlarge_16.patch.") for k in state)
+
+
+def test_corrupt_images_are_replaced_and_counted_in_metrics(tmp_path: Path) -> None:
+    from dune_scale.data import write_synthetic_dataset
+
+    shards = tmp_path / "shards"
+    for name in ("synth_dino2", "synth_mast3r", "synth_multihmr"):
+        bad = range(0, 48, 3) if name == "synth_mast3r" else ()
+        write_synthetic_dataset(shards, name, 48, image_size=48, corrupt=bad)
+    runs = [_run(tmp_path / f"run{i}", shards, "train.max_steps=6") for i in range(2)]
+    counts = [sum(r["corrupt_samples"] for r in records) for records in runs]
+    assert counts[0] > 0 and counts[0] == counts[1]
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]  # same replacements both times

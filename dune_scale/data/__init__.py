@@ -1,39 +1,29 @@
-"""Data: mixture → MDS streams → teacher-balanced, resumable, augmented batches (DESIGN §2)."""
+"""Data: mixture → MDS streams → teacher-balanced, resumable, augmented batches (DESIGN §2).
 
-from dune_scale.data.convert import ConvertReport, convert_dataset, list_sources
-from dune_scale.data.dataset import MixtureDataset
-from dune_scale.data.loader import build_train_loader, collate_batch
-from dune_scale.data.mixture import Mixture, MixtureError, MixtureStream, available_mixtures, resolve_mixture
-from dune_scale.data.remote import ShardIntegrityError, StorageAccessError, reset_worker_connections
-from dune_scale.data.synthetic import write_demo_shards, write_synthetic_dataset
-from dune_scale.data.transforms import (
-    CorruptImageError,
-    build_train_transform,
-    build_val_transform,
-    decode_image,
-    sample_generator,
-)
+Names are imported lazily: the mixture spec is plain Python + YAML, while the loader pulls in
+mosaicml-streaming (and through it torchvision/transformers), which a benchmark on synthetic
+batches or a machine without Streaming must not need.
+"""
 
-__all__ = [
-    "ConvertReport",
-    "CorruptImageError",
-    "Mixture",
-    "MixtureDataset",
-    "MixtureError",
-    "MixtureStream",
-    "ShardIntegrityError",
-    "StorageAccessError",
-    "available_mixtures",
-    "build_train_loader",
-    "build_train_transform",
-    "build_val_transform",
-    "collate_batch",
-    "convert_dataset",
-    "decode_image",
-    "list_sources",
-    "reset_worker_connections",
-    "resolve_mixture",
-    "sample_generator",
-    "write_demo_shards",
-    "write_synthetic_dataset",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "ConvertReport": "convert", "convert_dataset": "convert", "list_sources": "convert",
+    "MixtureDataset": "dataset",
+    "build_train_loader": "loader", "collate_batch": "loader", "init_loader_worker": "loader",
+    "Mixture": "mixture", "MixtureError": "mixture", "MixtureStream": "mixture",
+    "available_mixtures": "mixture", "resolve_mixture": "mixture",
+    "ShardIntegrityError": "remote", "StorageAccessError": "remote", "reset_worker_connections": "remote",
+    "write_demo_shards": "synthetic", "write_synthetic_dataset": "synthetic",
+    "CorruptImageError": "transforms", "build_train_transform": "transforms", "build_val_transform": "transforms",
+    "decode_image": "transforms", "sample_generator": "transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -72,7 +72,7 @@ class _Chunk:
 
 
 def list_sources(source: str, layout: str = "auto") -> list[str]:
-    """The image files of a dataset, sorted so indices are stable across runs.
+    """The image files of a dataset (absolute paths), sorted so indices are stable across runs.
 
     * ``imagefolder``: ``source/<class>/.../<image>`` (image extensions only);
     * ``folder``: images directly inside ``source``;
@@ -95,7 +95,7 @@ def list_sources(source: str, layout: str = "auto") -> list[str]:
         files = [root.parent / line for line in lines if line and not line.startswith("#")]
     if not files:
         raise FileNotFoundError(f"no images found in {source} (layout {layout})")
-    return [str(p) for p in files]
+    return [os.path.abspath(p) for p in files]
 
 
 def _guess_layout(source: str) -> str:

@@ -8,6 +8,7 @@ LOCAL_WORLD_SIZE …). Each pass over the loader is one epoch; iterating again s
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any
 
 import torch
@@ -38,6 +39,15 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "corrupt": sum(s["corrupt"] for s in samples),
     }
+
+
+def init_loader_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``. Stop signals are for the training process, which saves and then
+    shuts its workers down: a worker killed by the scheduler's SIGTERM (SLURM signals every process
+    of a step) would instead crash the loader before the checkpoint is written."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    reset_worker_connections(worker_id)
 
 
 def build_train_loader(
@@ -78,7 +88,7 @@ def build_train_loader(
         prefetch_factor=data_cfg.prefetch_factor if workers else None,
         pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
         collate_fn=collate_batch,
-        worker_init_fn=reset_worker_connections,
+        worker_init_fn=init_loader_worker,
         drop_last=False,
     )
 

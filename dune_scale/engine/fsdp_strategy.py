@@ -22,13 +22,15 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
-from dune_scale.engine.strategy import Strategy
+from dune_scale.engine.optim import build_adamw, param_groups
+from dune_scale.engine.strategy import SingleStrategy
 
 _DCP_FOLDER = "fsdp"
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(SingleStrategy):
+    """Sharded parameters; backward and the optimizer step are plain PyTorch, as in ``single``."""
+
     name = "fsdp"
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
@@ -46,18 +48,8 @@ class FSDPStrategy(Strategy):
         self._module = student
         self.optimizer = build_adamw(param_groups(student), self.cfg.optim, peak_lr)
 
-    @property
-    def module(self) -> nn.Module:
-        return self._module
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     def step(self, lr: float, weight_decay: float) -> torch.Tensor:
-        set_hyperparameters(self.optimizer, lr, weight_decay)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._module.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = super().step(lr, weight_decay)
         return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
 
     def save(self, directory: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, load_config, save_config
-from dune_scale.data import MixtureError, build_train_loader, resolve_mixture
+from dune_scale.data.mixture import MixtureError, resolve_mixture
 from dune_scale.distill.objective import DistillObjective
 from dune_scale.distill.student import DuneStudent
 from dune_scale.engine.checkpointer import CheckpointError, Checkpointer
@@ -113,6 +113,7 @@ def build_trainer(
     phases: NullPhaseTimer | None = None,
 ) -> Trainer:
     """Teachers → student → strategy → objective → trainer, for training and for the benchmark."""
+    check_launch(cfg, dist)
     set_attention_backend(cfg.teachers.attention)
     torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
     dtype = teacher_dtype(cfg, dist.device)
@@ -140,14 +141,20 @@ def train(cfg: Config) -> bool:
     _setup_logging(dist.is_main)
     output_dir = Path(cfg.run.output_dir)
     try:
-        check_launch(cfg, dist)
+        check_launch(cfg, dist)  # before anything is written
         if dist.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, output_dir / "config.yaml")
         distributed.barrier()
         mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
+        from dune_scale.data.loader import build_train_loader  # Streaming: only when real data is read
+
         loader = build_train_loader(
-            cfg.data, image_size=cfg.train.image_size, batch_size=cfg.train.batch_size_per_rank, seed=cfg.run.seed
+            cfg.data,
+            image_size=cfg.train.image_size,
+            batch_size=cfg.train.batch_size_per_rank,
+            seed=cfg.run.seed,
+            epoch_size=cfg.train.epoch_size,
         )
         trainer = build_trainer(cfg, dist, loader, mixture.domain_of)
         resume_from = _resume_folder(cfg, trainer.checkpointer)

@@ -127,7 +127,7 @@ class Trainer:
         return folder
 
     # ------------------------------------------------------------------ loop
-    def _batches(self) -> Iterator[dict[str, Any]]:
+    def batches(self) -> Iterator[dict[str, Any]]:
         """Endless iteration: each pass over the loader is one data epoch."""
         while True:
             empty = True
@@ -146,12 +146,14 @@ class Trainer:
         teacher_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
         phases = self.phases
         micro_batches, teacher_outs = [], []
+        corrupt = 0
         # Teachers first, for every micro-batch: the standardisation statistics are those of the
         # whole step (as one large batch would have), at the cost of holding accum× teacher features.
         for _ in range(accum):
             with phases.phase("data"):
                 batch = next(batches)
                 images = batch["images"].to(self.dist.device, non_blocking=True)
+                corrupt += int(batch.get("corrupt", 0))
             if self.sample_log is not None:
                 ids = [f"{name}/{index}" for name, index in zip(batch["dataset"], batch["index"].tolist())]
                 self.sample_log.write({"step": step + 1, "samples": ids})
@@ -173,7 +175,12 @@ class Trainer:
             grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step))
         self.state.step += 1
         self.state.samples_seen += self.global_batch
-        return {"loss": loss_sum / accum, "teachers": teacher_sum / accum, "grad_norm": grad_norm.detach().float()}
+        return {
+            "loss": loss_sum / accum,
+            "teachers": teacher_sum / accum,
+            "grad_norm": grad_norm.detach().float(),
+            "corrupt": torch.tensor(float(corrupt), device=self.dist.device),
+        }
 
     def fit(self) -> bool:
         """Train to ``stop_step``; returns False when a stop signal ended the run early (after saving)."""
@@ -187,7 +194,7 @@ class Trainer:
         throughput = Throughput()
         throughput.reset(self.state.samples_seen)
         pending: list[dict[str, torch.Tensor]] = []
-        batches = self._batches()
+        batches = self.batches()
         self.strategy.module.train()
         preemption = PreemptionWatcher()
         preemption.install()
@@ -220,7 +227,10 @@ class Trainer:
         steps and ranks (each rank's loss is its share of the global-batch loss)."""
         step = self.state.step - 1  # schedules of the step just taken
         losses = torch.stack([torch.cat([m["loss"].reshape(1), m["teachers"]]) for m in pending]).mean(dim=0)
-        loss, *teachers = (all_reduce_sum(losses) / self.dist.world_size).tolist()
+        corrupt = torch.stack([m["corrupt"] for m in pending]).sum().reshape(1)
+        summed = all_reduce_sum(torch.cat([losses / self.dist.world_size, corrupt]))
+        *averaged, corrupt_samples = summed.tolist()
+        loss, *teachers = averaged
         grad_norm = torch.stack([m["grad_norm"] for m in pending]).mean().item()
         record: dict[str, Any] = {
             "step": self.state.step,
@@ -235,5 +245,7 @@ class Trainer:
             norm_momentum=self.schedules.norm_momentum(step),
             grad_norm=finite_or_none(grad_norm),
             img_per_s=img_per_s,
+            # Undecodable images replaced (deterministically) since the previous record, all ranks.
+            corrupt_samples=int(corrupt_samples),
         )
         return record

@@ -44,7 +44,7 @@ from rich.table import Table
 
 from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, load_config
-from dune_scale.data import Mixture, build_train_loader, resolve_mixture
+from dune_scale.data.mixture import Mixture, resolve_mixture
 from dune_scale.engine.run import build_trainer
 from dune_scale.telemetry.flops import dune_step_flops
 from dune_scale.telemetry.phases import PhaseTimer
@@ -126,8 +126,9 @@ def table_peak_tflops(name: str) -> float | None:
 
 def random_init_overrides(cfg: Config) -> list[str]:
     """Overrides that start every teacher and the student from random weights: speed does not
-    depend on the weights, and the full-size recipes otherwise need checkpoints on disk."""
-    overrides = ["student.pretrained=null"]
+    depend on the weights, and the full-size recipes otherwise need checkpoints on disk. A stage-2
+    recipe is benchmarked as stage 1 (the stage only says where the student's weights come from)."""
+    overrides = ["student.pretrained=null", "train.stage=1"]
     for i in range(len(cfg.teachers.models)):
         overrides += [f"teachers.models.{i}.checkpoint=null", f"teachers.models.{i}.random_init=true"]
     return overrides
@@ -205,15 +206,18 @@ def measure(cfg: Config, options: BenchOptions, result: VariantResult) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
     if options.real_data:
+        from dune_scale.data import build_train_loader  # Streaming: only where real data is read
+
         loader: Any = build_train_loader(
-            cfg.data, image_size=cfg.train.image_size, batch_size=cfg.train.batch_size_per_rank, seed=cfg.run.seed
+            cfg.data, image_size=cfg.train.image_size, batch_size=cfg.train.batch_size_per_rank, seed=cfg.run.seed,
+            epoch_size=cfg.train.epoch_size,
         )
     else:
         loader = synthetic_batches(cfg, mixture, device, dist.rank)
     phases = PhaseTimer(device)
     trainer = build_trainer(cfg, dist, loader, mixture.domain_of, phases)
     flops = dune_step_flops(trainer.strategy.module, trainer.teachers.teachers, cfg.train.image_size)
-    batches: Iterator[dict[str, Any]] = trainer._batches()  # the loop training runs: endless, epoch after epoch
+    batches: Iterator[dict[str, Any]] = trainer.batches()  # the loop training runs: endless, epoch after epoch
     trainer.strategy.module.train()
 
     for _ in range(options.warmup):
@@ -328,18 +332,20 @@ def render(report: dict[str, Any], console: Console) -> None:
     results = report["results"]
     title = f"{report['config']} · {report['device']} × {report['world_size']} · {report['data']} data"
     table = Table(title=title)
-    for column in ("variant", "img/s/rank", "img/s global", "step ms", "TFLOP/s/rank", "MFU", "peak GiB", "loss"):
+    columns = ("variant", "img/s/rank", "img/s global", "step ms", "median ms", "TFLOP/s/rank", "MFU", "peak GiB", "loss")
+    for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
     for r in results:
         if r["status"] != "ok":
-            table.add_row(r["name"], "[red]failed[/red]", *[""] * 6)
+            table.add_row(r["name"], "[red]failed[/red]", *[""] * (len(columns) - 2))
             continue
         table.add_row(
             r["name"],
             _fmt(r["img_per_s_per_rank"], ".1f"),
             _fmt(r["img_per_s_global"], ".1f"),
             _fmt(r["step_time_s"] * 1e3, ".1f"),
-            _fmt(r["achieved_tflops_per_rank"], ".1f"),
+            _fmt(r["step_time_median_s"] * 1e3, ".1f"),
+            _fmt(r["achieved_tflops_per_rank"], ".4g"),
             "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             _fmt(max(r["peak_memory_gib"]), ".2f"),
             _fmt(r["final_loss"], ".4f"),
@@ -361,7 +367,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(phases)
         flops = ok[0]["flops_per_image"]
         console.print(
-            f"model FLOPs/image {flops['total'] / 1e12:.4g} TFLOP (teachers' forward {100 * flops['teachers_share']:.0f}%); "
+            f"model FLOPs/image {flops['total'] / 1e9:.4g} GFLOP (teachers' forward {100 * flops['teachers_share']:.0f}%); "
             f"peak {_fmt(ok[0]['peak_tflops'], '.0f')} TFLOP/s bf16 dense; "
             f"{ok[0]['steps']} steps after {ok[0]['warmup_steps']} warm-up",
             highlight=False,
@@ -369,6 +375,12 @@ def render(report: dict[str, Any], console: Console) -> None:
     for r in results:
         if r["status"] != "ok":
             console.print(f"[red]{r['name']} failed:[/red] {r['error']}", highlight=False)
+        elif r["step_time_max_s"] > 2 * r["step_time_median_s"]:
+            console.print(
+                f"[yellow]{r['name']}: uneven steps[/yellow] (median {1e3 * r['step_time_median_s']:.1f} ms, slowest "
+                f"{1e3 * r['step_time_max_s']:.1f} ms): something else used the device or host, or warm-up was too short",
+                highlight=False,
+            )
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -1,0 +1,9 @@
+"""Benchmark the training step: `python|torchrun|deepspeed launch/bench.py --config configs/X.yaml
+[k=v ...] [--steps N --warmup W --data --random-init --peak-tflops F --json PATH --variants "k=v" ...]`."""
+
+import sys
+
+from dune_scale.telemetry.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

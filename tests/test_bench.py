@@ -1,0 +1,149 @@
+"""launch/bench.py on tiny_cpu: the console table, the JSON report and its fields, variants (one of
+which fails without stopping the others), the peak table, and synthetic batches' dataset names."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from conftest import REPO, TINY_CPU, launch_command, launcher_env
+from dune_scale.config import load_config
+from dune_scale.data import resolve_mixture
+from dune_scale.telemetry.bench import (
+    BenchOptions,
+    VariantResult,
+    main,
+    render,
+    run_benchmark,
+    synthetic_batches,
+    table_peak_tflops,
+)
+
+TRAINER_PHASES = {"data", "teacher_forward", "student_forward", "loss", "backward", "optimizer"}
+TINY_FLOPS_PER_IMAGE = 35_187_520  # test_flops.py's hand count
+REPORT_FIELDS = {"date", "device", "world_size", "torch", "config", "overrides", "data", "options", "results"}
+RESULT_FIELDS = set(VariantResult.__dataclass_fields__)
+
+
+def check_ok(result: dict, steps: int) -> None:
+    assert set(result) == RESULT_FIELDS
+    assert result["status"] == "ok" and result["error"] is None
+    assert result["steps"] == steps and len(result["step_times_s"]) == steps
+    assert result["step_time_min_s"] <= result["step_time_median_s"] <= result["step_time_max_s"]
+    assert result["step_time_s"] == pytest.approx(sum(result["step_times_s"]) / steps)
+    assert result["img_per_s_global"] == pytest.approx(result["global_batch_size"] / result["step_time_s"])
+    assert result["img_per_s_per_rank"] == pytest.approx(result["img_per_s_global"] / result["world_size"])
+    assert result["flops_per_image"]["total"] == TINY_FLOPS_PER_IMAGE
+    assert result["achieved_tflops_per_rank"] == pytest.approx(TINY_FLOPS_PER_IMAGE * result["img_per_s_per_rank"] / 1e12)
+    assert set(result["phases"]) == TRAINER_PHASES | {"other"}
+    assert sum(p["percent"] for p in result["phases"].values()) == pytest.approx(100.0)
+    assert len(result["peak_memory_gib"]) == result["world_size"] and result["peak_memory_gib"][0] > 0
+    assert math.isfinite(result["final_loss"])
+
+
+def test_cli_prints_table_and_writes_json(tmp_path: Path) -> None:
+    report_path = tmp_path / "bench.json"
+    command = [
+        sys.executable, str(REPO / "launch" / "bench.py"), "--config", str(TINY_CPU),
+        f"run.output_dir={tmp_path / 'run'}", "run.console=none", "--steps", "3", "--warmup", "1",
+        "--json", str(report_path),
+    ]
+    done = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for text in ("img/s/rank", "MFU", "peak GiB", "base", "teacher_forward", "backward", f"report: {report_path}"):
+        assert text in done.stdout
+    report = json.loads(report_path.read_text())
+    assert set(report) == REPORT_FIELDS
+    assert report["world_size"] == 1 and report["data"] == "synthetic"
+    assert report["options"]["steps"] == 3 and report["options"]["warmup"] == 1
+    (result,) = report["results"]
+    assert result["name"] == "base" and result["global_batch_size"] == 12 and result["image_size"] == 56
+    check_ok(result, steps=3)
+    assert result["peak_tflops"] is None and result["mfu"] is None  # a CPU has no table peak
+    assert not (tmp_path / "run").exists()  # the benchmark writes no checkpoints or metrics
+
+
+def test_variants_in_one_call_and_a_failing_one(tmp_path: Path) -> None:
+    variants = ["loss.fused=false train.activation_checkpointing=true", "student.pretrained=/nonexistent/student.pt"]
+    options = BenchOptions(steps=2, warmup=1, peak_tflops=1.0)
+    report = run_benchmark(str(TINY_CPU), ["run.console=none", f"run.output_dir={tmp_path}"], variants, options)
+    base, both, broken = report["results"]
+    assert [r["name"] for r in report["results"]] == ["base", *variants]
+    assert both["overrides"] == ["loss.fused=false", "train.activation_checkpointing=true"]
+    for result in (base, both):
+        check_ok(result, steps=2)
+        assert result["mfu"] == pytest.approx(result["achieved_tflops_per_rank"] / 1.0)
+    assert broken["status"] == "failed" and "nonexistent" in broken["error"]
+
+    console = Console(record=True, width=200)
+    render(report, console)
+    text = console.export_text()
+    assert "failed" in text and broken["error"].split(":")[0] in text
+    assert "loss.fused=false train.activation_checkpointing=true" in text
+
+
+def test_bad_base_config_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(TINY_CPU), "train.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA GeForce GTX 1080", None),
+        ("CPU (2 threads)", None),
+    ],
+)
+def test_peak_table(name: str, peak: float | None) -> None:
+    assert table_peak_tflops(name) == peak
+
+
+def test_synthetic_batches_are_teacher_balanced() -> None:
+    cfg = load_config(TINY_CPU, ["train.batch_size_per_rank=64", "data.mixture=teacher_balanced"])
+    mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
+    batches = synthetic_batches(cfg, mixture, torch.device("cpu"), rank=0)
+    assert len(batches) >= 2 and batches[0]["images"].shape == (64, 3, 56, 56)
+    assert not batches[0]["images"].equal(batches[1]["images"])
+    domains = Counter(mixture.domain_of(name) for name in batches[0]["dataset"])
+    assert sorted(domains.values()) == [21, 21, 22]  # one third each, as the loader makes them
+    assert Counter(batches[0]["dataset"])["in19k"] > Counter(batches[0]["dataset"])["mapillarystreet"]  # size-weighted
+
+
+def test_real_data_loader(demo_shards: Path, tmp_path: Path) -> None:
+    overrides = ["run.console=none", f"run.output_dir={tmp_path}", f"data.remote_root={demo_shards}", "data.num_workers=0"]
+    report = run_benchmark(str(TINY_CPU), overrides, [], BenchOptions(steps=2, warmup=1, real_data=True))
+    assert report["data"] == "loader"
+    (result,) = report["results"]
+    check_ok(result, steps=2)
+    assert result["phases"]["data"]["seconds"] > 0  # decoding and augmenting on the main process
+
+
+@pytest.mark.distributed
+def test_torchrun_two_ranks_fsdp(tmp_path: Path) -> None:
+    report_path = tmp_path / "bench.json"
+    command = launch_command(
+        "torchrun", 2, REPO / "launch" / "bench.py", "--config", str(TINY_CPU), "run.console=none",
+        f"run.output_dir={tmp_path / 'run'}", "strategy.name=fsdp", "--steps", "2", "--warmup", "1",
+        "--json", str(report_path),
+    )
+    done = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("img/s/rank") == 1  # rank 0 alone prints
+    report = json.loads(report_path.read_text())
+    (result,) = report["results"]
+    assert report["world_size"] == result["world_size"] == 2 and result["global_batch_size"] == 24
+    check_ok(result, steps=2)

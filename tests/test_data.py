@@ -1,0 +1,397 @@
+"""Data pipeline on local shards: synthetic MDS, mixtures, grouped batches, augmentation, resume."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from streaming import StreamingDataset
+from conftest_data import DataCfg, batches_of, private_tmp  # noqa: F401 (private_tmp: autouse fixture)
+from streaming.base.world import World
+
+from dune_scale.data import (
+    CorruptImageError,
+    MixtureError,
+    build_train_loader,
+    build_train_transform,
+    build_val_transform,
+    decode_image,
+    resolve_mixture,
+    sample_generator,
+    write_demo_shards,
+    write_synthetic_dataset,
+)
+from dune_scale.data.batching import batch_counts, generate_work_grouped, worker_positions
+
+DESIGN_SIZES = {
+    "in19k": ("dino2", 13_153_480), "gldv2": ("dino2", 4_132_914), "mapillarystreet": ("dino2", 1_205_907),
+    "ARKitScenesV2": ("mast3r", 456_108), "BlendedMVS": ("mast3r", 98_937), "Co3d_v3": ("mast3r", 185_100),
+    "DL3DV": ("mast3r", 208_800), "Habitat512": ("mast3r", 284_965), "MegaDepthDense": ("mast3r", 36_949),
+    "Niantic": ("mast3r", 41_300), "ScanNetppV2": ("mast3r", 60_188), "TartanAir": ("mast3r", 136_225),
+    "Unreal4K": ("mast3r", 14_386), "VirtualKitti": ("mast3r", 1_200), "WildRgb": ("mast3r", 224_400),
+    "bedlam": ("multihmr", 353_116), "agora": ("multihmr", 14_314), "cuffs": ("multihmr", 54_944),
+    "ubody": ("multihmr", 54_234),
+}
+# An uneven 3-domain mixture: two dino2 datasets, one each for mast3r and multihmr.
+UNEVEN = [("web_a", "dino2", 120), ("web_b", "dino2", 60), ("scenes", "mast3r", 90), ("people", "multihmr", 45)]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("demo")
+    return root, write_demo_shards(root, num_samples_per_dataset=40, image_size=48)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("uneven")
+    for seed, (name, _, size) in enumerate(UNEVEN):
+        write_synthetic_dataset(root, name, size, image_size=32, seed=seed, shard_size_limit=1 << 14)
+    return root, [{"name": n, "domain": d, "size": s} for n, d, s in UNEVEN]
+
+
+# --- synthetic shards -------------------------------------------------------------------------
+
+
+def test_synthetic_dataset_round_trips(tmp_path: Path) -> None:
+    folder = write_synthetic_dataset(tmp_path, "shapes", 50, image_size=40, seed=3, shard_size_limit=1 << 14)
+    assert len(list(folder.glob("shard.*.mds"))) > 1
+    dataset = StreamingDataset(local=str(folder), batch_size=1)
+    assert dataset.num_samples == 50
+    for i in range(50):
+        sample = dataset[i]
+        assert sample["dataset"] == "shapes" and sample["index"] == i
+        image = decode_image(sample["jpeg"])
+        assert image.shape == (3, 40, 40) and image.dtype == torch.uint8
+        assert image.float().std() > 5  # not a flat image
+    again = write_synthetic_dataset(tmp_path / "again", "shapes", 50, image_size=40, seed=3, shard_size_limit=1 << 14)
+    assert sorted(p.read_bytes() for p in again.glob("*.mds")) == sorted(p.read_bytes() for p in folder.glob("*.mds"))
+
+
+def test_write_demo_shards_returns_one_dataset_per_domain(demo: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, mixture = demo
+    assert [m["domain"] for m in mixture] == ["dino2", "mast3r", "multihmr"]
+    assert all((root / m["name"] / "index.json").is_file() and m["size"] == 40 for m in mixture)
+    assert resolve_mixture("demo", "teacher_domains", str(root)).names == tuple(m["name"] for m in mixture)
+
+
+def test_decode_image_rejects_garbage() -> None:
+    with pytest.raises(CorruptImageError):
+        decode_image(b"\xff\xd8\xff\xe0 definitely not an image")
+
+
+# --- mixtures ---------------------------------------------------------------------------------
+
+
+def test_teacher_balanced_mixture_follows_design() -> None:
+    mixture = resolve_mixture("teacher_balanced", "teacher_domains", "s3://bucket/shards")
+    assert len(mixture.streams) == 19
+    assert {s.name: (s.domain, s.size) for s in mixture.streams} == DESIGN_SIZES
+    assert mixture.domains == ("dino2", "mast3r", "multihmr")
+    for domain in mixture.domains:
+        members = [s for s in mixture.streams if s.domain == domain]
+        assert sum(s.proportion for s in members) == pytest.approx(1 / 3)
+        total = sum(s.size for s in members)
+        for s in members:
+            assert s.proportion == pytest.approx(s.size / total / 3)
+    assert mixture.domain_of("bedlam") == "multihmr"
+    assert {s.name: s.val_size for s in mixture.streams}["gldv2"] == 117_577
+    assert mixture.batch_size_problem(128) is None
+
+
+def test_in1k_and_proportional_mixtures() -> None:
+    in1k = resolve_mixture("in1k", "teacher_domains", "data")
+    assert [(s.name, s.size, s.proportion, s.val_size) for s in in1k.streams] == [("in1k", 1_281_167, 1.0, 50_000)]
+    prop = resolve_mixture("teacher_balanced", "proportional", "data")
+    total = sum(size for _, size in DESIGN_SIZES.values())
+    assert prop.streams[0].proportion == pytest.approx(13_153_480 / total)
+    assert prop.batch_size_problem(1) is None
+
+
+def test_inline_mixture_with_weights() -> None:
+    inline = [{"name": "a", "domain": "dino2", "weight": 3}, {"name": "b", "domain": "mast3r", "weight": 1}]
+    mixture = resolve_mixture(inline, "weights", "unused")
+    assert [s.proportion for s in mixture.streams] == [0.75, 0.25]
+    assert mixture.batch_size_problem(4) is None
+    assert "at least 4" in mixture.batch_size_problem(3)
+    sized = resolve_mixture([{"name": "a", "domain": "x", "size": 30}, {"name": "b", "domain": "x", "size": 10}], "teacher_domains", "")
+    assert [s.proportion for s in sized.streams] == [0.75, 0.25]
+
+
+def test_mixture_sizes_read_from_local_index(uneven: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, mixture = uneven
+    unsized = [{"name": m["name"], "domain": m["domain"]} for m in mixture]
+    resolved = resolve_mixture(unsized, "teacher_domains", str(root))
+    assert [s.size for s in resolved.streams] == [120, 60, None, None]  # single-dataset domains need none
+    with pytest.raises(MixtureError, match="web_a has no size"):
+        resolve_mixture(unsized, "teacher_domains", "s3://bucket/root")
+
+
+@pytest.mark.parametrize(
+    ("mixture", "balance", "message"),
+    [
+        ("nope", "teacher_domains", "no mixture named 'nope'"),
+        ([{"name": "a", "domain": "d"}, {"name": "a", "domain": "d"}], "teacher_domains", "more than once"),
+        ([{"name": "a"}], "teacher_domains", "needs a domain"),
+        ([{"name": "a", "domain": "d", "colour": 1}], "teacher_domains", "unknown key 'colour'"),
+        ([{"name": "a", "domain": "d", "weight": 1}], "teacher_domains", "only used with balance=weights"),
+        ([{"name": "a", "domain": "d"}], "weights", "needs a weight for every dataset"),
+        ([{"name": "a", "domain": "d", "size": -3}], "teacher_domains", "positive integer"),
+        ("teacher_balanced", "sideways", "balance 'sideways' is unknown"),
+    ],
+)
+def test_mixture_errors(mixture: Any, balance: str, message: str) -> None:
+    with pytest.raises(MixtureError, match=message):
+        resolve_mixture(mixture, balance, "data")
+
+
+def test_batch_size_problem_messages() -> None:
+    mixture = resolve_mixture("teacher_balanced", "teacher_domains", "data")
+    problem = mixture.batch_size_problem(2)
+    assert problem is not None and "at least 3" in problem and "dino2, mast3r, multihmr" in problem
+    assert mixture.batch_size_problem(3) is None
+    assert resolve_mixture("in1k", "teacher_domains", "data").batch_size_problem(1) is None
+
+
+def test_batch_counts_round_each_share_and_rotate_the_rest() -> None:
+    for total in range(3, 40):
+        for shares in ([1, 1, 1], [0.7, 0.2, 0.1], [5, 1]):
+            counts = batch_counts(30, total, shares)
+            ideal = total * np.asarray(shares) / sum(shares)
+            assert (counts.sum(axis=1) == total).all()
+            assert (np.abs(counts - ideal) < 1).all()
+            assert (np.abs(np.cumsum(counts, axis=0) - np.outer(np.arange(1, 31), ideal)) < 1 + 1e-9).all()
+    assert batch_counts(3, 10, [1, 1, 1]).tolist() == [[4, 3, 3], [3, 4, 3], [3, 3, 4]]
+
+
+# --- transforms -------------------------------------------------------------------------------
+
+
+def test_train_transform_is_reproducible_from_its_generator() -> None:
+    image = decode_image(_jpeg(60, 80))
+    transform = build_train_transform(28, crop_scale=(0.4, 1.0))
+    a = transform(image, sample_generator(0, 0, 5))
+    b = transform(image, sample_generator(0, 0, 5))
+    c = transform(image, sample_generator(0, 1, 5))
+    assert a.shape == (3, 28, 28) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    outs = torch.stack([transform(image, sample_generator(1, 0, p)) for p in range(64)])
+    assert outs.mean().abs() < 1.5 and outs.std() > 0.2  # ImageNet-normalised range
+
+
+def test_val_transform_resizes_and_centre_crops() -> None:
+    image = decode_image(_jpeg(70, 100))
+    out = build_val_transform(42)(image)
+    assert out.shape == (3, 42, 42) and out.dtype == torch.float32
+    assert torch.equal(out, build_val_transform(42)(image))
+
+
+def _jpeg(height: int, width: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+# --- loader -----------------------------------------------------------------------------------
+
+
+def test_loader_yields_contracted_batches_with_two_workers(demo: tuple[Path, list[dict[str, Any]]], private_tmp: Path) -> None:
+    root, mixture = demo
+    loader = build_train_loader(DataCfg(str(root), mixture), image_size=28, batch_size=6, seed=0)
+    batches = batches_of(loader)
+    assert len(batches) == 20  # 3 × 40 samples / 6
+    names = {m["name"] for m in mixture}
+    for batch in batches:
+        assert list(batch) == ["images", "dataset", "index", "corrupt"]
+        assert batch["images"].shape == (6, 3, 28, 28) and batch["images"].dtype == torch.float32
+        assert set(batch["dataset"]) == names and Counter(batch["dataset"]).most_common(1)[0][1] == 2
+        assert batch["index"].dtype == torch.int64 and batch["index"].shape == (6,)
+        assert batch["corrupt"] == 0
+    seen = Counter((d, int(i)) for b in batches for d, i in zip(b["dataset"], b["index"]))
+    assert len(seen) == 120 and set(seen.values()) == {1}  # every sample exactly once per epoch
+    assert list(private_tmp.glob("*_filelock"))  # Streaming's lock files stayed in this test's dir
+
+
+def test_teacher_domain_composition_of_every_batch(uneven: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, mixture = uneven
+    resolved = resolve_mixture(mixture, "teacher_domains", str(root))
+    loader = build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=10, seed=1, epoch_size=600)
+    batches = batches_of(loader)
+    assert len(batches) == 60
+    per_dataset: Counter[str] = Counter()
+    for i, batch in enumerate(batches):
+        domains = Counter(resolved.domain_of(name) for name in batch["dataset"])
+        expected = [3, 3, 3]
+        expected[i % 3] = 4  # 10 split in thirds, the extra sample rotating
+        assert [domains[d] for d in resolved.domains] == expected
+        per_dataset.update(batch["dataset"])
+    # Inside dino2, datasets follow their sizes (120:60) over the epoch.
+    assert per_dataset["web_a"] == pytest.approx(2 * per_dataset["web_b"], rel=0.05)
+    # Small domains are repeated to keep their third: people (45 images) shows up 200 times.
+    assert per_dataset["people"] == 200
+
+
+def test_grouped_batches_on_several_ranks(uneven: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Every rank's batch holds each domain's third ±1; the global batches ignore the world shape."""
+    root, mixture = uneven
+    loader = build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=6, seed=2, epoch_size=480)
+    dataset = loader.dataset
+    dataset.num_canonical_nodes, dataset.shuffle_block_size = 2, 1 << 18
+    domain = np.array([dataset.mixture.domain_of(dataset.mixture.streams[s].name) for s in dataset.stream_per_shard])
+    shard_of = np.array([dataset.spanner[i][0] for i in range(dataset.num_samples)])
+
+    def global_rows(nodes: int, ranks: int, workers: int, batch: int, resume: int = 0) -> list[list[int]]:
+        dataset.batch_size = batch
+        work = generate_work_grouped(dataset, World(nodes, ranks, workers, 0), 0, resume)
+        total = nodes * ranks
+        rows: dict[int, list[tuple[int, int]]] = {}
+        for n in range(nodes):
+            for r in range(ranks):
+                for w in range(workers):
+                    ids = work[n, r, w].reshape(-1)
+                    world = World(nodes, ranks, workers, (n * ranks + r) * workers + w)
+                    positions = worker_positions(world, batch, resume, len(ids))
+                    for per_rank in ids.reshape(-1, batch):
+                        if per_rank[0] < 0:
+                            continue
+                        counts = Counter(domain[shard_of[per_rank]])
+                        for d, share in (("dino2", 1 / 3), ("mast3r", 1 / 3), ("multihmr", 1 / 3)):
+                            assert abs(counts[d] - batch * share) < 1 + 1e-9
+                    for sample, pos in zip(ids, positions):
+                        if sample >= 0:
+                            rows.setdefault(int(pos) // (batch * total), []).append((int(pos), int(sample)))
+        return [[s for _, s in sorted(row)] for _, row in sorted(rows.items())]
+
+    single = global_rows(1, 1, 1, 12)
+    assert global_rows(1, 2, 3, 6) == single
+    assert global_rows(2, 2, 2, 3) == single
+    assert global_rows(1, 2, 1, 6, resume=36) == single[3:]
+
+
+RANK_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest_data import DataCfg
+from dune_scale.data import build_train_loader
+loader = build_train_loader(DataCfg({root!r}, {mixture!r}), image_size=16, batch_size=6, seed=5)
+batches = [b for b, _ in zip(loader, range(4))]
+torch.save({{"dataset": [b["dataset"] for b in batches], "images": torch.stack([b["images"] for b in batches])}}, sys.argv[1])
+"""
+
+
+@pytest.mark.distributed
+def test_two_ranks_split_each_global_batch_of_one_rank(uneven: tuple[Path, list[dict[str, Any]]], tmp_path: Path, private_tmp: Path) -> None:
+    """Two real rank processes × 6 hold the 1 × 12 global batches, samples and augmentations alike
+    (slow only because each process imports torch + Streaming)."""
+    root, mixture = uneven
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "rank.py"
+    (private_tmp / "ranks").mkdir()  # the two ranks' own lock files and shared-memory coordination
+    script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).parent), root=str(root), mixture=mixture))
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(private_tmp / "ranks"))
+        out = tmp_path / f"rank{rank}.pt"
+        procs.append((subprocess.Popen([sys.executable, str(script), str(out)], env=env), out))
+    single = batches_of(build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=12, seed=5), limit=4)
+    for proc, _ in procs:
+        assert proc.wait(timeout=120) == 0
+    for rank, (_, out) in enumerate(procs):
+        part = torch.load(out)
+        for b in range(4):
+            assert part["dataset"][b] == single[b]["dataset"][rank::2]
+            assert torch.equal(part["images"][b], single[b]["images"][rank::2])
+            domains = Counter(part["dataset"][b])
+            assert abs(domains["web_a"] + domains["web_b"] - 2) <= 1 and abs(domains["scenes"] - 2) <= 1
+
+
+def test_augmentations_do_not_depend_on_worker_count(demo: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, mixture = demo
+    runs = []
+    for workers in (0, 2):
+        loader = build_train_loader(DataCfg(str(root), mixture, num_workers=workers), image_size=20, batch_size=6, seed=7)
+        runs.append(batches_of(loader, limit=5))
+    for a, b in zip(*runs):
+        assert a["dataset"] == b["dataset"] and torch.equal(a["index"], b["index"])
+        assert torch.equal(a["images"], b["images"])
+
+
+def test_state_dict_resumes_mid_epoch_with_the_same_batches(demo: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, mixture = demo
+    cfg = DataCfg(str(root), mixture)
+    first = build_train_loader(cfg, image_size=20, batch_size=6, seed=3)
+    epoch0 = batches_of(first)
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(4)]  # epoch 1, four batches in
+    state = first.state_dict()
+    tail = list(iterator)
+    assert state["epoch"] == 1 and state["sample_in_epoch"] == 24
+    assert [b["index"].tolist() for b in head] != [b["index"].tolist() for b in epoch0[:4]]  # a new order
+
+    resumed = build_train_loader(cfg, image_size=20, batch_size=6, seed=3)
+    resumed.load_state_dict(state)
+    again = batches_of(resumed)
+    assert len(again) == len(tail) == 16
+    for a, b in zip(again, tail):
+        assert a["dataset"] == b["dataset"] and torch.equal(a["index"], b["index"])
+        assert torch.equal(a["images"], b["images"])
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["sample_in_epoch"]) == (2, 0)  # epoch 1 done
+    assert len(batches_of(resumed)) == 20  # iterating again runs epoch 2 from its beginning
+    assert resumed.state_dict()["epoch"] == 3
+
+
+def test_state_saved_at_the_end_of_an_epoch_resumes_with_the_next(demo: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, mixture = demo
+    cfg = DataCfg(str(root), mixture, num_workers=1)
+    first = build_train_loader(cfg, image_size=20, batch_size=6, seed=4)
+    assert len(batches_of(first)) == 20
+    state = first.state_dict()
+    assert (state["epoch"], state["sample_in_epoch"]) == (1, 0)
+    next_epoch = batches_of(first, limit=2)
+    resumed = build_train_loader(cfg, image_size=20, batch_size=6, seed=4)
+    resumed.load_state_dict(state)
+    for a, b in zip(batches_of(resumed, limit=2), next_epoch):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
+
+
+def test_corrupt_samples_are_replaced_the_same_way_every_run(tmp_path: Path) -> None:
+    mixture = []
+    for seed, (name, domain) in enumerate((("ok_a", "dino2"), ("bad_b", "mast3r"), ("ok_c", "multihmr"))):
+        corrupt = (3, 4, 17) if name == "bad_b" else ()
+        write_synthetic_dataset(tmp_path, name, 24, image_size=24, seed=seed, shard_size_limit=1 << 13, corrupt=corrupt)
+        mixture.append({"name": name, "domain": domain})
+    runs = []
+    for workers in (2, 1):
+        loader = build_train_loader(DataCfg(str(tmp_path), mixture, num_workers=workers), image_size=16, batch_size=6, seed=0)
+        runs.append(batches_of(loader))
+    for batches in runs:
+        assert sum(b["corrupt"] for b in batches) == 3
+        bad = Counter(int(i) for b in batches for d, i in zip(b["dataset"], b["index"]) if d == "bad_b")
+        assert not {3, 4, 17} & set(bad)  # replaced by the next good image of the shard ...
+        assert bad[5] == 3 and bad[18] == 2  # ... 3, 4 → 5 and 17 → 18
+    for a, b in zip(*runs):
+        assert torch.equal(a["images"], b["images"]) and a["corrupt"] == b["corrupt"]
+
+
+def test_loader_rejects_a_batch_the_mixture_cannot_split(demo: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, mixture = demo
+    with pytest.raises(ValueError, match="at least 3"):
+        build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=2, seed=0)
+    with pytest.raises(FileNotFoundError, match="no MDS index"):
+        build_train_loader(DataCfg(str(root), [{"name": "missing", "domain": "dino2"}]), image_size=16, batch_size=2, seed=0)
