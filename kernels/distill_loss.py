@@ -41,6 +41,21 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
+def _load_chunk(s_row, t_row, mean_ptr, std_ptr, row_ok, d0, dim, eps, COMPUTE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One D-chunk of student rows and standardised teacher rows, upcast to ``COMPUTE`` right after
+    the loads. Masked lanes load s = t = mean = 0 and std = 1, so they add exactly 0 to every sum."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    col_ok = cols < dim
+    m = row_ok[:, None] & col_ok[None, :]
+    s = tl.load(s_row + cols[None, :], mask=m, other=0.0).to(COMPUTE)
+    t = tl.load(t_row + cols[None, :], mask=m, other=0.0).to(COMPUTE)
+    mu = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
+    sd = tl.load(std_ptr + cols, mask=col_ok, other=1.0).to(COMPUTE)
+    tn = (t - mu[None, :]) / tl.maximum(sd, eps)[None, :]
+    return s, tn, cols, m
+
+
+@triton.jit
 def _distill_fwd_kernel(
     s_ptr, t_ptr, mean_ptr, std_ptr,
     loss_ptr, coef_t_ptr, coef_s_ptr,
@@ -63,15 +78,7 @@ def _distill_fwd_kernel(
     tt = tl.zeros([BLOCK_M], dtype=COMPUTE)
     sl1 = tl.zeros([BLOCK_M], dtype=COMPUTE)
     for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < dim
-        m = row_ok[:, None] & col_ok[None, :]
-        # Masked lanes load s = t = mean = 0 and std = 1, so they add exactly 0 to every sum.
-        s = tl.load(s_row + cols[None, :], mask=m, other=0.0).to(COMPUTE)
-        t = tl.load(t_row + cols[None, :], mask=m, other=0.0).to(COMPUTE)
-        mu = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
-        sd = tl.load(std_ptr + cols, mask=col_ok, other=1.0).to(COMPUTE)
-        tn = (t - mu[None, :]) / tl.maximum(sd, eps)[None, :]
+        s, tn, cols, m = _load_chunk(s_row, t_row, mean_ptr, std_ptr, row_ok, d0, dim, eps, COMPUTE, BLOCK_D)
         diff = s - tn
         ad = tl.abs(diff)
         dot += tl.sum(s * tn, axis=1)
@@ -114,14 +121,7 @@ def _distill_bwd_kernel(
     k_s = (w_cos * scale * tl.load(coef_s_ptr + rows, mask=row_ok, other=0.0))[:, None]
     k_l1 = (w_sl1 / dim * scale)[:, None]
     for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < dim
-        m = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(s_row + cols[None, :], mask=m, other=0.0).to(COMPUTE)
-        t = tl.load(t_row + cols[None, :], mask=m, other=0.0).to(COMPUTE)
-        mu = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
-        sd = tl.load(std_ptr + cols, mask=col_ok, other=1.0).to(COMPUTE)
-        tn = (t - mu[None, :]) / tl.maximum(sd, eps)[None, :]
+        s, tn, cols, m = _load_chunk(s_row, t_row, mean_ptr, std_ptr, row_ok, d0, dim, eps, COMPUTE, BLOCK_D)
         diff = s - tn
         sign = tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
         dsl1 = tl.where(tl.abs(diff) < beta, diff * inv_beta, sign)

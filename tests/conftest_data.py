@@ -14,32 +14,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from dune_scale.config import DataConfig
 
-@dataclass
-class DataCfg:
-    remote_root: str
-    mixture: Any
-    local_cache: str = ""
-    balance: str = "teacher_domains"
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    pin_memory: bool = False
-    shuffle: bool = True
-    shuffle_algo: str = "py1e"
-    shuffle_block_size: int | None = None
-    num_canonical_nodes: int | None = None
-    predownload: int | None = None
-    cache_limit: str | None = None
-    download_timeout: float = 60.0
-    download_retry: int = 2
-    s3_endpoint_url: str | None = None
-    crop_scale: tuple[float, float] = field(default=(0.4, 1.0))
+
+def DataCfg(remote_root: str, mixture: Any, **overrides: Any) -> DataConfig:  # noqa: N802 - reads like the type
+    """The project's DataConfig with test-friendly defaults (2 workers, no pinned memory)."""
+    return DataConfig(remote_root=remote_root, mixture=mixture, **{"num_workers": 2, "pin_memory": False, **overrides})
 
 
 @pytest.fixture(autouse=True)
