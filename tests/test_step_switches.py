@@ -1,4 +1,4 @@
-"""Gradient accumulation and activation checkpointing change memory, not the step."""
+"""Gradient accumulation, activation checkpointing and per-block compile change memory or speed, not the step."""
 
 from __future__ import annotations
 
@@ -48,3 +48,12 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path: Path) -> None:
     assert checkpointed_weights.keys() == plain_weights.keys()  # parameter names unchanged by the wrapper
     for key, value in plain_weights.items():
         assert torch.equal(checkpointed_weights[key], value), key
+
+
+def test_compiled_blocks_give_the_same_step(tmp_path: Path) -> None:
+    plain, plain_weights = _one_step(tmp_path, 12, 1)
+    compiled, compiled_weights = _one_step(tmp_path, 12, 1, "train.compile=true")
+    torch.testing.assert_close(compiled["loss"], plain["loss"], rtol=1e-5, atol=1e-6)
+    assert compiled_weights.keys() == plain_weights.keys()  # Module.compile keeps parameter names
+    for key, value in plain_weights.items():
+        torch.testing.assert_close(compiled_weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
