@@ -37,7 +37,9 @@ def ownership_mask(
                 for domain in sample_domains
             ]
         )
-    return torch.tensor(rows, dtype=torch.bool, device=device)
+    mask = torch.tensor(rows, dtype=torch.bool)
+    # From pinned memory the copy is asynchronous: no wait for the GPU's queued work.
+    return mask.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else mask
 
 
 def drop_coefficients(

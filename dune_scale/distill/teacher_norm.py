@@ -33,7 +33,8 @@ def global_mean_std(pieces: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torc
         counts.append(float(rows.shape[0]))
         means.append(mean.double())
         m2s.append(var.double() * rows.shape[0])
-    total = all_reduce_sum(torch.tensor([sum(counts)], device=means[0].device, dtype=torch.float64))
+    # torch.full, not torch.tensor: a fill kernel, where a host→device copy would wait for the GPU.
+    total = all_reduce_sum(torch.full((1,), sum(counts), device=means[0].device, dtype=torch.float64))
     mean = all_reduce_sum(sum(n * m for n, m in zip(counts, means))) / total
     m2 = all_reduce_sum(sum(m2 + n * (m - mean) ** 2 for n, m, m2 in zip(counts, means, m2s)))
     var = m2 / (total - 1).clamp_min(1.0)

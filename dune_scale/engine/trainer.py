@@ -179,7 +179,7 @@ class Trainer:
             "loss": loss_sum / accum,
             "teachers": teacher_sum / accum,
             "grad_norm": grad_norm.detach().float(),
-            "corrupt": torch.tensor(float(corrupt), device=self.dist.device),
+            "corrupt": torch.full((), float(corrupt), device=self.dist.device),  # no host→device sync
         }
 
     def fit(self) -> bool:

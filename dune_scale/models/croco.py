@@ -106,9 +106,11 @@ class CrocoEncoder(nn.Module):
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """ImageNet-normalised images → MASt3R features; ``cls`` is the token mean (a pseudo class token)."""
         # MASt3R normalises with mean = std = 0.5; undo ImageNet's first (in fp32: it is pixel data).
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-        x = (((images.float() * std + mean) - 0.5) / 0.5).to(images.dtype)
+        # Python-float constants per channel: no host→device copy (which would wait for the GPU).
+        pixels = images.float()
+        x = torch.stack(
+            [(pixels[:, c] * IMAGENET_STD[c] + IMAGENET_MEAN[c] - 0.5) / 0.5 for c in range(3)], dim=1
+        ).to(images.dtype)
         _, _, height, width = x.shape
         tokens = self.patch_embed(x)
         positions = patch_positions(height // self.patch_size, width // self.patch_size, x.device)
