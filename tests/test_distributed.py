@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
 from dune_scale.telemetry.metrics import read_metrics
@@ -52,6 +53,9 @@ def test_strategy_trains_checkpoints_resumes_and_matches_single(
     assert global_batches(out) == global_batches(single_dir)  # same samples per global batch
     for mine, reference in zip(losses(first), losses(single)):
         assert mine == pytest.approx(reference, rel=1e-4)
+    # The full student weights are exported whatever the sharding (ZeRO-3 and FSDP gather them).
+    exported, reference_weights = load_file(str(out / "student.safetensors")), load_file(str(single_dir / "student.safetensors"))
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in reference_weights.items()}
     resumed = run_training(strategy, out, demo_shards, "train.max_steps=7", "checkpoint.every_steps=3", stage=stage or 2)
     assert [r["step"] for r in resumed] == list(range(1, 8))
     assert losses(resumed)[:5] == losses(first)

@@ -75,3 +75,16 @@ def test_corrupt_images_are_replaced_and_counted_in_metrics(tmp_path: Path) -> N
     counts = [sum(r["corrupt_samples"] for r in records) for records in runs]
     assert counts[0] > 0 and counts[0] == counts[1]
     assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]  # same replacements both times
+
+
+def test_stage_two_starts_from_the_exported_stage_one_weights(tmp_path: Path, demo_shards: Path) -> None:
+    stage1 = tmp_path / "stage1"
+    _run(stage1, demo_shards, "train.max_steps=2")
+    weights = stage1 / "student.safetensors"
+    records = _run(tmp_path / "stage2", demo_shards, "train.max_steps=2", "train.stage=2", "train.image_size=70",
+                   f"student.pretrained={weights}")
+    assert [r["step"] for r in records] == [1, 2]
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "stage2" / "student.safetensors"))
+    assert exported["encoder.pos_embed"].shape == (1, 1 + 25, 48)  # resampled 4×4 → 5×5 grid

@@ -32,6 +32,9 @@ from dune_scale.telemetry.phases import NullPhaseTimer
 
 log = logging.getLogger("dune_scale")
 
+# Written at the end of a run: the student's full weights (stage 2 starts from this file).
+STUDENT_WEIGHTS = "student.safetensors"
+
 # Problems with what the user gave (config, checkpoints, data): one message, exit code 2.
 USER_ERRORS = (ConfigError, CheckpointError, PretrainedError, MixtureError, TeacherCheckpointError)
 
@@ -162,6 +165,8 @@ def train(cfg: Config) -> bool:
             check_resume_compatible(cfg, resume_from)
             trainer.restore(resume_from)
         completed = trainer.fit()
+        if completed:
+            trainer.export_student(output_dir / STUDENT_WEIGHTS)
         if dist.is_main:
             log.info("%s at step %d; outputs in %s", "done" if completed else "preempted", trainer.state.step, output_dir)
     finally:

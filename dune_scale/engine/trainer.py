@@ -126,6 +126,17 @@ class Trainer:
         log.info("saved checkpoint %s", folder)
         return folder
 
+    def export_student(self, path: Path) -> None:
+        """Full student weights as one safetensors file (collective: sharded strategies gather), for
+        stage 2 (``student.pretrained``) and downstream use, whatever strategy trained it."""
+        state = self.strategy.model_state_dict()
+        if self.dist.is_main:
+            from safetensors.torch import save_file
+
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+            tmp.replace(path)
+
     # ------------------------------------------------------------------ loop
     def batches(self) -> Iterator[dict[str, Any]]:
         """Endless iteration: each pass over the loader is one data epoch."""
