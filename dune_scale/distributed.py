@@ -82,8 +82,8 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) 
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # The device's default backend: NCCL on CUDA, gloo on CPU.
+        dist.init_process_group(backend=dist.get_default_backend_for_device(device), timeout=datetime.timedelta(seconds=timeout_s))
     _INFO = DistInfo(
         rank=dist.get_rank() if dist.is_initialized() else 0,
         world_size=dist.get_world_size() if dist.is_initialized() else 1,

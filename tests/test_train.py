@@ -88,3 +88,39 @@ def test_stage_two_starts_from_the_exported_stage_one_weights(tmp_path: Path, de
 
     exported = load_file(str(tmp_path / "stage2" / "student.safetensors"))
     assert exported["encoder.pos_embed"].shape == (1, 1 + 25, 48)  # resampled 4×4 → 5×5 grid
+
+
+def test_metrics_are_mirrored_to_wandb_and_a_resume_continues_its_run(
+    tmp_path: Path, demo_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    runs: list[dict] = []
+
+    def init(**kwargs):
+        run = {"init": kwargs, "logged": [], "finished": False}
+        runs.append(run)
+        return types.SimpleNamespace(
+            log=lambda data, step: run["logged"].append((step, data)), finish=lambda: run.update(finished=True)
+        )
+
+    fake = types.ModuleType("wandb")
+    fake.init = init
+    fake.util = types.SimpleNamespace(generate_id=lambda: "run-abc")
+    fake.__spec__ = types.SimpleNamespace(name="wandb")  # importlib.util.find_spec finds it
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    _run(out, demo_shards, "train.max_steps=2", "run.wandb_project=dune")
+    _run(out, demo_shards, "train.max_steps=3", "run.wandb_project=dune")
+    assert [r["init"]["id"] for r in runs] == ["run-abc", "run-abc"] and all(r["finished"] for r in runs)
+    assert [step for step, _ in runs[0]["logged"] + runs[1]["logged"]] == [1, 2, 3]
+    assert "loss" in runs[1]["logged"][0][1] and runs[0]["init"]["project"] == "dune"
+
+
+def test_wandb_project_without_wandb_installed_is_named(tmp_path: Path, demo_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match="run.wandb_project=dune needs the wandb package"):
+        _run(tmp_path / "run", demo_shards, "train.max_steps=1", "run.wandb_project=dune")

@@ -103,7 +103,7 @@ class SingleStrategy(Strategy):
 
 
 def check_launch(cfg: Config, dist: DistInfo) -> None:
-    """Strategy/launch combinations that cannot work, named before any model is built."""
+    """Launch/option combinations that cannot work, named before any model is built."""
     name = cfg.strategy.name
     if name == "single" and dist.world_size > 1:
         raise ConfigError(
@@ -114,6 +114,8 @@ def check_launch(cfg: Config, dist: DistInfo) -> None:
         raise ConfigError("strategy.name=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
     if cfg.strategy.deepspeed_config and name != "deepspeed":
         raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
+    if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
     if cfg.teachers.shard and dist.world_size == 1:
         raise ConfigError("teachers.shard=true needs several ranks; with one process the teachers are whole anyway")
 

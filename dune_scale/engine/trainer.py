@@ -25,7 +25,7 @@ from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategy import Strategy
-from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, finite_or_none
+from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, WandbSink, finite_or_none
 from dune_scale.telemetry.phases import NullPhaseTimer
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,11 @@ class Trainer:
         """Train to ``stop_step``; returns False when a stop signal ended the run early (after saving)."""
         cfg = self.cfg
         console = ConsoleReporter(cfg.run.console if self.dist.is_main else "none", self.stop_step, self.state.step)
+        sinks = [self.metrics]
         if self.dist.is_main:
             self.metrics.truncate_after(self.state.step)
+            if cfg.run.wandb_project:
+                sinks.append(WandbSink(cfg.run.wandb_project, self.metrics.path.parent, cfg.to_dict()))
         if self.sample_log is not None:
             self.sample_log.path.parent.mkdir(parents=True, exist_ok=True)
             self.sample_log.truncate_after(self.state.step)
@@ -217,7 +220,8 @@ class Trainer:
                     record = self._log_record(pending, throughput.rate(self.state.samples_seen))
                     pending = []
                     if self.dist.is_main:
-                        self.metrics.write(record)
+                        for sink in sinks:
+                            sink.write(record)
                     console.update(record)
                 saved = step % cfg.checkpoint.every_steps == 0 or step == self.stop_step
                 if saved:
@@ -232,6 +236,8 @@ class Trainer:
         finally:
             preemption.uninstall()
             console.close()
+            for sink in sinks[1:]:
+                sink.close()
 
     def _log_record(self, pending: list[dict[str, torch.Tensor]], img_per_s: float) -> dict[str, Any]:
         """The one host sync of a logging interval: average what the interval accumulated, over

@@ -92,3 +92,26 @@ class Throughput:
 
     def reset(self, samples_seen: int) -> None:
         self._time, self._samples = time.perf_counter(), samples_seen
+
+
+class WandbSink:
+    """Mirror each metrics record to Weights & Biases (rank 0, optional ``wandb`` extra).
+
+    The run id is kept in the output folder, so a resumed job continues the same W&B run.
+    """
+
+    def __init__(self, project: str, output_dir: Path, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("run.wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from None
+        id_file = Path(output_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(output_dir), config=config)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
