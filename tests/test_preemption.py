@@ -3,7 +3,6 @@ it had never stopped (same losses, same samples, same final weights)."""
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import signal
@@ -135,14 +134,14 @@ def test_a_save_cut_short_is_skipped_for_the_previous_checkpoint(tmp_path: Path,
 
 
 @pytest.mark.distributed
-def test_two_rank_run_resumed_on_one_rank_sees_the_same_global_batches(tmp_path: Path, demo_shards: Path) -> None:
-    reference = tmp_path / "two_ranks"
-    run(command("fsdp", reference, demo_shards), reference)
-    out = tmp_path / "shrunk"
-    run(command("fsdp", out, demo_shards, "train.max_steps=4"), out)
-    run(command("fsdp", out, demo_shards, nproc=1), out)
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resumed_on_another_rank_count_sees_the_same_global_batches(before: int, after: int, tmp_path: Path, demo_shards: Path) -> None:
+    reference = tmp_path / "reference"
+    run(command("fsdp", reference, demo_shards, nproc=before), reference)
+    out = tmp_path / "changed"
+    run(command("fsdp", out, demo_shards, "train.max_steps=4", nproc=before), out)
+    run(command("fsdp", out, demo_shards, nproc=after), out)
     assert global_batches(out) == global_batches(reference)
     resumed = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["samples_seen"] for r in resumed] == [24 * s for s in range(1, STEPS + 1)]
-    json.dumps(resumed)  # plain JSON all the way

@@ -79,7 +79,6 @@ class Trainer:
             "numpy_rng_pos": int(numpy_state["state"]["pos"]),
             "torch_rng": torch.get_rng_state(),
             "drop_rng": self.drop_generator.get_state(),
-            "loader": self.loader.state_dict(),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state(self.dist.device)
@@ -87,7 +86,7 @@ class Trainer:
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         if not state:
-            log.warning("rank %d has no saved state (more ranks than at save time): fresh RNG streams", self.dist.rank)
+            log.warning("rank %d has no saved RNG state (more ranks than at save time): fresh RNG streams", self.dist.rank)
             return
         random.setstate((3, tuple(state["python_rng"]), None))
         numpy_state = np.random.get_state(legacy=False)
@@ -97,7 +96,6 @@ class Trainer:
         self.drop_generator.set_state(state["drop_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"], self.dist.device)
-        self.loader.load_state_dict(state["loader"])
 
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -105,6 +103,9 @@ class Trainer:
             "samples_seen": self.state.samples_seen,
             "global_batch": self.global_batch,
             "world_size": self.dist.world_size,
+            # The loader's position is global (samples of the epoch consumed by all ranks), so every
+            # rank restores it, including ranks that did not exist at save time.
+            "loader": self.loader.state_dict(),
             "config": self.cfg.to_dict(),
         }
 
@@ -112,6 +113,7 @@ class Trainer:
         trainer_state, rank_state = self.checkpointer.load(folder, self.strategy)
         self.state = TrainerState(step=int(trainer_state["step"]), samples_seen=int(trainer_state["samples_seen"]))
         self.load_rank_state(rank_state)
+        self.loader.load_state_dict(trainer_state["loader"])
         saved_batch = int(trainer_state.get("global_batch", self.global_batch))
         if saved_batch != self.global_batch:
             log.warning(
