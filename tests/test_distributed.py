@@ -89,3 +89,15 @@ def test_unsupported_launch_is_named_before_any_work(tmp_path: Path, demo_shards
     assert result.returncode != 0
     assert "strategy.name=single runs one process, but 2 were launched" in result.stderr
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_gradient_accumulation_under_sharding_matches_single(strategy: str, tmp_path: Path, demo_shards: Path) -> None:
+    """2 ranks × 6 images × 2 micro-batches == 1 rank × 12 × 2 (same loader batches, same statistics)."""
+    accum = ("train.grad_accum_steps=2", "train.max_steps=3", "optim.lr_reference_batch=24")
+    single = run_training("single", tmp_path / "single", demo_shards, "train.batch_size_per_rank=12", *accum)
+    sharded = run_training(strategy, tmp_path / strategy, demo_shards, "train.batch_size_per_rank=6", *accum)
+    assert global_batches(tmp_path / strategy) == global_batches(tmp_path / "single")
+    assert [r["samples_seen"] for r in sharded] == [24, 48, 72]
+    for mine, reference in zip(losses(sharded), losses(single)):
+        assert mine == pytest.approx(reference, rel=1e-4)
