@@ -12,6 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CPU = REPO / "configs" / "tiny_cpu.yaml"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Triton kernels run on CPU tensors in the interpreter; it must be set before anything imports triton
+# (Streaming does, through torch), so the kernel tests run in this process.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
