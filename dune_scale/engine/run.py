@@ -169,6 +169,8 @@ def train(cfg: Config) -> bool:
             trainer.export_student(output_dir / STUDENT_WEIGHTS)
         if dist.is_main:
             log.info("%s at step %d; outputs in %s", "done" if completed else "preempted", trainer.state.step, output_dir)
+        del trainer  # sharded modules go while their process group still exists
+        distributed.barrier()  # nobody tears the process group down while a peer still uses it
     finally:
         distributed.shutdown()
     return completed

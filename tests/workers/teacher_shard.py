@@ -28,6 +28,8 @@ def main() -> None:
     sharded = sharded_ensemble(images)
     diffs = {f"{n}.{t}": (sharded[n][t] - replicated[n][t]).abs().max().item() for n in NAMES for t in replicated[n]}
     torch.save(diffs, Path(sys.argv[1]) / f"diff_{dist.rank}.pt")
+    del sharded_ensemble, sharded  # free the sharded modules while the process group still exists
+    distributed.barrier()
     distributed.shutdown()
 
 
