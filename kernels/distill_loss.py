@@ -41,6 +41,15 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
+def _token_rows(n_rows, n_tok, BLOCK_M: tl.constexpr):
+    """This program's token rows, their validity mask, and (image, token) indices in int64 (so
+    row × stride cannot overflow at B·N·D > 2³¹)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    return rows, rows < n_rows, rows64 // n_tok, rows64 % n_tok
+
+
+@triton.jit
 def _load_chunk(s_row, t_row, mean_ptr, std_ptr, row_ok, d0, dim, eps, COMPUTE: tl.constexpr, BLOCK_D: tl.constexpr):
     """One D-chunk of student rows and standardised teacher rows, upcast to ``COMPUTE`` right after
     the loads. Masked lanes load s = t = mean = 0 and std = 1, so they add exactly 0 to every sum."""
@@ -65,11 +74,7 @@ def _distill_fwd_kernel(
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Per-token loss and the two per-token cosine coefficients the backward needs."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    b = rows64 // n_tok
-    n = rows64 % n_tok
+    rows, row_ok, b, n = _token_rows(n_rows, n_tok, BLOCK_M)
     s_row = s_ptr + (b * s_stride_b + n * s_stride_n)[:, None]
     t_row = t_ptr + (b * t_stride_b + n * t_stride_n)[:, None]
 
@@ -107,11 +112,7 @@ def _distill_bwd_kernel(
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dS = g[b]/N · (−w_cos·(coef_t·t' − coef_s·s) + w_sl1/D · smoothL1'(s − t')), elementwise."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    b = rows64 // n_tok
-    n = rows64 % n_tok
+    rows, row_ok, b, n = _token_rows(n_rows, n_tok, BLOCK_M)
     s_row = s_ptr + (b * s_stride_b + n * s_stride_n)[:, None]
     t_row = t_ptr + (b * t_stride_b + n * t_stride_n)[:, None]
     ds_row = ds_ptr + (b * ds_stride_b + n * ds_stride_n)[:, None]
