@@ -8,6 +8,7 @@ A recipe may start from another one with ``base: other.yaml`` (path relative to 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import types
 import typing
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+# The token types a teacher can be distilled on: its class token and its patch tokens.
+TOKEN_TYPES = ("cls", "patch")
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,8 @@ class StudentConfig:
     layerscale_init: float = 1e-4
     # Stage 2 starts from a stage-1 checkpoint or a released DUNE student (safetensors / .pt).
     pretrained: str | None = None
+    # Attention backend of the encoder and the projectors (teachers.attention is the teachers').
+    attention: str = _choice("auto", "auto", "sdpa", "flash_attn", "math")
 
 
 @dataclass
@@ -161,8 +167,6 @@ class StrategyConfig:
     zero_stage: int = _choice(2, 1, 2, 3)
     deepspeed_config: str | None = None
     reshard_after_forward: bool = True
-    # DeepSpeed's CPU Adam drifts 1 ulp after a reload; torch's Adam resumes bitwise.
-    torch_adam: bool = True
 
 
 @dataclass
@@ -208,8 +212,11 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Recipe file (optional) + ``key=value`` overrides → validated :class:`Config`."""
-    raw: dict[str, Any] = _read_recipe(Path(path)) if path is not None else {}
+    """Recipe file (optional; a shipped recipe may be named without a path, e.g. ``vitb14_448``) +
+    ``key=value`` overrides → validated :class:`Config`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_recipe(Path(path) if Path(path).exists() or "/" in str(path) else recipe_path(str(path)))
     for item in overrides:
         key, value = _parse_override(item)
         _set_path(raw, key.split("."), value, key)
@@ -244,17 +251,23 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    merged = _read_recipe(path.parent / base, seen + (path,))
-    _deep_merge(merged, data)
+    return deep_merge(_read_recipe(path.parent / base, seen + (path,)), data)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``, nested mappings merged key by key (neither input is changed)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
     return merged
 
 
-def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
-    for key, value in other.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
+def recipe_path(name: str) -> Path:
+    """The shipped recipe ``name`` (``configs/<name>.yaml``, package data of dune_scale)."""
+    return Path(str(importlib.resources.files("dune_scale") / "configs" / f"{name}.yaml"))
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -451,7 +464,7 @@ def _check_teachers(config: Config) -> None:
         if teacher.checkpoint is not None and teacher.random_init:
             _fail(f"{key}.random_init", True, f"a checkpoint is given ({teacher.checkpoint}); random_init must be false")
         for token in teacher.tokens:
-            if token not in ("cls", "patch"):
+            if token not in TOKEN_TYPES:
                 _fail(f"{key}.tokens", teacher.tokens, "token types are cls and patch")
 
 
@@ -473,16 +486,4 @@ def _check_ranges(config: Config) -> None:
         _fail("data.crop_scale", [lo, hi], "0 < min ≤ max ≤ 1")
 
 
-def _check_mixture(config: Config) -> None:
-    from dune_scale.data.mixture import MixtureError, resolve_mixture
-
-    try:
-        mixture = resolve_mixture(config.data.mixture, config.data.balance, config.data.remote_root)
-    except MixtureError as err:
-        raise ConfigError(f"data.mixture: {err}") from None
-    problem = mixture.batch_size_problem(config.train.batch_size_per_rank)
-    if problem:
-        _fail("train.batch_size_per_rank", config.train.batch_size_per_rank, problem)
-
-
-_RULES = (_check_image_size, _check_student, _check_teachers, _check_ranges, _check_mixture)
+_RULES = (_check_image_size, _check_student, _check_teachers, _check_ranges)

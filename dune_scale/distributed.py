@@ -27,11 +27,9 @@ class DistInfo:
         return self.rank == 0
 
 
-_INFO = DistInfo()
-
-
-def info() -> DistInfo:
-    return _INFO
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a per-rank random stream: distinct per rank, reproducible from ``run.seed``."""
+    return seed * 1_000_003 + rank
 
 
 # torchrun and the deepspeed launcher set these; under plain `srun` SLURM's own names say the same.
@@ -75,8 +73,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group the launcher set up (no-op for a single process)."""
-    global _INFO
+    """Join the process group the launcher set up (no-op for a single process); the returned
+    :class:`DistInfo` is passed explicitly to everything that needs rank, world or device."""
     device = pick_device(requested_device)
     world = launched_world_size()
     if world > 1 and not dist.is_initialized():
@@ -84,21 +82,18 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) 
             torch.cuda.set_device(device)
         # The device's default backend: NCCL on CUDA, gloo on CPU.
         dist.init_process_group(backend=dist.get_default_backend_for_device(device), timeout=datetime.timedelta(seconds=timeout_s))
-    _INFO = DistInfo(
+    return DistInfo(
         rank=dist.get_rank() if dist.is_initialized() else 0,
         world_size=dist.get_world_size() if dist.is_initialized() else 1,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         device=device,
     )
-    return _INFO
 
 
 def shutdown() -> None:
-    global _INFO
     if dist.is_initialized():
         dist.destroy_process_group()
-    _INFO = DistInfo()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,20 +103,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

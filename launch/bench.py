@@ -3,7 +3,7 @@
 
 import sys
 
-from dune_scale.telemetry.bench import main
+from dune_scale.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from dune_scale.data.bench import main
+from dune_scale.cli.bench_data import main
 
 if __name__ == "__main__":
     sys.exit(main())

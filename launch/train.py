@@ -2,7 +2,7 @@
 
 import sys
 
-from dune_scale.engine.run import main
+from dune_scale.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

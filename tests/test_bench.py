@@ -17,7 +17,8 @@ from rich.console import Console
 from conftest import REPO, TINY_CPU, launch_command, launcher_env
 from dune_scale.config import load_config
 from dune_scale.data import resolve_mixture
-from dune_scale.telemetry.bench import (
+from dune_scale.distributed import DistInfo
+from dune_scale.cli.bench import (
     BenchOptions,
     VariantResult,
     main,
@@ -74,7 +75,7 @@ def test_cli_prints_table_and_writes_json(tmp_path: Path) -> None:
 def test_variants_in_one_call_and_a_failing_one(tmp_path: Path) -> None:
     variants = ["loss.fused=false train.activation_checkpointing=true", "student.pretrained=/nonexistent/student.pt"]
     options = BenchOptions(steps=2, warmup=1, peak_tflops=1.0)
-    report = run_benchmark(str(TINY_CPU), ["run.console=none", f"run.output_dir={tmp_path}"], variants, options)
+    report = run_benchmark(str(TINY_CPU), ["run.console=none", f"run.output_dir={tmp_path}"], variants, options, DistInfo())
     base, both, broken = report["results"]
     assert [r["name"] for r in report["results"]] == ["base", *variants]
     assert both["overrides"] == ["loss.fused=false", "train.activation_checkpointing=true"]
@@ -125,7 +126,7 @@ def test_synthetic_batches_are_teacher_balanced() -> None:
 
 def test_real_data_loader(demo_shards: Path, tmp_path: Path) -> None:
     overrides = ["run.console=none", f"run.output_dir={tmp_path}", f"data.remote_root={demo_shards}", "data.num_workers=0"]
-    report = run_benchmark(str(TINY_CPU), overrides, [], BenchOptions(steps=2, warmup=1, real_data=True))
+    report = run_benchmark(str(TINY_CPU), overrides, [], BenchOptions(steps=2, warmup=1, real_data=True), DistInfo())
     assert report["data"] == "loader"
     (result,) = report["results"]
     check_ok(result, steps=2)

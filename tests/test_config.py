@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from dune_scale.config import ConfigError, config_from_dict, load_config, save_config
+from dune_scale.distributed import DistInfo
+from dune_scale.engine.compose import check_run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["vits14_336", "vits14_448", "vitb14_336", "vitb14_448", "in1k_vitb14_336", "tiny_cpu"]
@@ -76,9 +78,16 @@ def test_bad_values_name_key_and_allowed(override: str, needle: str) -> None:
 
 
 def test_batch_that_the_mixture_cannot_split() -> None:
+    """A rule relating config and data: the up-front run check, not config loading, makes it."""
+    cfg = load_config(REPO / "configs" / "vitb14_336.yaml", ["train.batch_size_per_rank=2"])
     with pytest.raises(ConfigError) as err:
-        load_config(REPO / "configs" / "vitb14_336.yaml", ["train.batch_size_per_rank=2"])
+        check_run(cfg, DistInfo())
     assert "train.batch_size_per_rank: 2" in str(err.value)
+
+
+def test_shipped_recipes_are_found_by_name() -> None:
+    """Recipes and mixtures are package data: a name works wherever the package is installed."""
+    assert load_config("vitb14_448").to_dict() == load_config(REPO / "configs" / "vitb14_448.yaml").to_dict()
 
 
 def test_base_recipe_cycle_is_reported(tmp_path: Path) -> None:

@@ -174,7 +174,7 @@ def test_train_tiny_cpu_from_s3_with_two_workers(s3_env: SeaweedS3, tmp_path: Pa
 
     from dune_scale.config import load_config
     from dune_scale.data.synthetic import DEMO_DATASETS, synthetic_image
-    from dune_scale.engine.run import train
+    from dune_scale.cli.train import train
     from dune_scale.telemetry.metrics import read_metrics
 
     root = f"s3://{s3_env.bucket}/train"

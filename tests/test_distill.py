@@ -91,20 +91,25 @@ def test_momentum_schedule_is_cosine_from_one_to_0001() -> None:
 LOSSES = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.7, 0.2, 0.6, 0.3], [0.3, 0.1, 0.4, 0.8]])  # [teachers, B]
 
 
+def _drop(losses: torch.Tensor, method: str, p: float = 0.5, generator: torch.Generator | None = None,
+          teacher_domains: tuple[str, ...] = (), sample_domains: tuple[str, ...] = ()) -> torch.Tensor:
+    return drop_coefficients(losses, method, p, generator, teacher_domains, sample_domains, "dino2", world_size=1)
+
+
 def test_dropping_none_averages_everything() -> None:
-    coeff = drop_coefficients(LOSSES, "none")
+    coeff = _drop(LOSSES, "none")
     assert torch.allclose(coeff, torch.full_like(LOSSES, 1 / 12))
 
 
 def test_lowest_loss_always_keeps_the_hardest_teacher() -> None:
-    only_hardest = drop_coefficients(LOSSES, "lowest_loss", p=1.0)
+    only_hardest = _drop(LOSSES, "lowest_loss", p=1.0)
     expected = torch.zeros_like(LOSSES)
     expected[LOSSES.argmax(0), torch.arange(4)] = 0.25
     assert torch.equal(only_hardest, expected)
-    assert torch.allclose(drop_coefficients(LOSSES, "lowest_loss", p=0.0), torch.full_like(LOSSES, 1 / 12))
+    assert torch.allclose(_drop(LOSSES, "lowest_loss", p=0.0), torch.full_like(LOSSES, 1 / 12))
     # p = 0.5: the hardest is kept, each other one with probability 1/2; sums to 1 (detached).
     big = torch.rand(3, 4000, generator=torch.Generator().manual_seed(0))
-    coeff = drop_coefficients(big.requires_grad_(), "lowest_loss", p=0.5, generator=torch.Generator().manual_seed(1))
+    coeff = _drop(big.requires_grad_(), "lowest_loss", p=0.5, generator=torch.Generator().manual_seed(1))
     assert not coeff.requires_grad and coeff.sum().item() == pytest.approx(1.0)
     kept = coeff > 0
     assert kept[big.argmax(0), torch.arange(4000)].all()
@@ -114,13 +119,13 @@ def test_lowest_loss_always_keeps_the_hardest_teacher() -> None:
 def test_own_data_and_generic_data() -> None:
     teachers = ["dino2", "mast3r", "multihmr"]
     samples = ["mast3r", "dino2", "multihmr", "unowned"]
-    own = drop_coefficients(LOSSES, "own_data", teacher_domains=teachers, sample_domains=samples) > 0
+    own = _drop(LOSSES, "own_data", teacher_domains=tuple(teachers), sample_domains=tuple(samples)) > 0
     assert own.tolist() == [[False, True, False, True], [True, False, False, True], [False, False, True, True]]
-    generic = drop_coefficients(LOSSES, "own+generic_data", teacher_domains=teachers, sample_domains=samples) > 0
+    generic = _drop(LOSSES, "own+generic_data", teacher_domains=tuple(teachers), sample_domains=tuple(samples)) > 0
     assert generic.tolist() == [[False, True, False, True], [True, True, False, True], [False, True, True, True]]
-    assert drop_coefficients(LOSSES, "own_data", teacher_domains=teachers, sample_domains=samples).sum().item() == pytest.approx(1.0)
+    assert _drop(LOSSES, "own_data", teacher_domains=tuple(teachers), sample_domains=tuple(samples)).sum().item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown teacher-dropping method"):
-        drop_coefficients(LOSSES, "random")
+        _drop(LOSSES, "random")
 
 
 def _tiny_student() -> DuneStudent:
@@ -149,7 +154,10 @@ def test_objective_combines_tokens_teachers_and_dropping() -> None:
     g = torch.Generator().manual_seed(2)
     teacher = {"a": {"cls": torch.randn(3, 24, generator=g), "patch": torch.randn(3, 9, 24, generator=g)},
                "b": {"patch": torch.randn(3, 9, 40, generator=g)}}
-    objective = DistillObjective(["a", "b"], ["dino2", "mast3r"], drop_method="none", fused=False)
+    objective = DistillObjective(
+        ["a", "b"], ["dino2", "mast3r"], drop_method="none", drop_p=0.5, generic_domain="dino2", norm_eps=1e-3,
+        w_cos=0.5, w_sl1=0.5, beta=1.0, fused=False, world_size=1,
+    )
     stats = objective.teacher_statistics([teacher], student.teacher_norms, momentum=1.0)
     out = objective(preds, teacher, stats)
     norms = student.teacher_norms

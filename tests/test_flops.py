@@ -10,11 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import REPO, TINY_CPU
 from dune_scale.config import load_config
 from dune_scale.distributed import DistInfo
-from dune_scale.engine.run import build_student, build_trainer
-from dune_scale.models.attention import attention_backend, set_attention_backend
+from dune_scale.engine.compose import build_student, build_trainer, check_run
 from dune_scale.teachers import build_teacher_ensemble
 from dune_scale.teachers.ensemble import align_images
-from dune_scale.telemetry.bench import random_init_overrides
+from dune_scale.cli.bench import random_init_overrides
 from dune_scale.telemetry.flops import dune_step_flops
 
 
@@ -47,17 +46,9 @@ TEACHERS = {
 
 @pytest.fixture(scope="module")
 def tiny_trainer():
-    cfg = load_config(TINY_CPU, ["run.console=none"])
-    return build_trainer(cfg, DistInfo(), [], lambda name: name)
-
-
-@pytest.fixture
-def math_attention():
-    """SDPA's reference kernel decomposes into matmuls, which torch's FLOP counter sees."""
-    previous = attention_backend()
-    set_attention_backend("math")
-    yield
-    set_attention_backend(previous)
+    # SDPA's reference kernel decomposes into matmuls, which torch's FLOP counter sees.
+    cfg = load_config(TINY_CPU, ["run.console=none", "student.attention=math", "teachers.attention=math"])
+    return build_trainer(cfg, DistInfo(), check_run(cfg, DistInfo()), [])
 
 
 def test_hand_count_for_tiny_cpu(tiny_trainer) -> None:
@@ -70,7 +61,7 @@ def test_hand_count_for_tiny_cpu(tiny_trainer) -> None:
     assert flops.total == sum(TEACHERS.values()) + 3 * STUDENT_FORWARD == 35_187_520
 
 
-def test_torch_flop_counter_agrees(tiny_trainer, math_attention) -> None:
+def test_torch_flop_counter_agrees(tiny_trainer) -> None:
     """torch.utils.flop_counter counts the matmuls and convolutions the modules actually run."""
     images = torch.randn(2, 3, 56, 56)
     for name, teacher in tiny_trainer.teachers.teachers.items():

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_CPU
 from dune_scale.config import load_config
 from dune_scale.distributed import DistInfo
-from dune_scale.engine.run import build_trainer
+from dune_scale.engine.compose import build_trainer, check_run
 
 
 def _batches(images: torch.Tensor, names: list[str], size: int):
@@ -25,10 +25,10 @@ def _one_step(tmp_path: Path, batch: int, accum: int, *extra: str) -> tuple[dict
                                  # eps 1e-6: Adam's first step would blow the float noise of exactly-zero
                                  # gradients (the key bias) up to ±lr with the recipe's 1e-15.
                                  "optim.lr_reference_batch=24", "optim.eps=1e-6", *extra])
-    trainer = build_trainer(cfg, DistInfo(), loader=None, domain_of=lambda name: "dino2")
+    trainer = build_trainer(cfg, DistInfo(), check_run(cfg, DistInfo()), loader=None)
     images = torch.randn(24, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     trainer.state.step = 20  # past warm-up: a non-zero learning rate
-    metrics = trainer.train_step(_batches(images, ["synth"] * 24, batch))
+    metrics = trainer.train_step(_batches(images, ["synth_dino2"] * 24, batch))
     return metrics, {k: v.detach().clone() for k, v in trainer.strategy.module.state_dict().items()}
 
 
@@ -38,7 +38,9 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path: Path) -> None
     torch.testing.assert_close(accumulated["loss"], large["loss"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(accumulated["grad_norm"], large["grad_norm"], rtol=1e-5, atol=1e-7)
     for key, value in large_weights.items():  # includes the teacher norms' running statistics
-        torch.testing.assert_close(accumulated_weights[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        # Adam (eps 1e-6) amplifies float-summation-order noise of near-zero gradients: 5e-6 is ~2 % of
+        # one update (lr 3e-4), far below what a wrong accumulation would change.
+        torch.testing.assert_close(accumulated_weights[key], value, rtol=1e-5, atol=5e-6, msg=key)
 
 
 def test_activation_checkpointing_gives_the_same_step(tmp_path: Path) -> None:

@@ -138,15 +138,19 @@ def test_attention_backends() -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 10, 16).unbind(0)
     reference = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
-    try:
-        for backend in ("auto", "sdpa", "math"):
-            attn_mod.set_attention_backend(backend)
-            assert attn_mod.attention_backend() == backend
-            torch.testing.assert_close(attn_mod.attention(q, k, v), reference, rtol=1e-5, atol=1e-5)
-    finally:
-        attn_mod.set_attention_backend("auto")
+    for backend in ("auto", "sdpa", "math"):
+        torch.testing.assert_close(attn_mod.attention(q, k, v, backend), reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention backend 'xformers' is unknown; choose one of auto, sdpa, flash_attn, math"):
-        attn_mod.set_attention_backend("xformers")
+        VisionTransformer(img_size=28, embed_dim=16, depth=1, num_heads=2, attention="xformers")
     if not attn_mod.flash_attn_installed():
         with pytest.raises(ValueError, match="'flash_attn' was asked for but the flash-attn package is not installed"):
-            attn_mod.set_attention_backend("flash_attn")
+            attn_mod.check_attention_backend("flash_attn")
+
+
+def test_attention_backend_is_chosen_per_model() -> None:
+    """The student's and the teachers' backends are separate settings; building one model never
+    changes another's (no process-wide switch)."""
+    student = VisionTransformer(img_size=28, embed_dim=16, depth=2, num_heads=2, attention="math")
+    teacher = VisionTransformer(img_size=28, embed_dim=16, depth=2, num_heads=2, attention="sdpa")
+    assert {block.attn.attention for block in student.blocks} == {"math"}
+    assert {block.attn.attention for block in teacher.blocks} == {"sdpa"}

@@ -152,4 +152,7 @@ def worker_positions(world: World, batch_size: int, sample_in_epoch: int, num_en
     return row * size + (entry % batch_size) * ranks + world.rank
 
 
-batching_methods.setdefault(GROUPED, generate_work_grouped)
+def register_grouped_batching() -> None:
+    """Make :data:`GROUPED` known to Streaming's batching registry (idempotent). Called where the
+    work is generated, in whichever process that is, rather than as a side effect of an import."""
+    batching_methods.setdefault(GROUPED, generate_work_grouped)

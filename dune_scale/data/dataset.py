@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
 
-from dune_scale.data.batching import GROUPED, samples_per_epoch, worker_positions
+from dune_scale.data.batching import GROUPED, register_grouped_batching, samples_per_epoch, worker_positions
 from dune_scale.data.mixture import Mixture
 from dune_scale.data.transforms import CorruptImageError, decode_image, sample_generator
 
@@ -33,7 +33,7 @@ class MixtureDataset(StreamingDataset):
 
     def __init__(self, *, streams: Sequence[Stream], mixture: Mixture, transform: Transform, **kwargs: Any) -> None:
         super().__init__(streams=streams, batching_method="random", **kwargs)
-        # Streaming validates the method name against its own list; ours is registered by batching.py.
+        # Streaming validates the method name against its own list; ours is registered in _get_work.
         self.batching_method = GROUPED
         self.mixture = mixture
         self.group_streams = mixture.group_streams()
@@ -59,6 +59,7 @@ class MixtureDataset(StreamingDataset):
 
     def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
         """Keep this worker's epoch and sample positions alongside Streaming's work split."""
+        register_grouped_batching()
         work = super()._get_work(epoch, sample_in_epoch)
         self._epoch = epoch
         self._positions = worker_positions(self._parallel_worker_world, self.batch_size, sample_in_epoch, len(work))

@@ -1,6 +1,7 @@
 """Data mixture: which datasets, which teacher domain each belongs to, and each one's batch share.
 
-A mixture is a named spec in ``configs/data/<name>.yaml`` or an inline list of
+A mixture is a named spec in ``configs/data/<name>.yaml`` (shipped inside the package as
+``dune_scale/configs``, so installed copies find it too) or an inline list of
 ``{name, domain, size?, val_size?, weight?}``. ``balance`` turns it into *groups* whose share of every
 per-rank batch is fixed (the loader's grouped batching enforces it, see ``batching.py``):
 
@@ -12,6 +13,8 @@ per-rank batch is fixed (the loader's grouped batching enforces it, see ``batchi
 
 from __future__ import annotations
 
+import importlib.resources
+from importlib.resources.abc import Traversable
 import json
 import math
 import os
@@ -21,7 +24,6 @@ from typing import Any, Sequence
 
 import yaml
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"
 BALANCES = ("teacher_domains", "proportional", "weights")
 _ENTRY_KEYS = {"name", "domain", "size", "val_size", "weight"}
 
@@ -89,8 +91,13 @@ class Mixture:
         )
 
 
+def _spec_dir() -> Traversable:
+    """The named mixture specs, as package data (works from a wheel as from a checkout)."""
+    return importlib.resources.files("dune_scale") / "configs" / "data"
+
+
 def available_mixtures() -> list[str]:
-    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in _spec_dir().iterdir() if p.name.endswith(".yaml"))
 
 
 def resolve_mixture(mixture: str | Sequence[dict[str, Any]], balance: str, remote_root: str) -> Mixture:
@@ -158,7 +165,7 @@ def resolve_mixture(mixture: str | Sequence[dict[str, Any]], balance: str, remot
 
 def _load_entries(mixture: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(mixture, str):
-        path = SPEC_DIR / f"{mixture}.yaml"
+        path = _spec_dir() / f"{mixture}.yaml"
         if not path.is_file():
             known = ", ".join(available_mixtures()) or "none"
             raise MixtureError(f"no mixture named {mixture!r} (known: {known}; or give an inline list)")

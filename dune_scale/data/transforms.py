@@ -16,8 +16,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
 # Validation resizes the shorter side to size × 256/224 (the classic ImageNet ratio) then crops.
 VAL_RESIZE_RATIO = 256 / 224
 

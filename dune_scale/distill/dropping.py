@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dune_scale.distributed import all_reduce_sum, info
+from dune_scale.distributed import all_reduce_sum
 
 DROP_METHODS = ("none", "lowest_loss", "own_data", "own+generic_data")
 
@@ -45,13 +45,15 @@ def ownership_mask(
 def drop_coefficients(
     losses: torch.Tensor,
     method: str,
-    p: float = 0.5,
-    generator: torch.Generator | None = None,
-    teacher_domains: Sequence[str] = (),
-    sample_domains: Sequence[str] = (),
-    generic_domain: str = "dino2",
+    p: float,
+    generator: torch.Generator | None,
+    teacher_domains: Sequence[str],
+    sample_domains: Sequence[str],
+    generic_domain: str,
+    world_size: int,
 ) -> torch.Tensor:
-    """Detached [teachers, B] loss weights for ``losses`` [teachers, B], normalised globally."""
+    """Detached [teachers, B] loss weights for ``losses`` [teachers, B], normalised over the global
+    batch of ``world_size`` ranks (so that they sum to ``world_size`` × 1 / world_size = 1 there)."""
     losses = losses.detach()
     if method == "none":
         keep = torch.ones_like(losses, dtype=torch.bool)
@@ -67,4 +69,4 @@ def drop_coefficients(
         raise ValueError(f"unknown teacher-dropping method {method!r}; choose one of {', '.join(DROP_METHODS)}")
     weights = keep.to(losses.dtype)
     kept_globally = all_reduce_sum(weights.sum().reshape(1)).clamp_min(1.0)
-    return weights * (info().world_size / kept_globally)
+    return weights * (world_size / kept_globally)

@@ -29,16 +29,19 @@ class ObjectiveOutput:
 
 @dataclass
 class DistillObjective:
+    """Every setting comes from the config (``distill.*``, ``loss.*``): no second set of defaults."""
+
     teacher_names: Sequence[str]
     teacher_domains: Sequence[str]
-    drop_method: str = "lowest_loss"
-    drop_p: float = 0.5
-    generic_domain: str = "dino2"
-    norm_eps: float = 1e-3
-    w_cos: float = 0.5
-    w_sl1: float = 0.5
-    beta: float = 1.0
-    fused: bool = True
+    drop_method: str
+    drop_p: float
+    generic_domain: str
+    norm_eps: float
+    w_cos: float
+    w_sl1: float
+    beta: float
+    fused: bool
+    world_size: int
 
     def teacher_statistics(
         self,
@@ -81,6 +84,7 @@ class DistillObjective:
         coefficients = drop_coefficients(
             per_image, self.drop_method, self.drop_p, generator,
             teacher_domains=self.teacher_domains, sample_domains=sample_domains, generic_domain=self.generic_domain,
+            world_size=self.world_size,
         )
         loss = (coefficients * per_image).sum()
         return ObjectiveOutput(loss=loss, per_image=per_image.detach(), coefficients=coefficients)

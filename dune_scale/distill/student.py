@@ -7,12 +7,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from dune_scale.config import TOKEN_TYPES
 from dune_scale.distill.teacher_norm import TeacherNorm
 from dune_scale.models.projector import TransformerProjector
 from dune_scale.models.vit import VisionTransformer
-
-TOKEN_TYPES = ("cls", "patch")
-
 
 class DuneStudent(nn.Module):
     """Maps images to one prediction per (teacher, distilled token type).
@@ -31,6 +29,7 @@ class DuneStudent(nn.Module):
         projector_depth: int = 1,
         projector_mlp_ratio: float = 4.0,
         projector_layerscale_init: float | None = 1e-4,
+        projector_attention: str = "auto",
     ) -> None:
         super().__init__()
         for name, tokens in teacher_tokens.items():
@@ -51,6 +50,7 @@ class DuneStudent(nn.Module):
                     depth=projector_depth,
                     mlp_ratio=projector_mlp_ratio,
                     layerscale_init=projector_layerscale_init,
+                    attention=projector_attention,
                 )
                 for name, dim in teacher_dims.items()
             }

@@ -1,42 +1,64 @@
-"""Assemble a run in DESIGN §3's order: config → distributed → teachers → student → strategy →
-loader → restore → trainer loop. ``launch/train.py`` is a thin wrapper around :func:`main`."""
+"""Composition: a validated :class:`Config` → the run's parts, in DESIGN §3's order (run check →
+teachers → student → strategy → objective → trainer). Programs (``dune_scale.cli``) call these;
+nothing here parses arguments or decides exit codes."""
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from collections.abc import Callable
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dune_scale import distributed
-from dune_scale.config import Config, ConfigError, load_config, save_config
-from dune_scale.data.mixture import MixtureError, resolve_mixture
+from dune_scale.config import Config, ConfigError
+from dune_scale.data.mixture import Mixture, MixtureError, resolve_mixture
 from dune_scale.distill.objective import DistillObjective
 from dune_scale.distill.student import DuneStudent
-from dune_scale.engine.checkpointer import CheckpointError, Checkpointer
-from dune_scale.engine.compat import check_resume_compatible
+from dune_scale.distributed import DistInfo
+from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.parallelize import prepare_student, shard_frozen_module
-from dune_scale.engine.preemption import EXIT_PREEMPTED
-from dune_scale.engine.pretrained import PretrainedError, load_pretrained_student
+from dune_scale.engine.pretrained import load_pretrained_student
 from dune_scale.engine.schedules import Schedules
-from dune_scale.engine.strategy import build_strategy, check_launch
+from dune_scale.engine.strategy import build_strategy
 from dune_scale.engine.trainer import Trainer
 from dune_scale.models import vit
-from dune_scale.models.attention import set_attention_backend
-from dune_scale.teachers import TeacherCheckpointError, build_teacher_ensemble, get_teacher_spec
+from dune_scale.teachers import build_teacher_ensemble, get_teacher_spec
 from dune_scale.telemetry.phases import NullPhaseTimer
 
-log = logging.getLogger("dune_scale")
 
-# Written at the end of a run: the student's full weights (stage 2 starts from this file).
-STUDENT_WEIGHTS = "student.safetensors"
+@dataclass(frozen=True)
+class RunPlan:
+    """What the up-front run check established and every later part reuses (resolved once)."""
 
-# Problems with what the user gave (config, checkpoints, data): one message, exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, PretrainedError, MixtureError, TeacherCheckpointError)
+    mixture: Mixture
+
+
+def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
+    """Everything that can be refused before a model is built or a file written: launch/option
+    combinations and the data mixture against the batch size. Raises :class:`ConfigError`."""
+    name = cfg.strategy.name
+    if name == "single" and dist.world_size > 1:
+        raise ConfigError(
+            f"strategy.name=single runs one process, but {dist.world_size} were launched; "
+            "use strategy.name=fsdp or deepspeed, or launch one process"
+        )
+    if name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("strategy.name=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
+    if cfg.strategy.deepspeed_config and name != "deepspeed":
+        raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
+    if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
+    if cfg.teachers.shard and dist.world_size == 1:
+        raise ConfigError("teachers.shard=true needs several ranks; with one process the teachers are whole anyway")
+    try:
+        mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
+    except MixtureError as err:
+        raise ConfigError(f"data.mixture: {err}") from None
+    problem = mixture.batch_size_problem(cfg.train.batch_size_per_rank)
+    if problem:
+        raise ConfigError(f"train.batch_size_per_rank: {cfg.train.batch_size_per_rank!r} is not allowed; {problem}")
+    return RunPlan(mixture=mixture)
 
 
 def build_encoder(cfg: Config) -> vit.VisionTransformer:
@@ -46,6 +68,7 @@ def build_encoder(cfg: Config) -> vit.VisionTransformer:
         patch_size=s.patch_size,
         num_register_tokens=s.num_register_tokens,
         layerscale_init=s.layerscale_init,
+        attention=s.attention,
     )
     if s.arch == "custom":
         return vit.VisionTransformer(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads, **common)
@@ -60,6 +83,7 @@ def build_student(cfg: Config, teacher_dims: dict[str, int], teacher_tokens: dic
         projector_depth=cfg.projector.depth,
         projector_mlp_ratio=cfg.projector.mlp_ratio,
         projector_layerscale_init=cfg.projector.layerscale_init,
+        projector_attention=cfg.student.attention,
     )
 
 
@@ -84,15 +108,7 @@ def build_schedules(cfg: Config, world_size: int) -> Schedules:
     )
 
 
-def _setup_logging(is_main: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def build_objective(cfg: Config, teacher_names: list[str]) -> DistillObjective:
+def build_objective(cfg: Config, teacher_names: list[str], world_size: int) -> DistillObjective:
     domains = {t.name: t.domain or get_teacher_spec(t.name).domain for t in cfg.teachers.models}
     return DistillObjective(
         teacher_names=teacher_names,
@@ -105,22 +121,24 @@ def build_objective(cfg: Config, teacher_names: list[str]) -> DistillObjective:
         w_sl1=cfg.loss.w_sl1,
         beta=cfg.loss.beta,
         fused=cfg.loss.fused,
+        world_size=world_size,
     )
 
 
 def build_trainer(
     cfg: Config,
-    dist: distributed.DistInfo,
+    dist: DistInfo,
+    plan: RunPlan,
     loader: Any,
-    domain_of: Callable[[str], str],
     phases: NullPhaseTimer | None = None,
 ) -> Trainer:
-    """Teachers → student → strategy → objective → trainer, for training and for the benchmark."""
-    check_launch(cfg, dist)
-    set_attention_backend(cfg.teachers.attention)
+    """Teachers → student → strategy → objective → trainer, for training and for the benchmark;
+    ``plan`` comes from :func:`check_run`."""
     torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
     dtype = teacher_dtype(cfg, dist.device)
-    teachers = build_teacher_ensemble(cfg.teachers.models, cfg.student.patch_size, dist.device, dtype)
+    teachers = build_teacher_ensemble(
+        cfg.teachers.models, cfg.student.patch_size, dist.device, dtype, attention=cfg.teachers.attention
+    )
     if cfg.teachers.shard:
         for teacher in teachers.teachers.values():
             shard_frozen_module(teacher, teacher.blocks, dtype)
@@ -132,77 +150,7 @@ def build_trainer(
     strategy.setup(student, cfg.peak_lr(dist.world_size))
     output_dir = Path(cfg.run.output_dir)
     return Trainer(
-        cfg, dist, strategy, teachers, build_objective(cfg, list(teachers.tokens)), loader, domain_of,
-        build_schedules(cfg, dist.world_size), Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, dist),
-        output_dir, phases,
+        cfg, dist, strategy, teachers, build_objective(cfg, list(teachers.tokens), dist.world_size), loader,
+        plan.mixture.domain_of, build_schedules(cfg, dist.world_size),
+        Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, dist), output_dir, phases,
     )
-
-
-def train(cfg: Config) -> bool:
-    """Run (or resume) the training ``cfg`` describes; False when a stop signal ended it early."""
-    dist = distributed.init_distributed(cfg.run.device)
-    _setup_logging(dist.is_main)
-    output_dir = Path(cfg.run.output_dir)
-    try:
-        check_launch(cfg, dist)  # before anything is written
-        if dist.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, output_dir / "config.yaml")
-        distributed.barrier()
-        mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
-        from dune_scale.data.loader import build_train_loader  # Streaming: only when real data is read
-
-        loader = build_train_loader(
-            cfg.data,
-            image_size=cfg.train.image_size,
-            batch_size=cfg.train.batch_size_per_rank,
-            seed=cfg.run.seed,
-            epoch_size=cfg.train.epoch_size,
-        )
-        trainer = build_trainer(cfg, dist, loader, mixture.domain_of)
-        resume_from = _resume_folder(cfg, trainer.checkpointer)
-        if resume_from is not None:
-            check_resume_compatible(cfg, resume_from)
-            trainer.restore(resume_from)
-        completed = trainer.fit()
-        if completed:
-            trainer.export_student(output_dir / STUDENT_WEIGHTS)
-        if dist.is_main:
-            log.info("%s at step %d; outputs in %s", "done" if completed else "preempted", trainer.state.step, output_dir)
-        del trainer  # sharded modules go while their process group still exists
-        distributed.barrier()  # nobody tears the process group down while a peer still uses it
-    finally:
-        distributed.shutdown()
-    return completed
-
-
-def _resume_folder(cfg: Config, checkpointer: Checkpointer) -> Path | None:
-    if cfg.checkpoint.resume == "never":
-        return None
-    if cfg.checkpoint.resume == "auto":
-        return checkpointer.find_latest()
-    return Path(cfg.checkpoint.resume)
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description="DUNE multi-teacher distillation (python / torchrun / deepspeed)")
-    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
-    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    try:
-        completed = train(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0 if completed else EXIT_PREEMPTED

@@ -18,17 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dune_scale.config import deep_merge
 from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
 from dune_scale.engine.strategy import Strategy
 
 _TAG = "deepspeed"
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
 
 
 def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:

@@ -8,7 +8,6 @@ partitions optimizer state, FSDP shards parameters before the optimizer sees the
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ContextManager
@@ -16,7 +15,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from dune_scale.config import Config, ConfigError
+from dune_scale.config import Config
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
 
@@ -100,24 +99,6 @@ class SingleStrategy(Strategy):
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return self._module.state_dict()
-
-
-def check_launch(cfg: Config, dist: DistInfo) -> None:
-    """Launch/option combinations that cannot work, named before any model is built."""
-    name = cfg.strategy.name
-    if name == "single" and dist.world_size > 1:
-        raise ConfigError(
-            f"strategy.name=single runs one process, but {dist.world_size} were launched; "
-            "use strategy.name=fsdp or deepspeed, or launch one process"
-        )
-    if name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("strategy.name=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
-    if cfg.strategy.deepspeed_config and name != "deepspeed":
-        raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
-    if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
-    if cfg.teachers.shard and dist.world_size == 1:
-        raise ConfigError("teachers.shard=true needs several ranks; with one process the teachers are whole anyway")
 
 
 def build_strategy(cfg: Config, dist: DistInfo) -> Strategy:

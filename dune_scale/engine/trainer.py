@@ -20,7 +20,7 @@ from torch import nn
 
 from dune_scale.config import Config
 from dune_scale.distill.objective import DistillObjective
-from dune_scale.distributed import DistInfo, all_reduce_sum
+from dune_scale.distributed import DistInfo, all_reduce_sum, rank_seed
 from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
@@ -66,7 +66,7 @@ class Trainer:
         self.state = TrainerState()
         self.global_batch = cfg.global_batch_size(dist.world_size)
         self.drop_generator = torch.Generator(device=dist.device)
-        self.drop_generator.manual_seed(cfg.run.seed * 1_000_003 + dist.rank)
+        self.drop_generator.manual_seed(rank_seed(cfg.run.seed, dist.rank))
         self.phases = phases or NullPhaseTimer()
         self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
 

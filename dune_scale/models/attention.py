@@ -1,9 +1,10 @@
-"""Scaled dot-product attention with a selectable backend.
+"""Scaled dot-product attention with a backend chosen at construction (timm's pattern).
 
 ``auto`` uses the ``flash-attn`` package when it is installed and the tensors suit it (CUDA,
-fp16/bf16), else PyTorch's SDPA, which itself picks its flash kernel on GPU. ``flash-attn`` is an
-optional dependency: nothing here requires it. ``math`` forces SDPA's reference kernel (debugging,
-bitwise comparisons).
+fp16/bf16), else PyTorch's SDPA, which itself picks its cuDNN/flash kernel on GPU. ``flash-attn`` is
+an optional dependency: nothing here requires it. ``math`` forces SDPA's reference kernel
+(debugging, bitwise comparisons). Each attention module holds its own backend name, so the student
+and the teachers can differ and nothing process-wide changes behind a module's back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = ("auto", "sdpa", "flash_attn", "math")
-_backend = "auto"
 
 
 @functools.cache
@@ -25,9 +25,8 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def set_attention_backend(name: str) -> None:
-    """Select the backend for every later ``attention`` call in this process."""
-    global _backend
+def check_attention_backend(name: str) -> str:
+    """``name`` if this process can run it, else a ValueError saying what to do."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if name == "flash_attn" and not flash_attn_installed():
@@ -35,20 +34,16 @@ def set_attention_backend(name: str) -> None:
             "attention backend 'flash_attn' was asked for but the flash-attn package is not installed; "
             "install it or use 'auto' / 'sdpa'"
         )
-    _backend = name
-
-
-def attention_backend() -> str:
-    return _backend
+    return name
 
 
 def _flash_attn_suits(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v for (B, heads, N, d) tensors."""
-    use_flash_attn = _backend == "flash_attn" or (_backend == "auto" and _flash_attn_suits(q) and flash_attn_installed())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """softmax(q kᵀ / √d) v for (B, heads, N, d) tensors with the named backend."""
+    use_flash_attn = backend == "flash_attn" or (backend == "auto" and _flash_attn_suits(q) and flash_attn_installed())
     if use_flash_attn:
         if not _flash_attn_suits(q):
             raise ValueError(
@@ -60,7 +55,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         # flash-attn takes (B, N, heads, d).
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
-    if _backend == "math":
+    if backend == "math":
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)

@@ -11,11 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dune_scale.models.attention import attention
+from dune_scale.models.attention import attention as scaled_dot_product_attention
+from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import Attention, Block, PatchEmbed
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def rope_2d_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +43,8 @@ def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 class RopeAttention(Attention):
     """Self-attention with 2D RoPE on q and k (not v); the same qkv/proj parameters as ViT attention."""
 
-    def __init__(self, dim: int, num_heads: int, rope_base: float = 100.0) -> None:
-        super().__init__(dim, num_heads, qkv_bias=True)
+    def __init__(self, dim: int, num_heads: int, rope_base: float = 100.0, attention: str = "auto") -> None:
+        super().__init__(dim, num_heads, qkv_bias=True, attention=attention)
         self.rope_base = rope_base
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -54,7 +52,8 @@ class RopeAttention(Attention):
         # Integer positions (not float tables) cross the block boundary, so wrappers that cast
         # floating inputs (FSDP mixed precision) cannot round the rotation angles.
         cos, sin = rope_2d_tables(positions, q.shape[-1], self.rope_base)
-        return self.merge_heads(attention(apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin), v))
+        q, k = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+        return self.merge_heads(scaled_dot_product_attention(q, k, v, self.attention))
 
 
 def patch_positions(rows: int, cols: int, device: torch.device) -> torch.Tensor:
@@ -76,6 +75,7 @@ class CrocoEncoder(nn.Module):
         mlp_ratio: float = 4.0,
         rope_base: float = 100.0,
         norm_eps: float = 1e-6,
+        attention: str = "auto",
     ) -> None:
         """``img_size`` only records the training resolution (RoPE has no table): any input whose
         sides are multiples of the patch size, portrait included, is accepted, as in MASt3R."""
@@ -92,7 +92,7 @@ class CrocoEncoder(nn.Module):
                 mlp_ratio,
                 layerscale_init=None,
                 norm_eps=norm_eps,
-                attn=RopeAttention(embed_dim, num_heads, rope_base),
+                attn=RopeAttention(embed_dim, num_heads, rope_base, attention),
             )
             for _ in range(depth)
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dune_scale.models.vit import Block
+from dune_scale.models.vit import Block, init_linear_trunc_normal
 
 
 class TransformerProjector(nn.Module):
@@ -23,22 +23,18 @@ class TransformerProjector(nn.Module):
         depth: int = 1,
         mlp_ratio: float = 4.0,
         layerscale_init: float | None = 1e-4,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(in_dim, num_heads, mlp_ratio=mlp_ratio, layerscale_init=layerscale_init) for _ in range(depth)
+            Block(in_dim, num_heads, mlp_ratio=mlp_ratio, layerscale_init=layerscale_init, attention=attention)
+            for _ in range(depth)
         )
         self.head = nn.Linear(in_dim, out_dim)
-        self.apply(_init_linear)
+        self.apply(init_linear_trunc_normal)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             tokens = block(tokens)
         return self.head(tokens)
 
-
-def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dune_scale.models.attention import attention
+from dune_scale.models.attention import attention as scaled_dot_product_attention
+from dune_scale.models.attention import check_attention_backend
 
 
 class PatchEmbed(nn.Module):
@@ -61,11 +62,12 @@ class LayerScale(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (rows [q | k | v], heads contiguous)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attention: str = "auto") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
+        self.attention = check_attention_backend(attention)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -82,7 +84,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split_heads(x)
-        return self.merge_heads(attention(q, k, v))
+        return self.merge_heads(scaled_dot_product_attention(q, k, v, self.attention))
 
 
 class Block(nn.Module):
@@ -101,10 +103,11 @@ class Block(nn.Module):
         layerscale_init: float | None = 1e-4,
         norm_eps: float = 1e-6,
         attn: nn.Module | None = None,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = attn if attn is not None else Attention(dim, num_heads, qkv_bias)
+        self.attn = attn if attn is not None else Attention(dim, num_heads, qkv_bias, attention)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -147,6 +150,7 @@ class VisionTransformer(nn.Module):
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
         with_mask_token: bool = False,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -168,7 +172,8 @@ class VisionTransformer(nn.Module):
         if with_mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layerscale_init, norm_eps) for _ in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layerscale_init, norm_eps, attention=attention)
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.init_weights()

@@ -2,12 +2,11 @@
 
 from dune_scale.teachers.build import build_teacher, convert_teacher
 from dune_scale.teachers.checkpoints import TeacherCheckpointError
-from dune_scale.teachers.ensemble import TOKEN_TYPES, TeacherEnsemble, align_images, build_teacher_ensemble
+from dune_scale.teachers.ensemble import TeacherEnsemble, align_images, build_teacher_ensemble
 from dune_scale.teachers.registry import TEACHER_SPECS, TeacherSpec, get_teacher_spec
 
 __all__ = [
     "TEACHER_SPECS",
-    "TOKEN_TYPES",
     "TeacherCheckpointError",
     "TeacherEnsemble",
     "TeacherSpec",

@@ -15,25 +15,26 @@ from dune_scale.teachers.checkpoints import load_strict, read_teacher_file, safe
 from dune_scale.teachers.registry import get_teacher_spec
 
 
-def build_teacher(name: str, checkpoint: str | Path | None = None, **arch: Any) -> nn.Module:
+def build_teacher(name: str, checkpoint: str | Path | None = None, attention: str = "auto", **arch: Any) -> nn.Module:
     """The teacher ``name`` in float32 on the CPU, from ``checkpoint`` (an official release file or
     a ``.safetensors`` conversion), or randomly initialised when it is None.
 
     ``arch`` overrides the full-size architecture (embed_dim, depth, num_heads, patch_size,
     img_size, num_register_tokens, …) and any settings the file records (MASt3R's args string, a
-    conversion's JSON). The module records its name and architecture as ``teacher_name`` and
+    conversion's JSON). ``attention`` is the attention backend (``models.attention.BACKENDS``).
+    The module records its name and architecture as ``teacher_name`` and
     ``teacher_arch``.
     """
     spec = get_teacher_spec(name)
     if checkpoint is None:
         effective = {**spec.arch, **arch}
-        module = spec.build(**arch)
+        module = spec.build(attention, **arch)
     else:
         path = Path(checkpoint)
         file_arch, state = read_teacher_file(spec, path)
         effective = {**spec.arch, **file_arch, **arch}
         with torch.device("meta"):  # no random init of weights that are overwritten at once
-            module = spec.build(**{**file_arch, **arch})
+            module = spec.build(attention, **{**file_arch, **arch})
         load_strict(spec, path, module, state)
     module.teacher_name = name
     module.teacher_arch = effective

@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dune_scale.config import TOKEN_TYPES
 from dune_scale.teachers.build import build_teacher
 from dune_scale.teachers.registry import get_teacher_spec
-
-TOKEN_TYPES = ("cls", "patch")
-
 
 def align_images(images: torch.Tensor, teacher_patch: int, student_patch: int) -> torch.Tensor:
     """Resize so the teacher's token grid equals the student's.
@@ -91,10 +89,14 @@ class TeacherEnsemble(nn.Module):
 
 
 def build_teacher_ensemble(
-    configs: Sequence[Any], student_patch_size: int, device: torch.device | str, dtype: torch.dtype
+    configs: Sequence[Any],
+    student_patch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    attention: str = "auto",
 ) -> TeacherEnsemble:
     """From config entries with ``name``, ``checkpoint``, ``random_init``, ``arch``, ``tokens``
-    (empty ``tokens``: the teacher's DUNE default)."""
+    (empty ``tokens``: the teacher's DUNE default); every teacher uses the ``attention`` backend."""
     teachers: dict[str, nn.Module] = {}
     tokens: dict[str, Sequence[str]] = {}
     for config in configs:
@@ -103,7 +105,7 @@ def build_teacher_ensemble(
                 f"teacher {config.name}: no checkpoint given; set its checkpoint path "
                 "(random weights are for tests and the demo only and need random_init: true)"
             )
-        teacher = build_teacher(config.name, config.checkpoint, **config.arch)
+        teacher = build_teacher(config.name, config.checkpoint, attention, **config.arch)
         teachers[config.name] = teacher.to(device=device, dtype=dtype)  # one copy on the device, already cast
         tokens[config.name] = tuple(config.tokens) or get_teacher_spec(config.name).tokens
     return TeacherEnsemble(teachers, tokens, student_patch_size, dtype)

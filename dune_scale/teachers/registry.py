@@ -20,7 +20,7 @@ _DINOV2_ARCH: dict[str, Any] = {
 }
 _FAMILIES: dict[str, type[nn.Module]] = {"dinov2": VisionTransformer, "croco": CrocoEncoder}
 # Fixed by the checkpoint layout, never an architecture choice.
-_NOT_ARCH = {"with_mask_token"}
+_NOT_ARCH = {"with_mask_token", "attention"}
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,10 @@ class TeacherSpec:
         params = inspect.signature(_FAMILIES[self.family]).parameters
         return [name for name in params if name not in _NOT_ARCH]
 
-    def build(self, **overrides: Any) -> nn.Module:
-        """The architecture with ``overrides`` (tiny test teachers), randomly initialised (or
-        parameter-less under ``torch.device("meta")``, before a checkpoint is assigned)."""
+    def build(self, attention: str = "auto", **overrides: Any) -> nn.Module:
+        """The architecture with ``overrides`` (tiny test teachers) and the ``attention`` backend,
+        randomly initialised (or parameter-less under ``torch.device("meta")``, before a checkpoint
+        is assigned)."""
         unknown = sorted(set(overrides) - set(self.arch_keys()))
         if unknown:
             raise ValueError(
@@ -52,8 +53,8 @@ class TeacherSpec:
             )
         arch = {**self.arch, **overrides}
         if self.family == "croco":
-            return CrocoEncoder(**arch)
-        return VisionTransformer(with_mask_token=True, **arch)
+            return CrocoEncoder(attention=attention, **arch)
+        return VisionTransformer(with_mask_token=True, attention=attention, **arch)
 
 
 TEACHER_SPECS: dict[str, TeacherSpec] = {

@@ -44,8 +44,9 @@ from rich.table import Table
 
 from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, load_config
-from dune_scale.data.mixture import Mixture, resolve_mixture
-from dune_scale.engine.run import build_trainer
+from dune_scale.data.mixture import Mixture
+from dune_scale.distributed import DistInfo, rank_seed
+from dune_scale.engine.compose import build_trainer, check_run
 from dune_scale.telemetry.flops import dune_step_flops
 from dune_scale.telemetry.phases import PhaseTimer
 
@@ -147,7 +148,7 @@ def synthetic_batches(cfg: Config, mixture: Mixture, device: torch.device, rank:
         counts[i] += 1
     names = [s.name for s, n in zip(mixture.streams, counts) for _ in range(n)]
     generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.run.seed * 1_000_003 + rank)
+    generator.manual_seed(rank_seed(cfg.run.seed, rank))
     return [
         {
             "images": torch.randn(batch, 3, size, size, generator=generator, device=device),
@@ -181,12 +182,11 @@ class StepClock:
         return [b - a for a, b in zip(self._marks, self._marks[1:])]
 
 
-def _rank_rows(values: Sequence[float], device: torch.device) -> torch.Tensor:
+def _rank_rows(values: Sequence[float], dist: DistInfo) -> torch.Tensor:
     """world × len(values): every rank's values (zero-padded rows summed, so the plain all-reduce
     serves; works with gloo and nccl)."""
-    info = distributed.info()
-    rows = torch.zeros(info.world_size, len(values), dtype=torch.float64, device=device)
-    rows[info.rank] = torch.tensor(list(values), dtype=torch.float64)
+    rows = torch.zeros(dist.world_size, len(values), dtype=torch.float64, device=dist.device)
+    rows[dist.rank] = torch.tensor(list(values), dtype=torch.float64)
     return distributed.all_reduce_sum(rows).cpu()
 
 
@@ -198,13 +198,13 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure(cfg: Config, options: BenchOptions, result: VariantResult) -> None:
+def measure(cfg: Config, options: BenchOptions, result: VariantResult, dist: DistInfo) -> None:
     """Build the trainer for ``cfg``, warm up, time ``options.steps`` steps; fill ``result``."""
-    dist = distributed.info()
     device = dist.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
+    plan = check_run(cfg, dist)
+    mixture = plan.mixture
     if options.real_data:
         from dune_scale.data import build_train_loader  # Streaming: only where real data is read
 
@@ -215,7 +215,7 @@ def measure(cfg: Config, options: BenchOptions, result: VariantResult) -> None:
     else:
         loader = synthetic_batches(cfg, mixture, device, dist.rank)
     phases = PhaseTimer(device)
-    trainer = build_trainer(cfg, dist, loader, mixture.domain_of, phases)
+    trainer = build_trainer(cfg, dist, plan, loader, phases)
     flops = dune_step_flops(trainer.strategy.module, trainer.teachers.teachers, cfg.train.image_size)
     batches: Iterator[dict[str, Any]] = trainer.batches()  # the loop training runs: endless, epoch after epoch
     trainer.strategy.module.train()
@@ -232,10 +232,10 @@ def measure(cfg: Config, options: BenchOptions, result: VariantResult) -> None:
     phases.collect()
     final_loss = float(metrics["loss"])
 
-    step_times = _rank_rows(local_steps, device).max(dim=0).values.tolist()  # the slowest rank sets the pace
+    step_times = _rank_rows(local_steps, dist).max(dim=0).values.tolist()  # the slowest rank sets the pace
     names = list(phases.totals)
-    phase_seconds = _rank_rows([phases.totals[n] / options.steps for n in names], device).mean(dim=0).tolist()
-    memory = _rank_rows([_peak_memory_gib(device)], device)[:, 0].tolist()
+    phase_seconds = _rank_rows([phases.totals[n] / options.steps for n in names], dist).mean(dim=0).tolist()
+    memory = _rank_rows([_peak_memory_gib(device)], dist)[:, 0].tolist()
 
     mean_step = statistics.fmean(step_times)
     global_rate = result.global_batch_size / mean_step
@@ -266,11 +266,15 @@ def measure(cfg: Config, options: BenchOptions, result: VariantResult) -> None:
 
 
 def run_variant(
-    config_path: str, base_overrides: Sequence[str], variant: Sequence[str], options: BenchOptions, name: str
+    config_path: str,
+    base_overrides: Sequence[str],
+    variant: Sequence[str],
+    options: BenchOptions,
+    name: str,
+    dist: DistInfo,
 ) -> VariantResult:
     """One row of the comparison: a failure (bad override, unsupported here, out of memory) becomes
     a failed result with its message, and the next variant still runs."""
-    dist = distributed.info()
     result = VariantResult(name=name, overrides=list(variant), world_size=dist.world_size)
     try:
         overrides = [*base_overrides, *variant]
@@ -282,7 +286,7 @@ def run_variant(
         result.global_batch_size = cfg.global_batch_size(dist.world_size)
         result.image_size = cfg.train.image_size
         result.steps, result.warmup_steps = options.steps, options.warmup
-        measure(cfg, options, result)
+        measure(cfg, options, result, dist)
     except Exception as err:  # noqa: BLE001 - any failure is this variant's result
         result.status, result.error = "failed", f"{type(err).__name__}: {err}"
     finally:
@@ -300,13 +304,12 @@ def _release_memory(device: torch.device) -> None:
 
 
 def run_benchmark(
-    config_path: str, base_overrides: Sequence[str], variants: Sequence[str], options: BenchOptions
+    config_path: str, base_overrides: Sequence[str], variants: Sequence[str], options: BenchOptions, dist: DistInfo
 ) -> dict[str, Any]:
-    """The base configuration, then each variant (a string of extra ``key=value`` overrides), in turn.
-    Expects ``distributed.init_distributed`` to have run; returns the JSON report."""
-    dist = distributed.info()
+    """The base configuration, then each variant (a string of extra ``key=value`` overrides), in turn,
+    on the process group ``dist`` describes; returns the JSON report."""
     rows = [("base", [])] + [(text, shlex.split(text)) for text in variants]
-    results = [run_variant(config_path, base_overrides, extra, options, name) for name, extra in rows]
+    results = [run_variant(config_path, base_overrides, extra, options, name, dist) for name, extra in rows]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(dist.device),
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     dist = distributed.init_distributed(base.run.device)
     try:
-        report = run_benchmark(args.config, args.overrides, args.variants, options)
+        report = run_benchmark(args.config, args.overrides, args.variants, options, dist)
     finally:
         distributed.shutdown()
     if dist.is_main:

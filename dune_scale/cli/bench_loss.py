@@ -6,7 +6,7 @@ loss is memory-bound, so each time is also given as effective bandwidth: the byt
 implementation must move (forward reads S and T, backward reads S and T and writes dS: 5·B·N·D
 elements) over the time, next to the card's device-to-device copy bandwidth measured in the same run.
 
-    python -m kernels.bench_distill_loss --out bench_distill_loss.json
+    python launch/bench_loss.py --out bench_distill_loss.json
 
 Needs a CUDA GPU: without one it says so and exits with status 2.
 """
@@ -20,9 +20,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file (python kernels/bench_distill_loss.py): find the repo's packages
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -202,7 +199,3 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if all(check["ok"] for check in checks) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

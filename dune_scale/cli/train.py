@@ -1,0 +1,82 @@
+"""``launch/train.py``: train (or resume) a DUNE student under python, torchrun or deepspeed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from dune_scale import distributed
+from dune_scale.cli.common import run_program, setup_logging
+from dune_scale.config import Config, load_config, save_config
+from dune_scale.engine.checkpointer import Checkpointer
+from dune_scale.engine.compat import check_resume_compatible
+from dune_scale.engine.compose import build_trainer, check_run
+from dune_scale.engine.preemption import EXIT_PREEMPTED
+
+log = logging.getLogger("dune_scale")
+
+# Written at the end of a run: the student's full weights (stage 2 starts from this file).
+STUDENT_WEIGHTS = "student.safetensors"
+
+
+def train(cfg: Config) -> bool:
+    """Run (or resume) the training ``cfg`` describes; False when a stop signal ended it early."""
+    dist = distributed.init_distributed(cfg.run.device)
+    setup_logging(dist.is_main)
+    output_dir = Path(cfg.run.output_dir)
+    try:
+        plan = check_run(cfg, dist)  # before anything is written
+        if dist.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, output_dir / "config.yaml")
+        distributed.barrier()
+        from dune_scale.data.loader import build_train_loader  # Streaming: only when real data is read
+
+        loader = build_train_loader(
+            cfg.data,
+            image_size=cfg.train.image_size,
+            batch_size=cfg.train.batch_size_per_rank,
+            seed=cfg.run.seed,
+            epoch_size=cfg.train.epoch_size,
+        )
+        trainer = build_trainer(cfg, dist, plan, loader)
+        resume_from = _resume_folder(cfg, trainer.checkpointer)
+        if resume_from is not None:
+            check_resume_compatible(cfg, resume_from)
+            trainer.restore(resume_from)
+        completed = trainer.fit()
+        if completed:
+            trainer.export_student(output_dir / STUDENT_WEIGHTS)
+        if dist.is_main:
+            log.info("%s at step %d; outputs in %s", "done" if completed else "preempted", trainer.state.step, output_dir)
+        del trainer  # sharded modules go while their process group still exists
+        distributed.barrier()  # nobody tears the process group down while a peer still uses it
+    finally:
+        distributed.shutdown()
+    return completed
+
+
+def _resume_folder(cfg: Config, checkpointer: Checkpointer) -> Path | None:
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return checkpointer.find_latest()
+    return Path(cfg.checkpoint.resume)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(description="DUNE multi-teacher distillation (python / torchrun / deepspeed)")
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def program() -> int:
+        return 0 if train(parse_args(argv)) else EXIT_PREEMPTED
+
+    return run_program(program)
