@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,10 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) launch/demo.py
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dune_scale kernels launch tests
+
+test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:

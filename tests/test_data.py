@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from streaming import StreamingDataset
-from conftest_data import DataCfg, batches_of, private_tmp  # noqa: F401 (private_tmp: autouse fixture)
 from streaming.base.world import World
 
+from conftest_data import DataCfg, batches_of
 from dune_scale.data import (
     CorruptImageError,
     MixtureError,
@@ -30,6 +30,9 @@ from dune_scale.data import (
     write_synthetic_dataset,
 )
 from dune_scale.data.batching import batch_counts, generate_work_grouped, worker_positions
+
+# Streaming leaves lock files in the temp dir: every test gets its own.
+pytestmark = pytest.mark.usefixtures("private_tmp")
 
 DESIGN_SIZES = {
     "in19k": ("dino2", 13_153_480), "gldv2": ("dino2", 4_132_914), "mapillarystreet": ("dino2", 1_205_907),

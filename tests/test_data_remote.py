@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest_data import DataCfg, SeaweedS3, batches_of, private_tmp, s3_env, seaweed  # noqa: F401 (fixtures)
 from PIL import Image
 
+from conftest_data import DataCfg, SeaweedS3, batches_of
 from dune_scale.data import build_train_loader
 from dune_scale.data.convert import convert_dataset, list_sources
 from dune_scale.data.remote import RemoteStream, ShardIntegrityError, StorageAccessError
 
-pytestmark = pytest.mark.service
+pytestmark = [pytest.mark.service, pytest.mark.usefixtures("private_tmp")]
 
 DOMAINS = (("photos", "dino2"), ("scenes", "mast3r"), ("people", "multihmr"))
 BAD_FILES = ("broken.jpg", "truncated.jpg")
@@ -171,10 +171,9 @@ def test_damaged_shard_is_downloaded_again_then_named(
 def test_train_tiny_cpu_from_s3_with_two_workers(s3_env: SeaweedS3, tmp_path: Path) -> None:
     """The issue's end-to-end check: generated images (a few corrupt) → s3:// → tiny_cpu training."""
     from conftest import TINY_CPU, tiny_overrides
-
+    from dune_scale.cli.train import train
     from dune_scale.config import load_config
     from dune_scale.data.synthetic import DEMO_DATASETS, synthetic_image
-    from dune_scale.cli.train import train
     from dune_scale.telemetry.metrics import read_metrics
 
     root = f"s3://{s3_env.bucket}/train"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_CPU
 from dune_scale.config import load_config
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
@@ -16,8 +17,6 @@ from dune_scale.engine.optim import param_groups
 from dune_scale.engine.pretrained import PretrainedError, load_pretrained_student
 from dune_scale.engine.strategy import SingleStrategy
 from dune_scale.models.vit import VisionTransformer
-
-from conftest import TINY_CPU
 
 
 def _student(img_size: int = 42, seed: int = 0) -> DuneStudent:
@@ -78,7 +77,11 @@ def test_strategy_save_load_round_trip(tmp_path: Path) -> None:
     other.load(tmp_path / "a")
     for (name, p), q in zip(strategy.module.state_dict().items(), other.module.state_dict().values()):
         assert torch.equal(p, q), name
-    assert other.optimizer.state_dict()["state"].keys() == strategy.optimizer.state_dict()["state"].keys()
+    saved, loaded = strategy.optimizer.state_dict()["state"], other.optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and saved
+    for index, state in saved.items():  # Adam's moments and step counts, value for value
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(loaded[index][key]), torch.as_tensor(value)), (index, key)
 
 
 def test_pretrained_init_resamples_pos_embed_and_checks_shapes(tmp_path: Path) -> None:

@@ -8,12 +8,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO, TINY_CPU
+from dune_scale.cli.bench import random_init_overrides
 from dune_scale.config import load_config
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.compose import build_student, build_trainer, check_run
 from dune_scale.teachers import build_teacher_ensemble
 from dune_scale.teachers.ensemble import align_images
-from dune_scale.cli.bench import random_init_overrides
 from dune_scale.telemetry.flops import dune_step_flops
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import TINY_CPU, tiny_overrides
+from dune_scale.cli.train import train
 from dune_scale.config import ConfigError, load_config
 from dune_scale.engine.checkpointer import LATEST, MANIFEST
-from dune_scale.cli.train import train
 from dune_scale.telemetry.metrics import read_metrics
 
 

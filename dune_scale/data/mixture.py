@@ -14,11 +14,11 @@ per-rank batch is fixed (the loader's grouped batching enforces it, see ``batchi
 from __future__ import annotations
 
 import importlib.resources
-from importlib.resources.abc import Traversable
 import json
 import math
 import os
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Sequence
 

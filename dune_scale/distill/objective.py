@@ -11,7 +11,6 @@ from torch import nn
 from dune_scale.distill.dropping import drop_coefficients
 from dune_scale.distill.losses import fused_distill_loss
 
-
 # teacher → token type → (mean, std) used to standardise that teacher's features this step.
 Stats = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 

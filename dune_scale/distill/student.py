@@ -12,6 +12,7 @@ from dune_scale.distill.teacher_norm import TeacherNorm
 from dune_scale.models.projector import TransformerProjector
 from dune_scale.models.vit import VisionTransformer
 
+
 class DuneStudent(nn.Module):
     """Maps images to one prediction per (teacher, distilled token type).
 

@@ -14,7 +14,7 @@ _NO_DECAY_NAMES = ("cls_token", "register_tokens", "mask_token", "pos_embed")
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    return param.ndim >= 2 and not name.split(".")[-1] in _NO_DECAY_NAMES
+    return param.ndim >= 2 and name.split(".")[-1] not in _NO_DECAY_NAMES
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from dune_scale.config import TOKEN_TYPES
 from dune_scale.teachers.build import build_teacher
 from dune_scale.teachers.registry import get_teacher_spec
 
+
 def align_images(images: torch.Tensor, teacher_patch: int, student_patch: int) -> torch.Tensor:
     """Resize so the teacher's token grid equals the student's.
 
