@@ -15,7 +15,7 @@ from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, Checkpointer, is_complete
 from dune_scale.engine.optim import param_groups
 from dune_scale.engine.pretrained import PretrainedError, load_pretrained_student
-from dune_scale.engine.strategy import SingleStrategy
+from dune_scale.engine.strategies.single import SingleStrategy
 from dune_scale.models.vit import VisionTransformer
 
 

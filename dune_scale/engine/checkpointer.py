@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dune_scale.distributed import DistInfo, barrier
-from dune_scale.engine.strategy import Strategy
+from dune_scale.engine.strategies import Strategy
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.parallelize import prepare_student, shard_frozen_module
 from dune_scale.engine.pretrained import load_pretrained_student
 from dune_scale.engine.schedules import Schedules
-from dune_scale.engine.strategy import build_strategy
+from dune_scale.engine.strategies import build_strategy
 from dune_scale.engine.trainer import Trainer
 from dune_scale.models import vit
 from dune_scale.teachers import build_teacher_ensemble, get_teacher_spec

@@ -24,7 +24,7 @@ from dune_scale.distributed import DistInfo, all_reduce_sum, rank_seed
 from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
-from dune_scale.engine.strategy import Strategy
+from dune_scale.engine.strategies import Strategy
 from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, WandbSink, finite_or_none
 from dune_scale.telemetry.phases import NullPhaseTimer
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from dune_scale.config import deep_merge
 from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
-from dune_scale.engine.strategy import Strategy
+from dune_scale.engine.strategies.base import Strategy
 
 _TAG = "deepspeed"
 

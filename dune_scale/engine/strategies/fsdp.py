@@ -23,7 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dune_scale.engine.optim import build_adamw, param_groups
-from dune_scale.engine.strategy import SingleStrategy
+from dune_scale.engine.strategies.single import SingleStrategy
 
 _DCP_FOLDER = "fsdp"
 

@@ -1,0 +1,48 @@
+"""One process, one device: the reference every distributed strategy is tested against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
+from dune_scale.engine.strategies.base import Strategy
+
+
+class SingleStrategy(Strategy):
+    """One process, one device: the reference every distributed strategy is tested against."""
+
+    name = "single"
+
+    def setup(self, student: nn.Module, peak_lr: float) -> None:
+        self._module = student.to(self.device)
+        self.optimizer = build_adamw(param_groups(self._module), self.cfg.optim, peak_lr)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float, weight_decay: float) -> torch.Tensor:
+        set_hyperparameters(self.optimizer, lr, weight_decay)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._module.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def save(self, directory: Path) -> None:
+        torch.save(self._module.state_dict(), directory / "model.pt")
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        model = torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
+        self._module.load_state_dict(model)
+        optim = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(optim)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._module.state_dict()
