@@ -43,7 +43,7 @@ def train(cfg: Config) -> bool:
         trainer = build_trainer(cfg, dist, plan, loader)
         resume_from = _resume_folder(cfg, trainer.checkpointer)
         if resume_from is not None:
-            check_resume_compatible(cfg, resume_from)
+            check_resume_compatible(cfg, resume_from, trainer.strategy.checkpoint_layout())
             trainer.restore(resume_from)
         completed = trainer.fit()
         if completed:

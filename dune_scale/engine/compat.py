@@ -1,4 +1,5 @@
-"""Refuse to resume from a checkpoint of another model: list what differs instead of a shape error."""
+"""Refuse to resume from a checkpoint that this run cannot read: another model (list what differs
+instead of a shape error) or another strategy layout (say how to go on instead of a file error)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,32 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return [f"{key}: checkpoint has {old.get(key)!r}, this run has {new.get(key)!r}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
-def check_resume_compatible(cfg: Config, folder: Path) -> None:
-    saved = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True).get("config", {})
+def layout_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why files written under the ``saved`` strategy layout cannot be loaded under ``current``."""
+    if not saved or saved == current:
+        return None
+    if saved.get("strategy") != current.get("strategy"):
+        return (
+            f"it was written by strategy.name={saved.get('strategy')}, this run uses strategy.name={current.get('strategy')}; "
+            f"resume with strategy.name={saved.get('strategy')}, or start a new run (another run.output_dir) from its "
+            "weights with student.pretrained=<the run's student.safetensors>"
+        )
+    changed = ", ".join(f"{key} {saved.get(key)} → {current.get(key)}" for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key))
+    return (
+        f"its DeepSpeed ZeRO files are partitioned for another layout ({changed}); resume with "
+        f"strategy.zero_stage={saved.get('zero_stage')} on {saved.get('world_size')} ranks, or start a new run from its "
+        "weights with student.pretrained=<the run's student.safetensors> (strategy.name=fsdp reshards to any rank count)"
+    )
+
+
+def check_resume_compatible(cfg: Config, folder: Path, layout: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` when ``folder`` (a checkpoint) cannot be resumed by this run, whose
+    strategy writes the checkpoint ``layout``."""
+    state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    problem = layout_problem(state.get("layout", {}), layout)
+    if problem:
+        raise ConfigError(f"cannot resume from {folder}: {problem}")
+    saved = state.get("config", {})
     differences = config_differences(saved, cfg.to_dict())
     if differences:
         raise ConfigError(

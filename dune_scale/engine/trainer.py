@@ -103,6 +103,7 @@ class Trainer:
             "samples_seen": self.state.samples_seen,
             "global_batch": self.global_batch,
             "world_size": self.dist.world_size,
+            "layout": self.strategy.checkpoint_layout(),
             # The loader's position is global (samples of the epoch consumed by all ranks), so every
             # rank restores it, including ranks that did not exist at save time.
             "loader": self.loader.state_dict(),

@@ -53,6 +53,11 @@ class Strategy(ABC):
     @abstractmethod
     def load(self, directory: Path) -> None: ...
 
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """What the files ``save`` writes depend on, beyond the model: a resume must match it.
+        Single and FSDP (DCP reshards on load) depend on the strategy alone."""
+        return {"strategy": self.name}
+
     @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) student weights, on every rank, for export and pretrained loading."""

@@ -94,6 +94,10 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory / _TAG}")
 
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """ZeRO files hold per-rank partitions of one stage: both must match on resume."""
+        return {"strategy": self.name, "zero_stage": self.cfg.strategy.zero_stage, "world_size": self.dist.world_size}
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         if self.cfg.strategy.zero_stage == 3:
             import deepspeed
