@@ -156,7 +156,7 @@ def test_objective_combines_tokens_teachers_and_dropping() -> None:
                "b": {"patch": torch.randn(3, 9, 40, generator=g)}}
     objective = DistillObjective(
         ["a", "b"], ["dino2", "mast3r"], drop_method="none", drop_p=0.5, generic_domain="dino2", norm_eps=1e-3,
-        w_cos=0.5, w_sl1=0.5, beta=1.0, fused=False, world_size=1,
+        w_cos=0.5, w_sl1=0.5, beta=1.0, loss_fn=reference_distill_loss, world_size=1,
     )
     stats = objective.teacher_statistics([teacher], student.teacher_norms, momentum=1.0)
     out = objective(preds, teacher, stats)

@@ -56,10 +56,9 @@ def fused_distill_loss(
     w_cos: float = 0.5,
     w_sl1: float = 0.5,
     beta: float = 1.0,
-    fused: bool = True,
 ) -> torch.Tensor:
-    """DESIGN §4 entry point: the Triton kernels on CUDA when ``fused``, the reference otherwise."""
-    if fused and student.is_cuda:
+    """DESIGN §4 entry point: the Triton kernels on CUDA, the reference elsewhere."""
+    if student.is_cuda:
         from kernels import triton_available
 
         if triton_available():

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dune_scale.distill.dropping import drop_coefficients
-from dune_scale.distill.losses import fused_distill_loss
 
 # teacher → token type → (mean, std) used to standardise that teacher's features this step.
 Stats = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+# (student, teacher, mean, std, eps=, w_cos=, w_sl1=, beta=) → per-image loss (B,): DESIGN §4's signature.
+LossFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -28,7 +29,8 @@ class ObjectiveOutput:
 
 @dataclass
 class DistillObjective:
-    """Every setting comes from the config (``distill.*``, ``loss.*``): no second set of defaults."""
+    """Every setting comes from the config (``distill.*``, ``loss.*``): no second set of defaults.
+    ``loss_fn`` is chosen at construction: the fused entry point or the torch reference."""
 
     teacher_names: Sequence[str]
     teacher_domains: Sequence[str]
@@ -39,7 +41,7 @@ class DistillObjective:
     w_cos: float
     w_sl1: float
     beta: float
-    fused: bool
+    loss_fn: LossFn
     world_size: int
 
     def teacher_statistics(
@@ -73,9 +75,9 @@ class DistillObjective:
             for token, prediction in student_out[name].items():
                 mean, std = stats[name][token]
                 token_losses.append(
-                    fused_distill_loss(
+                    self.loss_fn(
                         prediction, teacher_out[name][token], mean, std,
-                        eps=self.norm_eps, w_cos=self.w_cos, w_sl1=self.w_sl1, beta=self.beta, fused=self.fused,
+                        eps=self.norm_eps, w_cos=self.w_cos, w_sl1=self.w_sl1, beta=self.beta,
                     )
                 )
             rows.append(torch.stack(token_losses).mean(dim=0))

@@ -13,6 +13,7 @@ import torch
 
 from dune_scale.config import Config, ConfigError
 from dune_scale.data.mixture import Mixture, MixtureError, resolve_mixture
+from dune_scale.distill.losses import fused_distill_loss, reference_distill_loss
 from dune_scale.distill.objective import DistillObjective
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
@@ -120,7 +121,7 @@ def build_objective(cfg: Config, teacher_names: list[str], world_size: int) -> D
         w_cos=cfg.loss.w_cos,
         w_sl1=cfg.loss.w_sl1,
         beta=cfg.loss.beta,
-        fused=cfg.loss.fused,
+        loss_fn=fused_distill_loss if cfg.loss.fused else reference_distill_loss,
         world_size=world_size,
     )
 
