@@ -85,6 +85,20 @@ def test_batch_that_the_mixture_cannot_split() -> None:
     assert "train.batch_size_per_rank: 2" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("teachers.models.1.name=mast3r_vitbase", "teachers.models.1.name: 'mast3r_vitbase' is not a known teacher"),
+        ("teachers.models.0.arch.depht=2", "teachers.models.0.arch: unknown setting(s) depht for dino2reg_vitlarge_14"),
+    ],
+)
+def test_run_check_names_teacher_problems(override: str, needle: str) -> None:
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [override])
+    with pytest.raises(ConfigError) as err:
+        check_run(cfg, DistInfo())
+    assert needle in str(err.value)
+
+
 def test_shipped_recipes_are_found_by_name() -> None:
     """Recipes and mixtures are package data: a name works wherever the package is installed."""
     assert load_config("vitb14_448").to_dict() == load_config(REPO / "configs" / "vitb14_448.yaml").to_dict()

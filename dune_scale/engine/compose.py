@@ -24,7 +24,7 @@ from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategies import build_strategy
 from dune_scale.engine.trainer import Trainer
 from dune_scale.models import vit
-from dune_scale.teachers import build_teacher_ensemble, get_teacher_spec
+from dune_scale.teachers import TEACHER_SPECS, build_teacher_ensemble, get_teacher_spec
 from dune_scale.telemetry.phases import NullPhaseTimer
 
 
@@ -52,6 +52,7 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
         raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
     if cfg.teachers.shard and dist.world_size == 1:
         raise ConfigError("teachers.shard=true needs several ranks; with one process the teachers are whole anyway")
+    _check_teacher_entries(cfg)
     try:
         mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
     except MixtureError as err:
@@ -60,6 +61,21 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
     if problem:
         raise ConfigError(f"train.batch_size_per_rank: {cfg.train.batch_size_per_rank!r} is not allowed; {problem}")
     return RunPlan(mixture=mixture)
+
+
+def _check_teacher_entries(cfg: Config) -> None:
+    """Known teacher names and architecture settings, named by their key (not a build-time error)."""
+    for i, teacher in enumerate(cfg.teachers.models):
+        if teacher.name not in TEACHER_SPECS:
+            raise ConfigError(
+                f"teachers.models.{i}.name: {teacher.name!r} is not a known teacher; choose one of {', '.join(TEACHER_SPECS)}"
+            )
+        unknown = sorted(set(teacher.arch) - set(TEACHER_SPECS[teacher.name].arch_keys()))
+        if unknown:
+            raise ConfigError(
+                f"teachers.models.{i}.arch: unknown setting(s) {', '.join(unknown)} for {teacher.name}; "
+                f"known: {', '.join(TEACHER_SPECS[teacher.name].arch_keys())}"
+            )
 
 
 def build_encoder(cfg: Config) -> vit.VisionTransformer:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dune_scale.config import deep_merge
+from dune_scale.config import ConfigError, deep_merge
 from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
 from dune_scale.engine.strategies.base import Strategy
 
@@ -51,7 +51,7 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
         try:
             user = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ValueError(f"strategy.deepspeed_config: cannot read {path} as JSON: {err}") from None
+            raise ConfigError(f"strategy.deepspeed_config: cannot read {path} as JSON: {err}") from None
         generated = deep_merge(generated, user)
     return generated
 
