@@ -130,6 +130,13 @@ class DuneEncoder(nn.Module):
         self.embed_dim = vit.embed_dim
         self.preprocess = ValTransform(image_size)
 
+    @classmethod
+    def from_weights(cls, weights: StudentWeights) -> DuneEncoder:
+        vit = weights.spec.build_encoder()
+        encoder_state = {k[len("encoder.") :]: v for k, v in weights.state.items() if k.startswith("encoder.")}
+        _load_strict(vit, encoder_state, weights.source)
+        return cls(vit, weights.spec.image_size).eval()
+
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
         tokens = self.vit.forward_tokens(images)
         prefix = self.vit.num_prefix_tokens
@@ -448,11 +455,7 @@ def _timm_arch(name: str, folder: Path) -> str:
 
 def load_encoder(source: str | Path) -> DuneEncoder:
     """The encoder of any student source, in eval mode (see :class:`DuneEncoder`)."""
-    weights = read_student(source)
-    vit = weights.spec.build_encoder()
-    encoder_state = {k[len("encoder.") :]: v for k, v in weights.state.items() if k.startswith("encoder.")}
-    _load_strict(vit, encoder_state, weights.source)
-    return DuneEncoder(vit, weights.spec.image_size).eval()
+    return DuneEncoder.from_weights(read_student(source))
 
 
 def build_student_from(weights: StudentWeights) -> nn.Module:
