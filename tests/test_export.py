@@ -366,3 +366,15 @@ def test_launch_script_runs_as_a_program(vits_file, tmp_path: Path) -> None:
     result = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert official_load(out).encoder.num_heads == 6
+
+
+class NotAllowListed:
+    """A class a malicious or foreign checkpoint could pickle."""
+
+
+def test_pickled_objects_other_than_the_args_namespace_are_refused(capsys, vits_file, tmp_path: Path) -> None:
+    path = _official_file(vits_file[1], tmp_path / "released.pth")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["extra"] = NotAllowListed()
+    torch.save(ckpt, path)
+    _fails(capsys, [str(path), "--format", "hf", "--out", str(tmp_path / "o")], str(path), "NotAllowListed", "refusing to unpickle")

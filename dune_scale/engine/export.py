@@ -265,10 +265,14 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f"a pickled object of class {found.group(1)}" if found else "pickled objects"
-        raise StudentFileError(f"{path}: holds {what}, which is not allow-listed (only argparse.Namespace); refusing to unpickle it") from None
+        if found:
+            raise StudentFileError(
+                f"{path}: holds a pickled object of class {found.group(1)}, which is not allow-listed "
+                "(only argparse.Namespace); refusing to unpickle it"
+            ) from None
+        raise StudentFileError(f"{path}: cannot read it (truncated or corrupt file?): {err}") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, bad header, not a torch file …
-        raise StudentFileError(f"{path}: cannot be read (truncated or corrupt file?): {err}") from None
+        raise StudentFileError(f"{path}: cannot read it (truncated or corrupt file?): {err}") from None
 
 
 def _teacher_layout(raw: Any) -> str | None:
@@ -329,7 +333,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise StudentFileError(f"{path}: cannot be read (truncated or corrupt safetensors?): {err}") from None
+        raise StudentFileError(f"{path}: cannot read it (truncated or corrupt safetensors?): {err}") from None
 
 
 def _read_checkpoint_folder(folder: Path) -> tuple[dict[str, torch.Tensor], int | None, dict[str, Any] | None]:
