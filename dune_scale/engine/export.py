@@ -35,6 +35,7 @@ from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE, Checkpointer, is_complete
 from dune_scale.models.vit import VisionTransformer
+from dune_scale.teachers.checkpoints import ALLOWED_GLOBALS
 
 # The named students: (width, depth, heads). Heads cannot be read from weights; the width names them.
 NAMED_ARCHS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
@@ -261,7 +262,7 @@ def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _torch_load(path: Path) -> Any:
     """``weights_only=True`` with ``argparse.Namespace`` allow-listed (official DUNE files hold one)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
