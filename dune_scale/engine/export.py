@@ -36,6 +36,7 @@ from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE, Checkpointer, is_complete
 from dune_scale.models.vit import VisionTransformer
 from dune_scale.teachers.checkpoints import ALLOWED_GLOBALS
+from dune_scale.teachers.registry import TEACHER_SPECS
 
 # The named students: (width, depth, heads). Heads cannot be read from weights; the width names them.
 NAMED_ARCHS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
@@ -152,8 +153,9 @@ class DuneEncoder(nn.Module):
 
 def spec_from_state(state: dict[str, torch.Tensor], num_heads: int | None, source: Path) -> StudentSpec:
     """Read the architecture off the weights; only the head count needs ``num_heads`` (or a named width)."""
-    if "encoder.pos_embed" not in state:
-        raise StudentFileError(f"{source}: no encoder weights (key encoder.pos_embed) found; expected a DUNE student")
+    for key in ("encoder.pos_embed", "encoder.patch_embed.proj.weight", "encoder.blocks.0.norm1.weight"):
+        if key not in state:
+            raise StudentFileError(f"{source}: no {key} in its weights; expected a DUNE student (ViT encoder + projectors)")
     embed_dim = state["encoder.pos_embed"].shape[-1]
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.blocks\.(\d+)\.", k)))
     if num_heads is None:
@@ -167,7 +169,7 @@ def spec_from_state(state: dict[str, torch.Tensor], num_heads: int | None, sourc
     patch = state["encoder.patch_embed.proj.weight"].shape[-1]
     grid = state["encoder.pos_embed"].shape[1] - 1
     teachers = sorted({k.split(".")[1] for k in state if k.startswith("projectors.")})
-    mlp = state.get("encoder.blocks.0.mlp.fc1.weight")
+    mlp = state.get(f"projectors.{teachers[0]}.blocks.0.mlp.fc1.weight") if teachers else None
     return StudentSpec(
         embed_dim=embed_dim,
         depth=depth,
@@ -485,11 +487,11 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path
 # ------------------------------------------------------------------------------------- writing
 
 
-def _require_named(weights: StudentWeights, fmt: str) -> str:
+def _official_arch(weights: StudentWeights) -> str:
     arch = weights.spec.arch
     if arch == "custom" or weights.spec.patch_size != 14:
         raise StudentFileError(
-            f"format {fmt}: the official loaders build vit_small / vit_base / vit_large with patch 14 only; "
+            "format dune: the official DUNE loader builds vit_small / vit_base / vit_large with patch 14 only; "
             f"{weights.source} is a custom student (width {weights.spec.embed_dim}, {weights.spec.depth} blocks, "
             f"{weights.spec.num_heads} heads, patch {weights.spec.patch_size}); use --format hf"
         )
@@ -499,9 +501,7 @@ def _require_named(weights: StudentWeights, fmt: str) -> str:
 def write_dune(weights: StudentWeights, out: Path) -> Path:
     """The official DUNE ``.pth``: ``model`` (its key layout), ``args`` (what its loader builds
     from: image_size, enc_args, proj_args, teachers) and ``iter``."""
-    from dune_scale.teachers.registry import TEACHER_SPECS
-
-    arch = _require_named(weights, "dune")
+    arch = _official_arch(weights)
     spec = weights.spec
     for name, dim in spec.teacher_dims.items():
         official = TEACHER_SPECS.get(name)
@@ -534,6 +534,8 @@ def _timm_config(weights: StudentWeights, arch: str) -> dict[str, Any]:
         model_args.update(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads)
     if spec.num_register_tokens != 4:
         model_args["reg_tokens"] = spec.num_register_tokens
+    if spec.patch_size != 14:
+        model_args["patch_size"] = spec.patch_size
     return {
         "architecture": TIMM_NAMES[arch],
         "num_classes": 0,
@@ -542,19 +544,17 @@ def _timm_config(weights: StudentWeights, arch: str) -> dict[str, Any]:
         "pretrained_cfg": {
             "input_size": [3, spec.image_size, spec.image_size], "interpolation": "bicubic",
             "crop_pct": 1 / VAL_RESIZE_RATIO, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "num_classes": 0, "license": "see the DUNE teachers' licenses",
+            "num_classes": 0,
         },
     }
 
 
 def write_timm(weights: StudentWeights, out: Path) -> Path:
     """A timm local folder: ``timm.create_model("local-dir:OUT", pretrained=True)`` loads it (a
-    custom width keeps the ``vit_small`` name with its shapes in ``model_args``)."""
+    custom shape keeps the ``vit_small`` name with its sizes in ``model_args``)."""
     from safetensors.torch import save_file
 
     arch = weights.spec.arch if weights.spec.arch != "custom" else "vit_small"
-    if weights.spec.patch_size != 14:
-        _require_named(weights, "timm")
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in to_timm(weights.state).items()}, str(out / HF_WEIGHTS))
     (out / HF_CONFIG).write_text(json.dumps(_timm_config(weights, arch), indent=2))
