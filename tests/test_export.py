@@ -106,7 +106,8 @@ def official_load(path: Path) -> OfficialDune:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # as the official loader reads it
     args = ckpt["args"]
     encoder = OfficialEncoder(**{**ENCODER_OPTIONS, **args.enc_args, "image_size": args.image_size})
-    proj_args = {"num_blocks": 1, "num_heads": 12, "layerscale_init": 1e-4, **args.proj_args, "num_heads": encoder.num_heads}
+    proj_args = {"num_blocks": 1, "num_heads": 12, "layerscale_init": 1e-4, **args.proj_args}
+    proj_args["num_heads"] = encoder.num_heads  # build_student_from_args always sets it
     projectors = nn.ModuleDict({t: OfficialProjector(encoder.embed_dim, TEACHER_CFG[t][0], **proj_args) for t in args.teachers})
     norms = nn.ModuleDict(
         {t: nn.ModuleDict({"normalizers": nn.ModuleDict({tok: OfficialNormalizer(TEACHER_CFG[t][0]) for tok in TEACHER_CFG[t][1]})})

@@ -18,10 +18,8 @@ import functools
 import hashlib
 import io
 import json
-import pickle
 import re
 import warnings
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE, Checkpointer, is_complete
 from dune_scale.models.vit import VisionTransformer
-from dune_scale.teachers.checkpoints import ALLOWED_GLOBALS
+from dune_scale.teachers.checkpoints import UnreadableCheckpoint, load_allow_listed
 from dune_scale.teachers.registry import TEACHER_SPECS
 
 # The named students: (width, depth, heads). Heads cannot be read from weights; the width names them.
@@ -264,18 +262,9 @@ def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _torch_load(path: Path) -> Any:
     """``weights_only=True`` with ``argparse.Namespace`` allow-listed (official DUNE files hold one)."""
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        if found:
-            raise StudentFileError(
-                f"{path}: holds a pickled object of class {found.group(1)}, which is not allow-listed "
-                "(only argparse.Namespace); refusing to unpickle it"
-            ) from None
-        raise StudentFileError(f"{path}: cannot read it (truncated or corrupt file?): {err}") from None
-    except Exception as err:  # noqa: BLE001 - truncated zip, bad header, not a torch file …
-        raise StudentFileError(f"{path}: cannot read it (truncated or corrupt file?): {err}") from None
+        return load_allow_listed(path)
+    except UnreadableCheckpoint as err:
+        raise StudentFileError(f"{path}: {err}") from None
 
 
 def _teacher_layout(raw: Any) -> str | None:
@@ -336,7 +325,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise StudentFileError(f"{path}: cannot read it (truncated or corrupt safetensors?): {err}") from None
+        raise StudentFileError(f"{path}: cannot be read (truncated or corrupt safetensors?): {err}") from None
 
 
 def _read_checkpoint_folder(folder: Path) -> tuple[dict[str, torch.Tensor], int | None, dict[str, Any] | None]:
@@ -627,10 +616,10 @@ def model_card(weights: StudentWeights) -> str:
     ]
     train, optim = config.get("train", {}), config.get("optim", {})
     if train:
-        lines += [f"- stage {train.get('stage')}, {train.get('image_size')} px, {train.get('epochs')} epochs of "
-                  f"{train.get('epoch_size')} images, batch {train.get('batch_size_per_rank')} per rank, precision {train.get('precision')}",
-                  f"- AdamW base lr {optim.get('base_lr')} (per {optim.get('lr_reference_batch')} images), weight decay "
-                  f"{optim.get('weight_decay')}, teacher dropping {config.get('distill', {}).get('teacher_drop')}"]
+        lines.append(f"- stage {train.get('stage')}, {train.get('image_size')} px, {train.get('epochs')} epochs of "
+                     f"{train.get('epoch_size')} images, batch {train.get('batch_size_per_rank')} per rank, precision {train.get('precision')}")
+        lines.append(f"- AdamW base lr {optim.get('base_lr')} (per {optim.get('lr_reference_batch')} images), weight decay "
+                     f"{optim.get('weight_decay')}, teacher dropping {config.get('distill', {}).get('teacher_drop')}")
     else:
         lines.append(f"- unknown (exported from {weights.source}, no run config beside it)")
     lines += ["", "## Data mixture", *_mixture_lines(config), "", "## Teachers", *_teacher_lines(config, weights.run_dir)]

@@ -55,7 +55,7 @@ def pca_grid(images: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> np.ndarr
     (nearest) to H×W; a header row names the columns. Returns uint8 (rows, cols, 3)."""
     from PIL import Image, ImageDraw
 
-    batch, _, height, width = images.shape
+    height, width = images.shape[-2:]
     columns = [images.cpu()]
     for rgb in maps.values():
         up = F.interpolate(rgb.float().cpu(), size=(height, width), mode="nearest")
