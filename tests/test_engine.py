@@ -100,6 +100,6 @@ def test_pretrained_init_resamples_pos_embed_and_checks_shapes(tmp_path: Path) -
     with pytest.raises(PretrainedError, match=r"encoder.cls_token has shape \(1, 1, 32\), the student needs \(1, 1, 48\)"):
         load_pretrained_student(wider, tmp_path / "stage1.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(PretrainedError, match="cannot read"):
+    with pytest.raises(PretrainedError, match="cannot be read"):
         load_pretrained_student(stage2, tmp_path / "junk.pt")
 

@@ -1,10 +1,11 @@
 """Initialise a student from a stage-1 run or a released DUNE checkpoint (stage 2).
 
-Accepted: a run's checkpoint root (its latest complete checkpoint), one checkpoint folder, or a
-weights file (``.safetensors``, or ``.pt``/``.pth`` loaded with ``weights_only=True``) holding the
-full student state (``encoder.*``, ``projectors.*``, ``teacher_norms.*``) or the encoder alone,
-optionally under a ``model``/``state_dict`` key. The positional embedding is resampled when the
-checkpoint was trained at another resolution (336 → 448 px).
+Accepted: every student source :func:`~dune_scale.engine.export.read_student` reads — a run folder,
+a checkpoint root or folder of any strategy, a weights file (``.safetensors``, or ``.pt``/``.pth``
+loaded with ``weights_only=True``) holding the full student or the encoder alone, an official DUNE
+``.pth`` (``args`` Namespace allow-listed, ``module.`` prefixes, ``BlockChunk`` keys, teacher-norm
+statistics) or an exported folder. The positional embedding is resampled when the checkpoint was
+trained at another resolution (336 → 448 px).
 """
 
 from __future__ import annotations
@@ -16,45 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dune_scale.engine.checkpointer import LATEST, is_complete
+from dune_scale.engine.export import StudentFileError, read_student
 
 
 class PretrainedError(ValueError):
     """The pretrained student weights cannot be used (named in the message)."""
 
 
-def _weights_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if path.is_dir():
-        if not is_complete(path):
-            raise PretrainedError(f"student.pretrained: checkpoint {path} is incomplete or corrupt")
-        if (path / "model.pt").is_file():
-            return path / "model.pt"
-    raise PretrainedError(f"student.pretrained: {path} is neither a weights file nor a checkpoint folder with model.pt")
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    path = _weights_file(Path(path))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-            raise PretrainedError(f"student.pretrained: cannot read {path}: {err}") from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedError(f"student.pretrained: {path} does not hold a state dict of tensors")
-    if not any(k.startswith("encoder.") for k in state):
-        state = {f"encoder.{k}": v for k, v in state.items()}
-    return state
+    """The student weights of ``path`` in our layout (official DUNE files and checkpoints of every
+    strategy are converted by :func:`dune_scale.engine.export.read_student`)."""
+    try:
+        return read_student(path).state
+    except StudentFileError as err:
+        raise PretrainedError(f"student.pretrained: {err}") from None
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:

@@ -55,20 +55,32 @@ def read_checkpoint(spec: TeacherSpec, path: Path) -> Any:
     if not path.is_file():
         raise _fail(spec, path, "file not found")
     try:
+        return load_allow_listed(path)
+    except UnreadableCheckpoint as err:
+        raise _fail(spec, path, str(err)) from None
+
+
+class UnreadableCheckpoint(ValueError):
+    """A torch file that cannot be loaded with weights_only=True (the message says why)."""
+
+
+def load_allow_listed(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with only :data:`ALLOWED_GLOBALS` unpickled (teachers and
+    released DUNE students); any failure is one :class:`UnreadableCheckpoint` saying why."""
+    try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             # mmap: a ViT-L file is not copied into memory before the encoder's tensors are picked.
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
         if found:
-            raise _fail(
-                spec, path,
+            raise UnreadableCheckpoint(
                 f"it holds a pickled Python object of class {found.group(1)}, which is not allow-listed "
-                f"(only {', '.join(c.__module__ + '.' + c.__qualname__ for c in ALLOWED_GLOBALS)}); refusing to unpickle it",
+                f"(only {', '.join(c.__module__ + '.' + c.__qualname__ for c in ALLOWED_GLOBALS)}); refusing to unpickle it"
             ) from None
-        raise _fail(spec, path, f"cannot be read (truncated or corrupt file?): {err}") from None
+        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {err}") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, bad header, not a checkpoint …
-        raise _fail(spec, path, f"cannot be read (truncated or corrupt file?): {err}") from None
+        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {err}") from None
 
 
 def detect_layout(raw: Any) -> str | None:

@@ -1,0 +1,381 @@
+"""Export and import of trained students: official DUNE .pth, timm, Hugging Face-style folder,
+``load_encoder``, stage-2 initialisation from a released DUNE file, and clear errors for bad input.
+
+The official naver/dune code is not installed (and must not be vendored), so ``official_load``
+below rebuilds a model the way its loader does from the saved ``args`` (EncoderOptions /
+ProjectorOptions defaults updated by ``enc_args`` / ``proj_args``, ``TEACHER_CFG`` widths and token
+types, one ``BlockChunk`` padded by nothing, ``mask_token``, ``projectors.<t>.linear`` with
+``scale``, ``teacher_norms.<t>.normalizers.<tok>.mean/std``) and loads the file strictly. Its
+blocks are this project's ``Block`` (same parameter names and math as DINOv2's): what is under test
+is the key layout, the arguments and the forward wiring of ``get_encoder_output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import REPO, TINY_CPU, launch_command, launcher_env, tiny_overrides
+from dune_scale import load_encoder
+from dune_scale.cli.export import main as export_main
+from dune_scale.engine.export import StudentSpec, build_student_from, read_student
+from dune_scale.models.vit import Block, PatchEmbed
+
+TEACHER_CFG = {  # naver/dune teachers/config.py: num_features and token_types
+    "dino2reg_vitlarge_14": (1024, ["cls", "patch"]),
+    "mast3r_vitlarge_16": (1024, ["patch"]),
+    "multihmr_vitlarge_14_672": (1024, ["patch"]),
+}
+ENCODER_OPTIONS = {"arch": "vit_base", "image_size": 336, "patch_size": 14, "num_register_tokens": 4, "layerscale_init": 1e-4}
+ARCHS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+SIZE = 28  # 2×2 patches: a ViT-S forward costs milliseconds
+
+
+# ----------------------------------------------------------------------- the official loader, rebuilt
+
+
+class OfficialEncoder(nn.Module):
+    """DinoVisionTransformer(block_chunks=1): ``blocks.0.<i>``, ``mask_token``, forward(apply_norm)."""
+
+    def __init__(self, arch: str, image_size: int, patch_size: int, num_register_tokens: int, layerscale_init: float) -> None:
+        super().__init__()
+        width, depth, heads = ARCHS[arch]
+        self.embed_dim, self.num_heads, self.num_register_tokens = width, heads, num_register_tokens
+        self.patch_embed = PatchEmbed(patch_size, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (image_size // patch_size) ** 2, width))
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, width))
+        self.blocks = nn.ModuleList([nn.ModuleList(Block(width, heads, layerscale_init=layerscale_init) for _ in range(depth))])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mask_token = nn.Parameter(torch.zeros(1, width))
+
+    def forward(self, images: torch.Tensor, apply_norm: bool = True) -> dict[str, torch.Tensor]:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # native size
+        x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        for block in self.blocks[0]:
+            x = block(x)
+        x = self.norm(x) if apply_norm else x
+        return {"x_norm_clstoken": x[:, 0], "x_norm_patchtokens": x[:, 1 + self.num_register_tokens :]}
+
+
+class OfficialProjector(nn.Module):
+    def __init__(self, input_dim: int, output_dim: int, num_blocks: int, num_heads: int, layerscale_init: float,
+                 mlp_ratio: float = 4.0, scale: float = 1.0, **_: object) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(input_dim, num_heads, mlp_ratio, layerscale_init=layerscale_init) for _ in range(num_blocks))
+        self.linear = nn.Linear(input_dim, output_dim)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.scale * self.linear(x)
+
+
+class OfficialNormalizer(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+
+class OfficialDune(nn.Module):
+    def __init__(self, encoder: OfficialEncoder, projectors: nn.ModuleDict, teacher_norms: nn.ModuleDict) -> None:
+        super().__init__()
+        self.encoder, self.projectors, self.teacher_norms = encoder, projectors, teacher_norms
+
+    def get_encoder_output(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(images, apply_norm=False)
+        return torch.cat([out["x_norm_clstoken"].unsqueeze(1), out["x_norm_patchtokens"]], dim=1)
+
+    def get_projector_output(self, images: torch.Tensor, teacher: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.projectors[teacher](self.get_encoder_output(images))
+        return out[:, 0], out[:, 1:]
+
+
+def official_load(path: Path) -> OfficialDune:
+    """``load_dune_from_checkpoint``: build from ``ckpt['args']``, strip prefixes, strict load."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # as the official loader reads it
+    args = ckpt["args"]
+    encoder = OfficialEncoder(**{**ENCODER_OPTIONS, **args.enc_args, "image_size": args.image_size})
+    proj_args = {"num_blocks": 1, "num_heads": 12, "layerscale_init": 1e-4, **args.proj_args}
+    proj_args["num_heads"] = encoder.num_heads  # build_student_from_args always sets it
+    projectors = nn.ModuleDict({t: OfficialProjector(encoder.embed_dim, TEACHER_CFG[t][0], **proj_args) for t in args.teachers})
+    norms = nn.ModuleDict(
+        {t: nn.ModuleDict({"normalizers": nn.ModuleDict({tok: OfficialNormalizer(TEACHER_CFG[t][0]) for tok in TEACHER_CFG[t][1]})})
+         for t in args.teachers}
+    )
+    model = OfficialDune(encoder, projectors, norms)
+    model.load_state_dict({k.replace("module.", "").replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}, strict=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------- fixtures
+
+
+def vit_small_student(seed: int = 0, image_size: int = SIZE) -> nn.Module:
+    """A ViT-S/14 DUNE student with the official teachers, every weight and statistic non-trivial."""
+    spec = StudentSpec(384, 12, 6, 14, 4, image_size, 1e-4, {t: d for t, (d, _) in TEACHER_CFG.items()},
+                       {t: toks for t, (_, toks) in TEACHER_CFG.items()}, 1, 4.0)
+    torch.manual_seed(seed)
+    student = spec.build_student()
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            if "gamma" in name or "teacher_norms" in name or name.endswith(("cls_token", "register_tokens")):
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def vits_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+    student = vit_small_student()
+    path = tmp_path_factory.mktemp("vits") / "student.safetensors"
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(path))
+    return path, student
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
+    """A finished tiny single-process run with checkpoints at steps 2 and 3."""
+    from dune_scale.config import load_config
+    from dune_scale.engine.run import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train(load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=3", "checkpoint.every_steps=2")))
+    return out
+
+
+def images(size: int = SIZE, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------- official DUNE format
+
+
+@torch.no_grad()
+def test_dune_export_loads_strictly_in_the_official_loader_with_identical_outputs(vits_file, tmp_path: Path) -> None:
+    source, student = vits_file
+    out = tmp_path / "dune.pth"
+    assert export_main([str(source), "--format", "dune", "--out", str(out)]) == 0
+    official = official_load(out)
+    x = images()
+    tokens = official.get_encoder_output(x)
+    ours = load_encoder(source).forward_features(x)
+    assert torch.equal(ours["cls"], tokens[:, 0]) and torch.equal(ours["patch"], tokens[:, 1:])
+    predictions = student(x)
+    for teacher in TEACHER_CFG:
+        cls, patch = official.get_projector_output(x, teacher)
+        assert torch.equal(predictions[teacher]["patch"], patch)
+        if "cls" in predictions[teacher]:
+            assert torch.equal(predictions[teacher]["cls"], cls)
+        for token in TEACHER_CFG[teacher][1]:
+            norm = student.teacher_norms[teacher][token]
+            assert torch.equal(official.teacher_norms[teacher]["normalizers"][token].std, norm.running_std)
+
+
+def _official_file(student: nn.Module, path: Path, prefix: str = "", with_args: bool = True, arch: str = "vit_small") -> Path:
+    """A file as naver/dune's training writes it (from our reconstruction of its model)."""
+    from dune_scale.engine.export import to_official_dune
+
+    model = {f"{prefix}{k}": v for k, v in to_official_dune(student.state_dict()).items()}
+    ckpt = {"model": model, "iter": 1234}
+    if with_args:
+        ckpt["args"] = argparse.Namespace(image_size=SIZE, enc_args={"arch": arch}, proj_args={}, teachers=sorted(TEACHER_CFG))
+    torch.save(ckpt, path)
+    return path
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prefix, with_args", [("", True), ("module.", True), ("module.", False)])
+def test_official_files_load_in_every_form(vits_file, tmp_path: Path, prefix: str, with_args: bool) -> None:
+    _, student = vits_file
+    path = _official_file(student, tmp_path / "released.pth", prefix, with_args)
+    weights = read_student(path)
+    assert set(weights.state) == set(student.state_dict())
+    assert all(torch.equal(weights.state[k], v) for k, v in student.state_dict().items())
+    rebuilt = build_student_from(weights)
+    x = images()
+    assert torch.equal(rebuilt(x)["mast3r_vitlarge_16"]["patch"], student(x)["mast3r_vitlarge_16"]["patch"])
+    if with_args:
+        assert weights.step == 1234
+        # ... and the official loader reads our re-export of it.
+        out = tmp_path / "again.pth"
+        assert export_main([str(path), "--format", "dune", "--out", str(out)]) == 0
+        assert torch.equal(official_load(out).get_encoder_output(x), official_load(path).get_encoder_output(x))
+
+
+@torch.no_grad()
+def test_stage_two_starts_from_a_released_dune_file_at_a_new_resolution(vits_file, tmp_path: Path) -> None:
+    from dune_scale.engine.pretrained import load_pretrained_student, resample_pos_embed
+
+    _, student = vits_file
+    path = _official_file(student, tmp_path / "released.pth", "module.")
+    stage2 = vit_small_student(seed=5, image_size=42)
+    load_pretrained_student(stage2, path)
+    loaded, original = stage2.state_dict(), student.state_dict()
+    assert torch.equal(loaded["encoder.pos_embed"], resample_pos_embed(original["encoder.pos_embed"], 3))
+    for key in ("encoder.blocks.11.mlp.fc2.weight", "projectors.dino2reg_vitlarge_14.head.bias",
+                "teacher_norms.multihmr_vitlarge_14_672.patch.running_mean", "encoder.register_tokens"):
+        assert torch.equal(loaded[key], original[key])
+
+
+# ----------------------------------------------------------------------- timm, hf, torch.hub
+
+
+@torch.no_grad()
+def test_timm_export_gives_timms_features_at_the_native_resolution(vits_file, tiny_run: Path, tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    for source, size in ((vits_file[0], SIZE), (tiny_run, 56)):
+        out = tmp_path / f"timm_{size}"
+        assert export_main([str(source), "--format", "timm", "--out", str(out)]) == 0
+        model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        x = images(size)
+        ours = load_encoder(source).vit.forward_features(x)  # with the final norm, as timm's
+        theirs = model.forward_features(x)
+        assert torch.equal(theirs[:, 0], ours["cls"]) and torch.equal(theirs[:, 5:], ours["patch"])
+        assert torch.equal(load_encoder(out).forward_features(x)["patch"], load_encoder(source).forward_features(x)["patch"])
+    config = json.loads((tmp_path / f"timm_{SIZE}" / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch14_reg4_dinov2"
+    direct = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=SIZE, num_classes=0)
+    direct.load_state_dict(load_file(str(tmp_path / f"timm_{SIZE}" / "model.safetensors")), strict=True)
+
+
+@torch.no_grad()
+def test_hf_folder_has_a_card_and_loads_through_torch_hub(vits_file, tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hf_vits"
+    assert export_main([str(vits_file[0]), "--format", "hf", "--out", str(out)]) == 0
+    hub = torch.hub.load(str(out), "dune_vits14", source="local")
+    x = images()
+    assert torch.equal(hub.forward_features(x)["patch"], load_encoder(vits_file[0]).forward_features(x)["patch"])
+    assert not hub.training
+    run_out = tmp_path / "hf_tiny"
+    assert export_main([str(tiny_run), "--format", "hf", "--out", str(run_out)]) == 0
+    card = (run_out / "README.md").read_text()
+    assert "steps trained: 3" in card and "random init" in card and "synth_mast3r" in card
+    assert "| synth_dino2 | dino2 | " in card and "| ? |" not in card  # sizes read from the shards' index
+    assert torch.equal(torch.hub.load(str(run_out), "dune_encoder", source="local").forward_features(images(56))["cls"],
+                       load_encoder(tiny_run).forward_features(images(56))["cls"])
+
+
+def test_model_card_names_teacher_hashes_and_last_validation(tiny_run: Path, tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    teacher_file = tmp_path / "dino.safetensors"
+    teacher_file.write_bytes(b"not really weights")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["teachers"]["models"][0].update(checkpoint=str(teacher_file), random_init=False)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 3, "val_loss": 0.25, "val_loss_bedlam": 0.5}) + "\n")
+    weights = read_student(run / "student.safetensors")
+    from dune_scale.engine.export import model_card
+
+    card = model_card(weights)
+    assert hashlib.sha256(b"not really weights").hexdigest() in card
+    assert "val_loss: 0.25" in card and "val_loss_bedlam: 0.5" in card
+
+
+# ----------------------------------------------------------------------- every strategy's checkpoints
+
+
+@torch.no_grad()
+def test_single_checkpoints_and_weights_give_the_same_encoder(tiny_run: Path) -> None:
+    x = images(56)
+    final = load_encoder(tiny_run).forward_features(x)
+    for source in (tiny_run / "student.safetensors", tiny_run / "checkpoints", tiny_run / "checkpoints" / "step_000000003"):
+        assert torch.equal(load_encoder(source).forward_features(x)["patch"], final["patch"])
+    assert read_student(tiny_run).step == 3
+    assert not torch.equal(load_encoder(tiny_run / "checkpoints" / "step_000000002").forward_features(x)["patch"], final["patch"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy, launcher, stage", [("fsdp", "torchrun", 2), ("deepspeed", "deepspeed", 3)])
+def test_sharded_checkpoints_are_read_without_their_world_size(strategy: str, launcher: str, stage: int, tmp_path: Path,
+                                                                demo_shards: Path) -> None:
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, demo_shards, f"strategy.name={strategy}", f"strategy.zero_stage={stage}",
+                               "train.batch_size_per_rank=6", "train.max_steps=2", "checkpoint.every_steps=2")
+    command = launch_command(launcher, 2, REPO / "launch" / "train.py", "--config", str(TINY_CPU), *overrides)
+    result = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = read_student(out / "checkpoints" / "step_000000002")  # this process: no process group
+    reference = load_file(str(out / "student.safetensors"))
+    assert set(weights.state) == set(reference)
+    assert all(torch.equal(weights.state[k], reference[k]) for k in reference)
+    assert export_main([str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+def _fails(capsys: pytest.CaptureFixture, argv: list[str], *expected: str) -> None:
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+
+
+def test_a_teacher_checkpoint_given_as_student_is_named(capsys, tmp_path: Path) -> None:
+    from dune_scale.teachers import build_teacher, convert_teacher
+
+    dinov2 = build_teacher("dino2reg_vitlarge_14", embed_dim=32, depth=1, num_heads=2, img_size=28)
+    release = tmp_path / "dinov2_vitl14_reg4_pretrain.pth"
+    torch.save(dinov2.state_dict(), release)
+    _fails(capsys, [str(release), "--format", "hf", "--out", str(tmp_path / "o")], str(release), "DINOv2 teacher", "not a DUNE student")
+    multihmr = tmp_path / "multiHMR_672_L.pt"
+    torch.save({"model_state_dict": {f"backbone.encoder.{k}": v for k, v in dinov2.state_dict().items()}}, multihmr)
+    _fails(capsys, [str(multihmr), "--format", "hf", "--out", str(tmp_path / "o")], str(multihmr), "Multi-HMR teacher")
+    weights, _ = convert_teacher("dino2reg_vitlarge_14", release, tmp_path / "converted", embed_dim=32, depth=1, num_heads=2, img_size=28)
+    _fails(capsys, [str(weights), "--format", "hf", "--out", str(tmp_path / "o")], str(weights), "teacher checkpoint")
+
+
+def test_truncated_files_are_named(capsys, vits_file, tmp_path: Path) -> None:
+    source, student = vits_file
+    pth = _official_file(student, tmp_path / "released.pth")
+    for path in (pth, source):
+        cut = tmp_path / f"cut_{path.name}"
+        cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        _fails(capsys, [str(cut), "--format", "timm", "--out", str(tmp_path / "o")], str(cut), "truncated or corrupt")
+
+
+def test_unknown_architectures_are_named(capsys, vits_file, tiny_run: Path, tmp_path: Path) -> None:
+    pth = _official_file(vits_file[1], tmp_path / "huge.pth", arch="vit_huge")
+    _fails(capsys, [str(pth), "--format", "hf", "--out", str(tmp_path / "o")], str(pth), "'vit_huge' is unknown", "vit_small")
+    _fails(capsys, [str(tiny_run), "--format", "dune", "--out", str(tmp_path / "o.pth")], "custom student", "--format hf")
+    bare = tmp_path / "custom.safetensors"  # a custom width with no config beside it: heads unknown
+    save_file(load_file(str(tiny_run / "student.safetensors")), str(bare))
+    _fails(capsys, [str(bare), "--format", "hf", "--out", str(tmp_path / "o")], str(bare), "head count")
+
+
+def test_launch_script_runs_as_a_program(vits_file, tmp_path: Path) -> None:
+    out = tmp_path / "dune.pth"
+    command = launch_command("python", 1, REPO / "launch" / "export.py", str(vits_file[0]), "--format", "dune", "--out", str(out))
+    result = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert official_load(out).encoder.num_heads == 6
+
+
+class NotAllowListed:
+    """A class a malicious or foreign checkpoint could pickle."""
+
+
+def test_pickled_objects_other_than_the_args_namespace_are_refused(capsys, vits_file, tmp_path: Path) -> None:
+    path = _official_file(vits_file[1], tmp_path / "released.pth")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["extra"] = NotAllowListed()
+    torch.save(ckpt, path)
+    _fails(capsys, [str(path), "--format", "hf", "--out", str(tmp_path / "o")], str(path), "NotAllowListed", "refusing to unpickle")
