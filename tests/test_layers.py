@@ -20,8 +20,8 @@ def _layer(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] == "kernels":
         return "kernels"
-    if parts[0] != "dune_scale" or len(parts) < 2:
-        return None
+    if parts[0] != "dune_scale" or len(parts) < 2 or parts[1] == "__init__":
+        return None  # dune_scale/__init__.py is the user-facing facade above every layer (lazy imports)
     return parts[1]
 
 
