@@ -41,7 +41,7 @@ def test_grid_places_image_then_maps_per_row() -> None:
 def tiny_student_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder as training leaves it (config.yaml + student.safetensors), without training."""
     from dune_scale.config import load_config, save_config
-    from dune_scale.engine.run import build_student
+    from dune_scale.engine.compose import build_student
     from dune_scale.teachers import build_teacher_ensemble
 
     run = tmp_path_factory.mktemp("pca") / "run"
