@@ -1,15 +1,22 @@
-"""torchrun worker: teacher features with FSDP2-sharded teachers equal the replicated ones."""
+"""torchrun worker: teacher features with FSDP2-sharded teachers equal the replicated ones.
 
+``teacher_shard.py OUT [world|node]``: with ``node`` the ranks pretend to be nodes of two ranks
+each (the simulated 2 × 2 layout of four ranks), so the teachers are sharded in pairs and replicated
+across them; each rank also writes the fraction of a teacher weight it holds.
+"""
+
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 from dune_scale import distributed
-from dune_scale.engine.parallelize import shard_frozen_module
+from dune_scale.engine.parallelize import shard_frozen_module, teacher_mesh
 from dune_scale.teachers import TeacherEnsemble, build_teacher, get_teacher_spec
 
 NAMES = ["dino2reg_vitlarge_14", "mast3r_vitlarge_16", "multihmr_vitlarge_14_672"]
+RANKS_PER_SIMULATED_NODE = 2
 
 
 def ensemble() -> TeacherEnsemble:
@@ -19,16 +26,22 @@ def ensemble() -> TeacherEnsemble:
 
 
 def main() -> None:
+    out, scope = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "world"
     dist = distributed.init_distributed("cpu")
+    if scope == "node":
+        dist = dataclasses.replace(dist, local_world_size=RANKS_PER_SIMULATED_NODE)
     images = torch.randn(3, 3, 56, 42, generator=torch.Generator().manual_seed(dist.rank))
     replicated = ensemble()(images)
     sharded_ensemble = ensemble()
+    mesh = teacher_mesh(scope, dist)
     for teacher in sharded_ensemble.teachers.values():
-        shard_frozen_module(teacher, teacher.blocks, torch.float32)
+        shard_frozen_module(teacher, teacher.blocks, torch.float32, mesh)
     sharded = sharded_ensemble(images)
     diffs = {f"{n}.{t}": (sharded[n][t] - replicated[n][t]).abs().max().item() for n in NAMES for t in replicated[n]}
-    torch.save(diffs, Path(sys.argv[1]) / f"diff_{dist.rank}.pt")
-    del sharded_ensemble, sharded  # free the sharded modules while the process group still exists
+    torch.save(diffs, out / f"diff_{dist.rank}.pt")
+    weight = sharded_ensemble.teachers[NAMES[0]].blocks[0].mlp.fc1.weight  # a DTensor: this rank's shard
+    torch.save({"fraction": weight.to_local().numel() / weight.numel(), "shard": weight.to_local().clone()}, out / f"layout_{dist.rank}.pt")
+    del sharded_ensemble, sharded, weight  # free the sharded modules while the process group still exists
     distributed.barrier()
     distributed.shutdown()
 
