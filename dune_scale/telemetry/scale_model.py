@@ -183,15 +183,15 @@ def student_collectives(strategy: str, sizes: ModelSizes, gpus: int, links: Link
     raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
 
 
-def teacher_collectives(scope: str, sizes: ModelSizes, gpus: int, links: Links) -> list[Collective]:
-    """Frozen bf16 teachers (``teachers.shard``): every forward all-gathers each block's weights
-    over the sharding group, prefetched behind the previous block's forward. ``world`` shards over
-    all GPUs (inter-node links once there are several nodes), ``node`` within each node."""
+def teacher_collectives(scope: str, sizes: ModelSizes, gpus: int, links: Links, bytes_per_param: int = 2) -> list[Collective]:
+    """Frozen teachers (``teachers.shard``; bf16 on GPUs): every forward all-gathers each block's
+    weights over the sharding group, prefetched behind the previous block's forward. ``world``
+    shards over all GPUs (inter-node links once there are several nodes), ``node`` within each node."""
     if scope == "none":
         return []
     group = gpus if scope == "world" else min(gpus, links.gpus_per_node)
     spans = group > links.gpus_per_node
-    volume = 2 * sizes.teacher_params * gather_factor(group)
+    volume = bytes_per_param * sizes.teacher_params * gather_factor(group)
     return [Collective(f"teacher weights all-gather ({scope})", volume, group, spans, "teacher forward", sizes.teacher_blocks)]
 
 
