@@ -155,6 +155,18 @@ def test_two_nodes_deepspeed_under_torchrun_train_on_the_global_batches_of_one_n
     assert not any(job.cache.iterdir())
 
 
+def test_two_nodes_of_two_ranks_with_node_sharded_teachers_train_like_one_node(
+    tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path
+) -> None:
+    out = tmp_path / "run"
+    job = TwoNodes(tmp_path, 2, overrides(out, s3_shards, 4, "strategy.name=fsdp", "teachers.shard=node", "train.max_steps=3",
+                                         f"data.s3_endpoint_url={s3_env.endpoint}"))
+    for code, output in job.wait():
+        assert code == 0, output[-4000:]
+    assert global_batches(out) == global_batches(one_node)[:3]
+    assert losses(out) == pytest.approx(losses(one_node)[:3], rel=1e-4)
+
+
 def test_sigterm_to_one_node_stops_the_job_with_a_complete_checkpoint_then_it_resumes(
     tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path
 ) -> None:
