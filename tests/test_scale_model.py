@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import TINY_CPU
-from dune_scale.cli.scale_model import main
+from dune_scale.cli.scale_model import main, model_sizes
 from dune_scale.config import load_config
 from dune_scale.engine.compose import build_student
 from dune_scale.teachers import build_teacher, get_teacher_spec
@@ -19,7 +19,6 @@ from dune_scale.telemetry.scale_model import (
     checkpoint_seconds,
     data_bytes_per_s_per_node,
     exposed_ms,
-    model_sizes,
     norm_statistics_collective,
     predict_step,
     student_collectives,

@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import torch
+
 from dune_scale.cli.common import run_program
-from dune_scale.config import load_config
+from dune_scale.config import Config, load_config
+from dune_scale.engine.compose import build_student
+from dune_scale.teachers import build_teacher, get_teacher_spec
 from dune_scale.telemetry.scale_model import (
     GB,
     MB,
@@ -20,10 +24,19 @@ from dune_scale.telemetry.scale_model import (
     Storage,
     checkpoint_bytes,
     checkpoint_seconds,
+    count_model_sizes,
     data_bytes_per_s_per_node,
-    model_sizes,
     predict_step,
 )
+
+
+def model_sizes(cfg: Config) -> ModelSizes:
+    """The recipe's student and teachers, built on the meta device (no memory, no weights read)."""
+    with torch.device("meta"):
+        teachers = {t.name: build_teacher(t.name, None, **t.arch) for t in cfg.teachers.models}
+        tokens = {t.name: tuple(t.tokens) or get_teacher_spec(t.name).tokens for t in cfg.teachers.models}
+        student = build_student(cfg, {name: int(t.embed_dim) for name, t in teachers.items()}, tokens)
+    return count_model_sizes(student, teachers, tokens)
 
 
 def traffic_table(sizes: ModelSizes, gpus: list[int], ib: list[float], compute: ComputeProfile) -> list[str]:

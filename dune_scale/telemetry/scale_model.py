@@ -5,7 +5,8 @@ student's strategy, the teachers' sharding scope, the teacher-norm statistics), 
 stated links, how much of it hides behind compute, and the resulting img/s per GPU; also the data
 bandwidth each node draws from object storage and the checkpoint's size and write time.
 
-Parameter counts come from the project's model builders (on the meta device); the compute term is a
+Parameter counts come from the project's model builders (``dune_scale.cli.scale_model`` builds
+the recipe's models on the meta device); the compute term is a
 measured single-GPU step (:class:`ComputeProfile`); everything else is an assumption named in
 :class:`Links`, :class:`Storage` or the docstrings below.
 
@@ -18,12 +19,10 @@ is limited by each GPU's InfiniBand link (one NIC per GPU, rail-optimised).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from dune_scale.config import Config
-from dune_scale.teachers import build_teacher, get_teacher_spec
+from torch import nn
 
 MB = 1e6
 GB = 1e9
@@ -96,25 +95,19 @@ class ModelSizes:
     norm_features: tuple[int, ...]  # feature width of every (teacher, token type) statistic
 
 
-def _numel(module: torch.nn.Module) -> int:
+def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def model_sizes(cfg: Config) -> ModelSizes:
-    """Build the recipe's student and teachers on the meta device (no memory, no weights read)."""
-    from dune_scale.engine.compose import build_student  # compose imports the whole engine: only here
-
-    with torch.device("meta"):
-        teachers = {t.name: build_teacher(t.name, None, **t.arch) for t in cfg.teachers.models}
-        dims = {name: int(t.embed_dim) for name, t in teachers.items()}
-        tokens = {t.name: tuple(t.tokens) or get_teacher_spec(t.name).tokens for t in cfg.teachers.models}
-        student = build_student(cfg, dims, tokens)
+def count_model_sizes(student: nn.Module, teachers: Mapping[str, nn.Module], tokens: Mapping[str, Sequence[str]]) -> ModelSizes:
+    """Count a built student (encoder + projectors) and its teachers (meta-device modules will do);
+    ``tokens``: the token types distilled from each teacher."""
     return ModelSizes(
         student_params=_numel(student),
         student_blocks=len(student.encoder.blocks) + sum(len(p.blocks) for p in student.projectors.values()),
         teacher_params=sum(_numel(t) for t in teachers.values()),
         teacher_blocks=sum(len(t.blocks) for t in teachers.values()),
-        norm_features=tuple(dims[name] for name in dims for _ in tokens[name]),
+        norm_features=tuple(int(teachers[name].embed_dim) for name in teachers for _ in tokens[name]),
     )
 
 

@@ -28,8 +28,8 @@ def ensemble() -> TeacherEnsemble:
     return TeacherEnsemble(teachers, {n: get_teacher_spec(n).tokens for n in NAMES}, 14, torch.float32)
 
 
-def all_gather_bytes_sent(run: Callable[[], Any]) -> tuple[Any, int]:
-    """``run()`` and the bytes this rank sends in the all-gathers it issues: in a ring, its shard
+def all_gather_bytes_sent(run: Callable[..., Any], *args: Any) -> tuple[Any, int]:
+    """``run(*args)`` and the bytes this rank sends in the all-gathers it issues: in a ring, its shard
     to each of the other ranks of the group. Wraps both names FSDP2 calls (by torch version)."""
     import torch.distributed as dist
 
@@ -46,7 +46,7 @@ def all_gather_bytes_sent(run: Callable[[], Any]) -> tuple[Any, int]:
     for name, original in originals.items():
         setattr(dist, name, counting(original))
     try:
-        return run(), sum(sent)
+        return run(*args), sum(sent)
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
@@ -63,7 +63,7 @@ def main() -> None:
     mesh = teacher_mesh(scope, dist)
     for teacher in sharded_ensemble.teachers.values():
         shard_frozen_module(teacher, teacher.blocks, torch.float32, mesh)
-    sharded, sent = all_gather_bytes_sent(lambda: sharded_ensemble(images))
+    sharded, sent = all_gather_bytes_sent(sharded_ensemble, images)
     diffs = {f"{n}.{t}": (sharded[n][t] - replicated[n][t]).abs().max().item() for n in NAMES for t in replicated[n]}
     torch.save(diffs, out / f"diff_{dist.rank}.pt")
     weight = sharded_ensemble.teachers[NAMES[0]].blocks[0].mlp.fc1.weight  # a DTensor: this rank's shard
