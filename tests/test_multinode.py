@@ -34,7 +34,7 @@ NODE_SHELL = 'mount -t tmpfs tmpfs /dev/shm && mount --bind "$1" "$2" && shift 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_mounts_work(tmp_path_factory: pytest.TempPathFactory) -> None:
+def private_mounts_work() -> None:
     """The simulated nodes need ``unshare --mount`` (root): without it this module cannot prove
     anything, so it fails rather than skips."""
     probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True, text=True)
@@ -78,7 +78,8 @@ def listening(port: int) -> bool:
 
 class TwoNodes:
     """Two torchrun "nodes" (``ranks_per_node`` ranks each) of one job; node 0 starts first and
-    hosts the rendezvous store, as the rendezvous endpoint's host does on a cluster."""
+    hosts the rendezvous store, as the rendezvous endpoint's host does on a cluster. A context
+    manager: whatever is still running at exit (a failed test) is killed by PID."""
 
     def __init__(self, tmp: Path, ranks_per_node: int, args: list[str]) -> None:
         self.tmp, self.port = tmp, free_port()
@@ -111,20 +112,20 @@ class TwoNodes:
         return [p.pid for p in psutil.Process(self.nodes[node].pid).children() if str(TRAIN) in " ".join(p.cmdline())]
 
     def wait(self, timeout: float = 300) -> list[tuple[int, str]]:
-        """(exit code, output) per node; kills what is left (by PID) when the timeout passes."""
-        results = []
-        try:
-            for proc in self.nodes:
-                output, _ = proc.communicate(timeout=timeout)
-                results.append((proc.returncode, output))
-        finally:
-            for proc in self.nodes:
-                if proc.poll() is None:
-                    for pid in self.ranks(self.nodes.index(proc)):
-                        os.kill(pid, signal.SIGKILL)
-                    proc.kill()
-                    proc.wait()
-        return results
+        """(exit code, output) per node."""
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in self.nodes]
+        return [(proc.returncode, output) for proc, output in zip(self.nodes, outputs)]
+
+    def __enter__(self) -> TwoNodes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for node, proc in enumerate(self.nodes):
+            if proc.poll() is None:
+                for pid in self.ranks(node):
+                    os.kill(pid, signal.SIGKILL)
+                proc.kill()
+                proc.wait()
 
 
 def cached_shards(disk: Path) -> list[Path]:
@@ -144,10 +145,10 @@ def test_two_nodes_deepspeed_under_torchrun_train_on_the_global_batches_of_one_n
     tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path
 ) -> None:
     out = tmp_path / "run"
-    job = TwoNodes(tmp_path, 1, overrides(out, s3_shards, 2, "strategy.name=deepspeed", "train.max_steps=4",
-                                         f"data.s3_endpoint_url={s3_env.endpoint}"))
-    for code, output in job.wait():
-        assert code == 0, output[-4000:]
+    with TwoNodes(tmp_path, 1, overrides(out, s3_shards, 2, "strategy.name=deepspeed", "train.max_steps=4",
+                                         f"data.s3_endpoint_url={s3_env.endpoint}")) as job:
+        for code, output in job.wait():
+            assert code == 0, output[-4000:]
     assert global_batches(out) == global_batches(one_node)[:4]
     assert losses(out) == pytest.approx(losses(one_node)[:4], rel=1e-4)
     # Each node downloaded into its own disk; nothing landed on the shared path itself.
@@ -159,10 +160,10 @@ def test_two_nodes_of_two_ranks_with_node_sharded_teachers_train_like_one_node(
     tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path
 ) -> None:
     out = tmp_path / "run"
-    job = TwoNodes(tmp_path, 2, overrides(out, s3_shards, 4, "strategy.name=fsdp", "teachers.shard=node", "train.max_steps=3",
-                                         f"data.s3_endpoint_url={s3_env.endpoint}"))
-    for code, output in job.wait():
-        assert code == 0, output[-4000:]
+    with TwoNodes(tmp_path, 2, overrides(out, s3_shards, 4, "strategy.name=fsdp", "teachers.shard=node", "train.max_steps=3",
+                                         f"data.s3_endpoint_url={s3_env.endpoint}")) as job:
+        for code, output in job.wait():
+            assert code == 0, output[-4000:]
     assert global_batches(out) == global_batches(one_node)[:3]
     assert losses(out) == pytest.approx(losses(one_node)[:3], rel=1e-4)
 
@@ -172,18 +173,19 @@ def test_sigterm_to_one_node_stops_the_job_with_a_complete_checkpoint_then_it_re
 ) -> None:
     out = tmp_path / "run"
     args = overrides(out, s3_shards, 2, "strategy.name=fsdp", "checkpoint.every_steps=4", f"data.s3_endpoint_url={s3_env.endpoint}")
-    job = TwoNodes(tmp_path, 1, args)
-    deadline = time.monotonic() + 300
-    while logged_steps(out) < 2 and all(p.poll() is None for p in job.nodes) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    # Streaming's node-local shared memory: the same segment names on both nodes, each in the node's
-    # own /dev/shm (on one shared /dev/shm they would collide), none in the machine's.
-    shm = [Path(f"/proc/{job.ranks(node)[0]}/root/dev/shm") for node in range(2)]
-    devices = {os.stat(path).st_dev for path in shm} | {os.stat("/dev/shm").st_dev}
-    names = [sorted(os.listdir(path)) for path in shm]
-    assert len(devices) == 3 and names[0] == names[1] and any(n.endswith("_locals") for n in names[0]), names
-    job.nodes[1].send_signal(signal.SIGTERM)  # node 1's torchrun: it forwards the signal to its rank
-    (code0, output0), (code1, output1) = job.wait()
+    with TwoNodes(tmp_path, 1, args) as job:
+        deadline = time.monotonic() + 300
+        while logged_steps(out) < 2 and all(p.poll() is None for p in job.nodes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert logged_steps(out) >= 2 and all(p.poll() is None for p in job.nodes), "the job did not reach step 2"
+        # Streaming's node-local shared memory: the same segment names on both nodes, each in the node's
+        # own /dev/shm (on one shared /dev/shm they would collide), none in the machine's.
+        shm = [Path(f"/proc/{job.ranks(node)[0]}/root/dev/shm") for node in range(2)]
+        devices = {os.stat(path).st_dev for path in shm} | {os.stat("/dev/shm").st_dev}
+        names = [sorted(os.listdir(path)) for path in shm]
+        assert len(devices) == 3 and names[0] == names[1] and any(n.endswith("_locals") for n in names[0]), names
+        job.nodes[1].send_signal(signal.SIGTERM)  # node 1's torchrun: it forwards the signal to its rank
+        (code0, output0), (code1, output1) = job.wait()
     assert f"exitcode  : {EXIT_PREEMPTED}" in output0, output0[-4000:]  # node 0 learned of the stop and saved
     assert "closing signal SIGTERM" in output1 and code1 != 0, output1[-4000:]
     records = read_metrics(out / "metrics.jsonl")
@@ -192,9 +194,9 @@ def test_sigterm_to_one_node_stops_the_job_with_a_complete_checkpoint_then_it_re
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert latest.name == f"step_{stopped_at:09d}" and (latest / "COMPLETE").is_file()
 
-    resumed = TwoNodes(tmp_path / "again", 1, args)
-    for code, output in resumed.wait():
-        assert code == 0, output[-4000:]
+    with TwoNodes(tmp_path / "again", 1, args) as resumed:  # fresh nodes: empty caches
+        for code, output in resumed.wait():
+            assert code == 0, output[-4000:]
     assert global_batches(out) == global_batches(one_node)
     assert losses(out) == pytest.approx(losses(one_node), rel=1e-4)
 
