@@ -33,8 +33,8 @@ GLOBAL_BATCH = 24
 NODE_SHELL = 'mount -t tmpfs tmpfs /dev/shm && mount --bind "$1" "$2" && shift 2 && exec "$@"'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_mounts_work() -> None:
+@pytest.fixture(scope="module")
+def private_mounts() -> None:
     """The simulated nodes need ``unshare --mount`` (root): without it this module cannot prove
     anything, so it fails rather than skips."""
     probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True, text=True)
@@ -142,7 +142,7 @@ def losses(out: Path) -> list[float]:
 
 
 def test_two_nodes_deepspeed_under_torchrun_train_on_the_global_batches_of_one_node(
-    tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path
+    tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path, private_mounts: None
 ) -> None:
     out = tmp_path / "run"
     with TwoNodes(tmp_path, 1, overrides(out, s3_shards, 2, "strategy.name=deepspeed", "train.max_steps=4",
@@ -157,7 +157,7 @@ def test_two_nodes_deepspeed_under_torchrun_train_on_the_global_batches_of_one_n
 
 
 def test_two_nodes_of_two_ranks_with_node_sharded_teachers_train_like_one_node(
-    tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path
+    tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path, private_mounts: None
 ) -> None:
     out = tmp_path / "run"
     with TwoNodes(tmp_path, 2, overrides(out, s3_shards, 4, "strategy.name=fsdp", "teachers.shard=node", "train.max_steps=3",
@@ -169,7 +169,7 @@ def test_two_nodes_of_two_ranks_with_node_sharded_teachers_train_like_one_node(
 
 
 def test_sigterm_to_one_node_stops_the_job_with_a_complete_checkpoint_then_it_resumes(
-    tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path
+    tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path, private_mounts: None
 ) -> None:
     out = tmp_path / "run"
     args = overrides(out, s3_shards, 2, "strategy.name=fsdp", "checkpoint.every_steps=4", f"data.s3_endpoint_url={s3_env.endpoint}")
