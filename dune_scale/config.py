@@ -30,6 +30,11 @@ def _choice(default: Any, *choices: Any) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
+def _choice_with_aliases(default: Any, choices: tuple[Any, ...], aliases: dict[Any, Any]) -> Any:
+    """A choice that also accepts older spellings (e.g. ``true``), read as their current value."""
+    return field(default=default, metadata={"choices": choices, "aliases": aliases})
+
+
 def _at_least(default: Any, minimum: float) -> Any:
     return field(default=default, metadata={"min": minimum})
 
@@ -86,7 +91,9 @@ class TeacherConfig:
 class TeachersConfig:
     models: list[TeacherConfig] = field(default_factory=list)
     dtype: str = _choice("auto", "auto", "bf16", "fp32")
-    shard: bool = False
+    # Where each frozen teacher is FSDP2-sharded: not at all (a full copy per rank), over all ranks,
+    # or within each node and replicated across nodes (weight all-gathers stay on the node's links).
+    shard: str = _choice_with_aliases("none", ("none", "world", "node"), {True: "world", False: "none"})
     attention: str = _choice("auto", "auto", "sdpa", "flash_attn", "math")
 
 
@@ -320,6 +327,10 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _coerce(hint: Any, value: Any, key: str, fld: dataclasses.Field | None = None) -> Any:
+    aliases = fld.metadata.get("aliases", {}) if fld is not None else {}
+    for old, new in aliases.items():
+        if type(value) is type(old) and value == old:
+            value = new
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)

@@ -69,6 +69,7 @@ def test_overrides_types_and_list_indices() -> None:
         ("student.embed_dim=64", "student.embed_dim: 64 is not allowed; only student.arch=custom takes it"),
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
         ("train.max_steps", "must look like key=value"),
+        ("teachers.shard=nodes", "teachers.shard: 'nodes' is not allowed; choose one of none | world | node"),
     ],
 )
 def test_bad_values_name_key_and_allowed(override: str, needle: str) -> None:
@@ -96,6 +97,26 @@ def test_run_check_names_teacher_problems(override: str, needle: str) -> None:
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [override])
     with pytest.raises(ConfigError) as err:
         check_run(cfg, DistInfo())
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("value, scope", [("true", "world"), ("false", "none"), ("node", "node")])
+def test_teacher_sharding_scope_and_its_boolean_spellings(value: str, scope: str) -> None:
+    assert load_config(REPO / "configs" / "vitb14_336.yaml", [f"teachers.shard={value}"]).teachers.shard == scope
+
+
+@pytest.mark.parametrize(
+    "scope, dist, needle",
+    [
+        ("world", DistInfo(), "teachers.shard=world needs several ranks"),
+        ("node", DistInfo(world_size=4, local_world_size=1), "teachers.shard=node shards within each node, but the launch has 1 rank(s) per node"),
+        ("node", DistInfo(world_size=6, local_world_size=4), "the same number on every node"),
+    ],
+)
+def test_teacher_sharding_the_launch_cannot_do(scope: str, dist: DistInfo, needle: str) -> None:
+    cfg = load_config(REPO / "configs" / "vitb14_336.yaml", [f"teachers.shard={scope}", "strategy.name=fsdp"])
+    with pytest.raises(ConfigError) as err:
+        check_run(cfg, dist)
     assert needle in str(err.value)
 
 

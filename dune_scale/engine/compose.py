@@ -18,7 +18,7 @@ from dune_scale.distill.objective import DistillObjective
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import Checkpointer
-from dune_scale.engine.parallelize import prepare_student, shard_frozen_module
+from dune_scale.engine.parallelize import prepare_student, shard_frozen_module, teacher_mesh
 from dune_scale.engine.pretrained import load_pretrained_student
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategies import build_strategy
@@ -50,8 +50,7 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
         raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
     if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
-    if cfg.teachers.shard and dist.world_size == 1:
-        raise ConfigError("teachers.shard=true needs several ranks; with one process the teachers are whole anyway")
+    _check_teacher_sharding(cfg.teachers.shard, dist)
     _check_teacher_entries(cfg)
     try:
         mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
@@ -76,6 +75,19 @@ def _check_teacher_entries(cfg: Config) -> None:
                 f"teachers.models.{i}.arch: unknown setting(s) {', '.join(unknown)} for {teacher.name}; "
                 f"known: {', '.join(TEACHER_SPECS[teacher.name].arch_keys())}"
             )
+
+
+def _check_teacher_sharding(scope: str, dist: DistInfo) -> None:
+    if scope == "none":
+        return
+    if dist.world_size == 1:
+        raise ConfigError(f"teachers.shard={scope} needs several ranks; with one process the teachers are whole anyway")
+    if scope == "node" and (dist.local_world_size == 1 or dist.world_size % dist.local_world_size):
+        raise ConfigError(
+            f"teachers.shard=node shards within each node, but the launch has {dist.local_world_size} rank(s) per node "
+            f"of {dist.world_size}: it needs several ranks per node and the same number on every node "
+            "(use teachers.shard=none or world)"
+        )
 
 
 def build_encoder(cfg: Config) -> vit.VisionTransformer:
@@ -156,9 +168,10 @@ def build_trainer(
     teachers = build_teacher_ensemble(
         cfg.teachers.models, cfg.student.patch_size, dist.device, dtype, attention=cfg.teachers.attention
     )
-    if cfg.teachers.shard:
+    if cfg.teachers.shard != "none":
+        mesh = teacher_mesh(cfg.teachers.shard, dist)
         for teacher in teachers.teachers.values():
-            shard_frozen_module(teacher, teacher.blocks, dtype)
+            shard_frozen_module(teacher, teacher.blocks, dtype, mesh)
     student = build_student(cfg, teachers.embed_dims, teachers.tokens)
     if cfg.student.pretrained:
         load_pretrained_student(student, Path(cfg.student.pretrained))

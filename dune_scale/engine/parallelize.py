@@ -4,10 +4,16 @@ FSDP2 sharding of frozen teachers. Models stay plain ``nn.Module``s; parallelism
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from dune_scale.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def transformer_blocks(student: nn.Module) -> Iterator[tuple[nn.ModuleList, int]]:
@@ -39,12 +45,27 @@ def prepare_student(student: nn.Module, activation_checkpointing: bool, compile_
         apply_compile(student)
 
 
-def shard_frozen_module(module: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype) -> None:
-    """FSDP2-shard a frozen encoder: each block's weights are gathered for its forward and freed
-    after it, so a ViT-L teacher costs 1/world of its weights per rank between uses."""
+def teacher_mesh(scope: str, dist: DistInfo) -> DeviceMesh:
+    """The device mesh frozen teachers are sharded over (``teachers.shard``): all ranks ("world"),
+    or a 2-D ("replicate", "shard") mesh whose rows are nodes ("node": FSDP2 hybrid sharding, so
+    the per-step weight all-gathers run over the node's NVLink, never the inter-node network)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if scope == "world":
+        return init_device_mesh(dist.device.type, (dist.world_size,), mesh_dim_names=("shard",))
+    if scope == "node":
+        nodes = dist.world_size // dist.local_world_size
+        return init_device_mesh(dist.device.type, (nodes, dist.local_world_size), mesh_dim_names=("replicate", "shard"))
+    raise ValueError(f"teachers.shard={scope!r} does not shard")
+
+
+def shard_frozen_module(module: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype, mesh: DeviceMesh | None = None) -> None:
+    """FSDP2-shard a frozen encoder over ``mesh`` (default: all ranks): each block's weights are
+    gathered for its forward and freed after it, so a ViT-L teacher costs 1/shards of its weights
+    per rank between uses."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in blocks:
-        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(module, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
