@@ -145,8 +145,8 @@ def vits_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
     """A finished tiny single-process run with checkpoints at steps 2 and 3."""
-    from dune_scale.config import load_config
     from dune_scale.cli.train import train
+    from dune_scale.config import load_config
 
     out = tmp_path_factory.mktemp("tiny") / "run"
     train(load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=3", "checkpoint.every_steps=2")))
