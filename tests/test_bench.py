@@ -29,7 +29,7 @@ from dune_scale.telemetry.bench import (
 
 TRAINER_PHASES = {"data", "teacher_forward", "student_forward", "loss", "backward", "optimizer"}
 TINY_FLOPS_PER_IMAGE = 35_187_520  # test_flops.py's hand count
-REPORT_FIELDS = {"date", "device", "world_size", "torch", "config", "overrides", "data", "options", "results"}
+REPORT_FIELDS = {"date", "device", "world_size", "torch", "config", "overrides", "data", "options", "results", "reference"}
 RESULT_FIELDS = set(VariantResult.__dataclass_fields__)
 
 
@@ -62,7 +62,7 @@ def test_cli_prints_table_and_writes_json(tmp_path: Path) -> None:
         assert text in done.stdout
     report = json.loads(report_path.read_text())
     assert set(report) == REPORT_FIELDS
-    assert report["world_size"] == 1 and report["data"] == "synthetic"
+    assert report["world_size"] == 1 and report["data"] == "synthetic" and report["reference"] is None
     assert report["options"]["steps"] == 3 and report["options"]["warmup"] == 1
     (result,) = report["results"]
     assert result["name"] == "base" and result["global_batch_size"] == 12 and result["image_size"] == 56
@@ -147,3 +147,34 @@ def test_torchrun_two_ranks_fsdp(tmp_path: Path) -> None:
     (result,) = report["results"]
     assert report["world_size"] == result["world_size"] == 2 and result["global_batch_size"] == 24
     check_ok(result, steps=2)
+
+
+def test_reference_step_side_by_side(tmp_path: Path) -> None:
+    """--reference times the seed-style step for the base config's shapes and gives every variant
+    its ratio to it; a failing reference variant is reported without hiding the others."""
+    options = BenchOptions(steps=2, warmup=1, reference=("seed", "bf16teach"))
+    report = run_benchmark(str(TINY_CPU), ["run.console=none", f"run.output_dir={tmp_path}"], ["loss.fused=false"], options)
+    reference = report["reference"]
+    work = reference["work"]
+    assert work["batch_size"] == 12 and work["image_size"] == 56
+    assert work["student"]["embed_dim"] == 48 and work["student"]["reg_tokens"] == 4
+    assert work["teachers"]["mast3r_vitlarge_16"]["img_size"] == 64  # 56 px / 14 · 16: the same token grid
+    assert work["teachers"]["mast3r_vitlarge_16"]["init_values"] is None
+    assert [r["name"] for r in reference["results"]] == ["seed", "bf16teach"]
+    for ref in reference["results"]:
+        assert ref["status"] == "ok", ref["error"]
+        assert ref["img_per_s"] == pytest.approx(12 / ref["step_time_s"]) and math.isfinite(ref["final_loss"])
+    for result in report["results"]:
+        assert set(result["ratio_to_reference"]) == {"seed", "bf16teach"}
+        for ref in reference["results"]:
+            ratio = result["ratio_to_reference"][ref["name"]]
+            assert ratio == pytest.approx(result["img_per_s_per_rank"] / ref["img_per_s"])
+    console = Console(record=True, width=200)
+    render(report, console)
+    assert "reference img/s" in console.export_text()
+
+
+def test_reference_needs_known_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(TINY_CPU), "--reference", "--reference-variants", "seed,fastest"])
+    assert exit_info.value.code == 2 and "fastest" in capsys.readouterr().err
