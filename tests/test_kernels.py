@@ -305,6 +305,45 @@ def test_rejects_bad_inputs() -> None:
         dl.triton_distill_loss(s, t, mean, std, beta=-1.0)
 
 
+# --- fused 2D RoPE (MASt3R) -------------------------------------------------------------------
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads, rows, cols, head_dim", [(2, 3, 2, 3, 8), (1, 16, 2, 2, 64)])
+def test_rope_2d_kernel_matches_eager(dtype: torch.dtype, batch: int, heads: int, rows: int, cols: int, head_dim: int) -> None:
+    """q and k as the permuted qkv projection hands them over (strided views), odd head counts,
+    the production head dim 64: the fused rotation equals the eager one (fp32 exactly up to
+    rounding, bf16 within one ulp of the stored result)."""
+    from dune_scale.models.croco import apply_rope_2d, patch_positions, rope_2d_tables
+    from kernels.rope_2d import triton_rope_2d
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = rows * cols
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=gen).to(dtype)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    cos, sin = rope_2d_tables(patch_positions(rows, cols, torch.device("cpu")) * 7, head_dim, 100.0)
+    got_q, got_k = triton_rope_2d(q, k, cos, sin)
+    assert got_q.shape == q.shape and got_q.dtype == dtype
+    tol = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2 ** -7, "atol": 1e-6}
+    torch.testing.assert_close(got_q, apply_rope_2d(q, cos, sin), **tol)
+    torch.testing.assert_close(got_k, apply_rope_2d(k, cos, sin), **tol)
+
+
+@needs_interpreter
+def test_rope_2d_kernel_rejects_bad_inputs() -> None:
+    from kernels.rope_2d import triton_rope_2d
+
+    q = torch.randn(1, 2, 4, 8)
+    tables = torch.ones(4, 8), torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="q and k must match"):
+        triton_rope_2d(q, torch.randn(1, 2, 4, 16), *tables)
+    with pytest.raises(ValueError, match="power-of-two head dimension"):
+        triton_rope_2d(torch.randn(1, 2, 4, 12), torch.randn(1, 2, 4, 12), torch.ones(4, 12), torch.zeros(4, 12))
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        triton_rope_2d(q, q, torch.ones(3, 8), torch.zeros(3, 8))
+
+
 def test_triton_available(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.triton_available()  # interpreter on
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

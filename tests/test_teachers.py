@@ -297,3 +297,29 @@ def test_registry_describes_every_teacher() -> None:
         "mast3r_vitlarge_16": ("croco", 16, ("patch",), "mast3r"),
         "multihmr_vitlarge_14_672": ("dinov2", 14, ("patch",), "multihmr"),
     }
+
+
+def test_mast3r_folded_renormalisation_and_cached_rope_tables() -> None:
+    """The ImageNet → 0.5/0.5 renormalisation folded into the patch embedding equals renormalising
+    the images first (float tolerance); RoPE tables are built once per grid and reused by every
+    block and forward; new weights refresh the folded embedding."""
+    from dune_scale.models.croco import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    teacher = build_teacher("mast3r_vitlarge_16", embed_dim=32, depth=2, num_heads=2).requires_grad_(False)
+    images = torch.randn(2, 3, 48, 64)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    renormalised = (images * std + mean - 0.5) / 0.5
+    with torch.no_grad():
+        expected = teacher.patch_embed(renormalised)
+        torch.testing.assert_close(teacher.patch_embed(images, *teacher.renormalising_patch_embedding()), expected,
+                                   rtol=0, atol=2e-6)
+        first = teacher.forward_features(images)["patch"]
+        tables = teacher.rope_tables(3, 4, images.device)
+        assert teacher.rope_tables(3, 4, images.device) is tables and len(teacher._derived) == 2
+        torch.testing.assert_close(teacher.forward_features(images)["patch"], first, rtol=0, atol=0)
+        teacher.patch_embed.proj.weight.mul_(2)
+        torch.testing.assert_close(
+            teacher.patch_embed(images, *teacher.renormalising_patch_embedding()), teacher.patch_embed(renormalised),
+            rtol=0, atol=4e-6,
+        )
