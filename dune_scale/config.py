@@ -79,7 +79,16 @@ class TeacherConfig:
 @dataclass
 class TeachersConfig:
     models: list[TeacherConfig] = field(default_factory=list)
-    dtype: str = _choice("auto", "auto", "bf16", "fp32")
+    # GEMM precision: auto = bf16 on CUDA, fp32 on CPU; fp8 = torchao float8 linears, per-row scales
+    # (CUDA compute capability ≥ 8.9 with torchao installed; refused elsewhere).
+    dtype: str = _choice("auto", "auto", "bf16", "fp32", "fp8")
+    # Everything but the GEMMs: fp32 = the official code (fp32 weights under autocast: norms, layer
+    # scales, positional embeddings and the residual stream in fp32); bf16 = whole teachers in bf16.
+    residual: str = _choice("fp32", "fp32", "bf16")
+    # Compile each teacher block (unset: on CUDA, where it pays; off on CPU); cuda_graphs replays
+    # the compiled blocks as CUDA graphs (needs compile).
+    compile: bool | None = None
+    cuda_graphs: bool = False
     shard: bool = False
     attention: str = _choice("auto", "auto", "sdpa", "flash_attn", "math")
 
@@ -453,6 +462,11 @@ def _check_teachers(config: Config) -> None:
         for token in teacher.tokens:
             if token not in ("cls", "patch"):
                 _fail(f"{key}.tokens", teacher.tokens, "token types are cls and patch")
+    t = config.teachers
+    if t.residual == "bf16" and t.dtype == "fp32":
+        _fail("teachers.residual", t.residual, "with teachers.dtype=fp32 everything is fp32; use residual=fp32 or dtype=bf16")
+    if t.cuda_graphs and t.compile is False:
+        _fail("teachers.cuda_graphs", t.cuda_graphs, "CUDA graphs replay compiled blocks: leave teachers.compile unset or true")
 
 
 def _check_ranges(config: Config) -> None:

@@ -28,6 +28,7 @@ from dune_scale.engine.trainer import Trainer
 from dune_scale.models import vit
 from dune_scale.models.attention import set_attention_backend
 from dune_scale.teachers import TeacherCheckpointError, build_teacher_ensemble, get_teacher_spec
+from dune_scale.teachers.precision import compile_frozen_blocks, resolve_teacher_precision
 from dune_scale.telemetry.phases import NullPhaseTimer
 
 log = logging.getLogger("dune_scale")
@@ -61,12 +62,6 @@ def build_student(cfg: Config, teacher_dims: dict[str, int], teacher_tokens: dic
         projector_mlp_ratio=cfg.projector.mlp_ratio,
         projector_layerscale_init=cfg.projector.layerscale_init,
     )
-
-
-def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.teachers.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teachers.dtype]
 
 
 def build_schedules(cfg: Config, world_size: int) -> Schedules:
@@ -119,11 +114,17 @@ def build_trainer(
     check_launch(cfg, dist)
     set_attention_backend(cfg.teachers.attention)
     torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
-    dtype = teacher_dtype(cfg, dist.device)
-    teachers = build_teacher_ensemble(cfg.teachers.models, cfg.student.patch_size, dist.device, dtype)
-    if cfg.teachers.shard:
-        for teacher in teachers.teachers.values():
-            shard_frozen_module(teacher, teacher.blocks, dtype)
+    precision = resolve_teacher_precision(cfg.teachers.dtype, cfg.teachers.residual, dist.device)
+    teachers = build_teacher_ensemble(
+        cfg.teachers.models, cfg.student.patch_size, dist.device, precision.compute_dtype, precision.param_dtype,
+        precision.fp8,
+    )
+    compile_teachers = cfg.teachers.compile if cfg.teachers.compile is not None else dist.device.type == "cuda"
+    for teacher in teachers.teachers.values():
+        if compile_teachers:
+            compile_frozen_blocks(teacher.blocks, cfg.teachers.cuda_graphs)
+        if cfg.teachers.shard:
+            shard_frozen_module(teacher, teacher.blocks, precision.param_dtype)
     student = build_student(cfg, teachers.embed_dims, teachers.tokens)
     if cfg.student.pretrained:
         load_pretrained_student(student, Path(cfg.student.pretrained))
@@ -145,6 +146,7 @@ def train(cfg: Config) -> bool:
     output_dir = Path(cfg.run.output_dir)
     try:
         check_launch(cfg, dist)  # before anything is written
+        resolve_teacher_precision(cfg.teachers.dtype, cfg.teachers.residual, dist.device)  # e.g. fp8 on CPU
         if dist.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, output_dir / "config.yaml")

@@ -50,6 +50,7 @@ from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, load_config
 from dune_scale.data.mixture import Mixture, resolve_mixture
 from dune_scale.engine.run import build_trainer
+from dune_scale.teachers.precision import resolve_teacher_precision
 from dune_scale.telemetry.flops import dune_step_flops
 from dune_scale.telemetry.phases import PhaseTimer
 from dune_scale.telemetry.reference_step import (
@@ -520,6 +521,12 @@ def main(argv: list[str] | None = None) -> int:
         reference=args.reference_variants if args.reference else (),
     )
     dist = distributed.init_distributed(base.run.device)
+    try:
+        resolve_teacher_precision(base.teachers.dtype, base.teachers.residual, dist.device)  # e.g. fp8 on CPU
+    except ConfigError as err:
+        distributed.shutdown()
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     try:
         report = run_benchmark(args.config, args.overrides, args.variants, options)
     finally:
