@@ -173,6 +173,14 @@ def test_reference_step_side_by_side(tmp_path: Path) -> None:
     render(report, console)
     assert "reference img/s" in console.export_text()
 
+    from dune_scale.cli.gpu_check import markdown  # the gpu-check table of such a report
+
+    parts = [{"name": n, "returncode": 0, "seconds": 1.0, "result": r} for n, r in (("gpu tests", {}), ("loss kernel", {}), ("step", report))]
+    table = markdown({"date": "d", "device": "cpu", "torch": torch.__version__, "parts": parts})
+    base_ratio = report["results"][0]["ratio_to_reference"]["seed"]
+    assert "÷ ref seed" in table and f"| base | {report['results'][0]['img_per_s_per_rank']:.1f} |" in table
+    assert f"{base_ratio:.3f}" in table and "| reference bf16teach |" in table
+
 
 def test_reference_needs_known_variants(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
