@@ -140,6 +140,9 @@ class TrainConfig:
     total_steps: int | None = None
     precision: str = _choice("bf16", "bf16", "fp32")
     compile: bool = False
+    # What train.compile compiles: each transformer block, or the whole student with its projectors
+    # as one graph (fusion across blocks; single and deepspeed strategies: FSDP2 compiles per block).
+    compile_scope: str = _choice("blocks", "blocks", "model")
     activation_checkpointing: bool = False
 
 
@@ -462,6 +465,8 @@ def _check_teachers(config: Config) -> None:
         for token in teacher.tokens:
             if token not in ("cls", "patch"):
                 _fail(f"{key}.tokens", teacher.tokens, "token types are cls and patch")
+    if config.train.compile_scope == "model" and config.strategy.name == "fsdp":
+        _fail("train.compile_scope", "model", "FSDP2 shards each block, so blocks are compiled one by one: use compile_scope=blocks")
     t = config.teachers
     if t.residual == "bf16" and t.dtype == "fp32":
         _fail("teachers.residual", t.residual, "with teachers.dtype=fp32 everything is fp32; use residual=fp32 or dtype=bf16")

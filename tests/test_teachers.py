@@ -352,6 +352,24 @@ def test_default_teacher_precision_is_closer_to_fp32_than_all_bf16() -> None:
     assert errors["fp32_residual"]["cls"]["cos_min"] > 0.999 and default["cos_min"] > 0.99  # bf16 GEMMs still agree
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["teachers.dtype=fp32", "teachers.residual=bf16"], "teachers.residual: 'bf16' is not allowed; with teachers.dtype=fp32"),
+        (["teachers.compile=false", "teachers.cuda_graphs=true"], "teachers.cuda_graphs: True is not allowed; CUDA graphs replay"),
+        (["train.compile_scope=model", "strategy.name=fsdp"], "train.compile_scope: 'model' is not allowed; FSDP2 shards"),
+        (["teachers.dtype=fp16"], "teachers.dtype: 'fp16' is not allowed; choose one of auto | bf16 | fp32 | fp8"),
+    ],
+)
+def test_speed_switches_are_validated(overrides: list[str], message: str) -> None:
+    from conftest import TINY_CPU
+    from dune_scale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY_CPU, overrides)
+    assert str(err.value).startswith(message)
+
+
 def test_precision_config_builds_fp32_weights_under_bf16_autocast() -> None:
     from dune_scale.teachers.precision import resolve_teacher_precision
 

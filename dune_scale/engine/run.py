@@ -128,7 +128,7 @@ def build_trainer(
     student = build_student(cfg, teachers.embed_dims, teachers.tokens)
     if cfg.student.pretrained:
         load_pretrained_student(student, Path(cfg.student.pretrained))
-    prepare_student(student, cfg.train.activation_checkpointing, cfg.train.compile)
+    prepare_student(student, cfg.train.activation_checkpointing, cfg.train.compile, cfg.train.compile_scope == "model")
     strategy = build_strategy(cfg, dist)
     strategy.setup(student, cfg.peak_lr(dist.world_size))
     output_dir = Path(cfg.run.output_dir)
