@@ -402,19 +402,22 @@ for dtype in ("bf16", "fp16", "fp32", "fp64"):
 """
 
 
-def test_compiles_for_sm90(tmp_path: Path) -> None:
-    """Compile both kernels for Hopper at the production config (D = 1024, aligned), since the
-    interpreter accepts code the GPU compiler rejects: no register spills, at most 128 registers,
-    16-byte vector loads (measured: 36-64 registers for bf16/fp16/fp32)."""
+def _compile_for_sm90(script: str, tmp_path: Path) -> list[dict]:
+    """Run a compile-for-Hopper script in a fresh process (no interpreter); its JSON lines."""
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not ((tools / "ptxas").exists() and (tools / "cuobjdump").exists()):
         pytest.skip("this triton wheel ships no CUDA tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SM90_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_compiles_for_sm90(tmp_path: Path) -> None:
+    """Compile both kernels for Hopper at the production config (D = 1024, aligned), since the
+    interpreter accepts code the GPU compiler rejects: no register spills, at most 128 registers,
+    16-byte vector loads (measured: 36-64 registers for bf16/fp16/fp32)."""
+    rows = _compile_for_sm90(_SM90_SCRIPT, tmp_path)
     assert len(rows) == 8
     for row in rows:
         if row["dtype"] != "fp64":  # fp64 exists for gradcheck only: it must compile, not be fast
@@ -445,15 +448,7 @@ print(json.dumps({k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)",
 
 def test_rope_kernel_compiles_for_sm90(tmp_path: Path) -> None:
     """The fused RoPE kernel at MASt3R's shape (16 heads of 64, bf16) compiles for Hopper without spills."""
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not ((tools / "ptxas").exists() and (tools / "cuobjdump").exists()):
-        pytest.skip("this triton wheel ships no CUDA tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SM90_ROPE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    usage = json.loads(proc.stdout.strip().splitlines()[-1])
+    (usage,) = _compile_for_sm90(_SM90_ROPE_SCRIPT, tmp_path)
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0 and 0 < usage["REG"] <= 128, usage
 
 
