@@ -465,13 +465,16 @@ def _check_teachers(config: Config) -> None:
         for token in teacher.tokens:
             if token not in ("cls", "patch"):
                 _fail(f"{key}.tokens", teacher.tokens, "token types are cls and patch")
-    if config.train.compile_scope == "model" and config.strategy.name == "fsdp":
-        _fail("train.compile_scope", "model", "FSDP2 shards each block, so blocks are compiled one by one: use compile_scope=blocks")
+
+
+def _check_speed_switches(config: Config) -> None:
     t = config.teachers
     if t.residual == "bf16" and t.dtype == "fp32":
         _fail("teachers.residual", t.residual, "with teachers.dtype=fp32 everything is fp32; use residual=fp32 or dtype=bf16")
     if t.cuda_graphs and t.compile is False:
         _fail("teachers.cuda_graphs", t.cuda_graphs, "CUDA graphs replay compiled blocks: leave teachers.compile unset or true")
+    if config.train.compile_scope == "model" and config.strategy.name == "fsdp":
+        _fail("train.compile_scope", "model", "FSDP2 shards each block, so blocks are compiled one by one: use compile_scope=blocks")
 
 
 def _check_ranges(config: Config) -> None:
@@ -504,4 +507,4 @@ def _check_mixture(config: Config) -> None:
         _fail("train.batch_size_per_rank", config.train.batch_size_per_rank, problem)
 
 
-_RULES = (_check_image_size, _check_student, _check_teachers, _check_ranges, _check_mixture)
+_RULES = (_check_image_size, _check_student, _check_teachers, _check_speed_switches, _check_ranges, _check_mixture)

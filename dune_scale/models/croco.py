@@ -75,7 +75,9 @@ class RopeAttention(Attention):
         self.rope_base = rope_base
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``rope``: the (cos, sin) tables of the token grid (``rope_2d_tables``), shared by every block."""
+        """``rope``: the (cos, sin) tables of the token grid (``rope_2d_tables``), shared by every
+        block. Under an FSDP bf16 policy they arrive cast to bf16, the precision the rotation had
+        before it ran in fp32."""
         q, k, v = self.split_heads(x)
         q, k = rotate_queries_keys(q, k, *rope)
         return self.merge_heads(attention(q, k, v))

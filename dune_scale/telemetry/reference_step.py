@@ -176,9 +176,8 @@ class ReferenceStep:
         self.models = ReferenceModels(work).to(device)
         if variant != "seed":
             self.models.teachers.to(torch.bfloat16)
-        trained = [*self.models.student.parameters(), *self.models.projectors.parameters()]
-        self.params = trained
-        self.optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=device.type == "cuda")
+        self.params = [*self.models.student.parameters(), *self.models.projectors.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, fused=device.type == "cuda")
         self.teacher_fns: dict[str, TeacherFn] = {
             name: (lambda images, t=teacher: teacher_tokens(t, images)) for name, teacher in self.models.teachers.items()
         }
