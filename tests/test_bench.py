@@ -186,3 +186,19 @@ def test_reference_needs_known_variants(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(TINY_CPU), "--reference", "--reference-variants", "seed,fastest"])
     assert exit_info.value.code == 2 and "fastest" in capsys.readouterr().err
+
+
+def test_gpu_check_parts_are_valid_commands_within_8_minutes(tmp_path: Path) -> None:
+    """make gpu-check's subprocess commands parse with the programs' own parsers, and the parts'
+    time limits add up to less than 8 minutes."""
+    from dune_scale.cli import gpu_check
+    from dune_scale.telemetry.bench import parse_args
+    from kernels.bench_distill_loss import parse_args as parse_loss_args
+
+    tests, loss, step = gpu_check.build_parts(gpu_check.parse_args(["--out", str(tmp_path)]))
+    assert tests.command[-2].endswith("tests/test_gpu.py") and "gpu" in tests.command
+    assert parse_loss_args(loss.command[3:]).out == tmp_path / "loss.json"
+    bench = parse_args(step.command[2:])
+    assert bench.reference and bench.reference_variants == ("seed",) and bench.json == tmp_path / "bench.json"
+    assert bench.variants == list(gpu_check.DEFAULT_VARIANTS)
+    assert sum(part.timeout_s for part in (tests, loss, step)) < 8 * 60
