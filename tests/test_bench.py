@@ -175,8 +175,15 @@ def test_reference_step_side_by_side(tmp_path: Path) -> None:
 
     from dune_scale.cli.gpu_check import markdown  # the gpu-check table of such a report
 
-    parts = [{"name": n, "returncode": 0, "seconds": 1.0, "result": r} for n, r in (("gpu tests", {}), ("loss kernel", {}), ("step", report))]
+    from kernels.bench_distill_loss import markdown as loss_markdown
+
+    row = {"tokens": 577, "impl": "triton", "ms": 0.5, "host_ms": 0.45, "graph_ms": None, "effective_GBps": 1500.0,
+           "pct_copy_bw": 35.0, "speedup_vs_eager": 17.0, "peak_extra_MiB": 10.0}
+    loss = {"batch": 128, "dim": 1024, "dtype": "bf16", "copy_GBps": 4200.0, "results": [row, {**row, "graph_ms": 0.25}]}
+    assert "| 577 | triton | 0.500 | 0.450 | — |" in loss_markdown(loss["results"], 4200.0)
+    parts = [{"name": n, "returncode": 0, "seconds": 1.0, "result": r} for n, r in (("gpu tests", {}), ("loss kernel", loss), ("step", report))]
     table = markdown({"date": "d", "device": "cpu", "torch": torch.__version__, "parts": parts})
+    assert "| 577 | triton | 0.500 | 0.450 | 0.250 | 35.0 | 17.00 |" in table
     base_ratio = report["results"][0]["ratio_to_reference"]["seed"]
     assert "÷ ref seed" in table and f"| base | {report['results'][0]['img_per_s_per_rank']:.1f} |" in table
     assert f"{base_ratio:.3f}" in table and "| reference bf16teach |" in table

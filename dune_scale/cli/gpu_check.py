@@ -110,9 +110,10 @@ def markdown(report: dict[str, Any]) -> str:
     loss = report["parts"][1]["result"]
     if loss:
         lines += ["", f"Loss kernel, B {loss['batch']}, D {loss['dim']}, {loss['dtype']}, copy {loss['copy_GBps']:.0f} GB/s:", "",
-                  "| tokens | impl | ms | host ms | % of copy | × eager |", "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+                  "| tokens | impl | ms | host ms | CUDA-graph ms | % of copy | × eager |", "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         lines += [
-            f"| {r['tokens']} | {r['impl']} | {r['ms']:.3f} | {r['host_ms']:.3f} | {r['pct_copy_bw']:.1f} | {r['speedup_vs_eager']:.2f} |"
+            f"| {r['tokens']} | {r['impl']} | {r['ms']:.3f} | {r['host_ms']:.3f} | {r['graph_ms'] or float('nan'):.3f} | "
+            f"{r['pct_copy_bw']:.1f} | {r['speedup_vs_eager']:.2f} |"
             for r in loss["results"]
         ]
     bench = report["parts"][2]["result"]
