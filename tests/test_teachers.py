@@ -327,6 +327,7 @@ def test_mast3r_folded_renormalisation_and_cached_rope_tables() -> None:
 
 def test_fp8_teachers_are_refused_on_cpu_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import TINY_CPU
+
     from dune_scale.engine.run import main as train_main
     from dune_scale.telemetry.bench import main as bench_main
 
@@ -363,6 +364,7 @@ def test_default_teacher_precision_is_closer_to_fp32_than_all_bf16() -> None:
 )
 def test_speed_switches_are_validated(overrides: list[str], message: str) -> None:
     from conftest import TINY_CPU
+
     from dune_scale.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as err:

@@ -59,7 +59,7 @@ def build_parts(args: argparse.Namespace) -> list[Part]:
     out, python = args.out, sys.executable
     return [
         Part("gpu tests", [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           str(REPO / "tests" / "test_gpu.py"), f"--junitxml={out / 'pytest.xml'}"], 170),  # fmt: skip
+                           str(REPO / "tests" / "test_gpu.py"), f"--junitxml={out / 'pytest.xml'}"], 170),
         Part("loss kernel", [python, "-m", "kernels.bench_distill_loss", "--iters", "20", "--out", str(out / "loss.json")], 50),
         Part(
             "step vs reference",
@@ -69,7 +69,7 @@ def build_parts(args: argparse.Namespace) -> list[Part]:
              "--json", str(out / "bench.json"),
              *(["--variants", *args.variants] if args.variants else [])],
             250,
-        ),  # fmt: skip
+        ),
     ]
 
 

@@ -16,7 +16,6 @@ timm is needed only here (a dev dependency): it is imported when the reference r
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
