@@ -49,7 +49,7 @@ from rich.table import Table
 from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, load_config
 from dune_scale.data.mixture import Mixture, resolve_mixture
-from dune_scale.engine.run import build_trainer
+from dune_scale.engine.run import build_encoder, build_trainer
 from dune_scale.teachers.precision import resolve_teacher_precision
 from dune_scale.telemetry.flops import dune_step_flops
 from dune_scale.telemetry.phases import PhaseTimer
@@ -323,7 +323,9 @@ def run_reference(config_path: str, base_overrides: Sequence[str], options: Benc
     """The seed-style step for the base configuration's shapes, each reference variant in turn (a
     failing one is reported and the next runs)."""
     device = distributed.info().device
-    work = reference_work(load_config(config_path, list(base_overrides)))
+    cfg = load_config(config_path, list(base_overrides))
+    with torch.device("meta"):  # only the student's shape is read
+        work = reference_work(cfg, build_encoder(cfg))
     images = reference_images(work, device)
     results = []
     for variant in options.reference:

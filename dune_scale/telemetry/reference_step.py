@@ -72,12 +72,9 @@ class ReferenceResult:
     final_loss: float | None = None
 
 
-def reference_work(cfg: Config) -> ReferenceWork:
-    """The seed step for ``cfg``'s student, teachers, image and batch size."""
-    from dune_scale.engine.run import build_encoder
-
-    with torch.device("meta"):  # only the shape is read
-        encoder = build_encoder(cfg)
+def reference_work(cfg: Config, encoder: nn.Module) -> ReferenceWork:
+    """The seed step for ``cfg``'s teachers, image and batch size and the student ``encoder``'s
+    shape (width, depth, heads, registers; e.g. built on the meta device)."""
     size, student_patch = cfg.train.image_size, cfg.student.patch_size
     teachers = {}
     for teacher in cfg.teachers.models:
