@@ -15,7 +15,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
 import math  # noqa: E402
-import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
