@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint gpu-check clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ lint: $(STAMP)
 
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# GPU acceptance on a machine with one GPU and the project's requirements (no venv, no DeepSpeed or
+# Streaming needed): gpu tests, loss-kernel and step benchmarks → runs/gpu-check/gpu_check.{json,md}.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) launch/gpu_check.py
 
 clean:
 	rm -rf runs/demo .pytest_cache

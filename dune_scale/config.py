@@ -90,7 +90,16 @@ class TeacherConfig:
 @dataclass
 class TeachersConfig:
     models: list[TeacherConfig] = field(default_factory=list)
-    dtype: str = _choice("auto", "auto", "bf16", "fp32")
+    # GEMM precision: auto = bf16 on CUDA, fp32 on CPU; fp8 = torchao float8 linears, per-row scales
+    # (CUDA compute capability ≥ 8.9 with torchao installed; refused elsewhere).
+    dtype: str = _choice("auto", "auto", "bf16", "fp32", "fp8")
+    # Everything but the GEMMs: fp32 = the official code (fp32 weights under autocast: norms, layer
+    # scales, positional embeddings and the residual stream in fp32); bf16 = whole teachers in bf16.
+    residual: str = _choice("fp32", "fp32", "bf16")
+    # Compile each teacher block (unset: on CUDA, where it pays; off on CPU); cuda_graphs replays
+    # the compiled blocks as CUDA graphs (needs compile).
+    compile: bool | None = None
+    cuda_graphs: bool = False
     # Where each frozen teacher is FSDP2-sharded: not at all (a full copy per rank), over all ranks,
     # or within each node and replicated across nodes (weight all-gathers stay on the node's links).
     shard: str = _choice_with_aliases("none", ("none", "world", "node"), {True: "world", False: "none"})
@@ -144,6 +153,9 @@ class TrainConfig:
     total_steps: int | None = None
     precision: str = _choice("bf16", "bf16", "fp32")
     compile: bool = False
+    # What train.compile compiles: each transformer block, or the whole student with its projectors
+    # as one graph (fusion across blocks; single and deepspeed strategies: FSDP2 compiles per block).
+    compile_scope: str = _choice("blocks", "blocks", "model")
     activation_checkpointing: bool = False
 
 
@@ -479,6 +491,16 @@ def _check_teachers(config: Config) -> None:
                 _fail(f"{key}.tokens", teacher.tokens, "token types are cls and patch")
 
 
+def _check_speed_switches(config: Config) -> None:
+    t = config.teachers
+    if t.residual == "bf16" and t.dtype == "fp32":
+        _fail("teachers.residual", t.residual, "with teachers.dtype=fp32 everything is fp32; use residual=fp32 or dtype=bf16")
+    if t.cuda_graphs and t.compile is False:
+        _fail("teachers.cuda_graphs", t.cuda_graphs, "CUDA graphs replay compiled blocks: leave teachers.compile unset or true")
+    if config.train.compile_scope == "model" and config.strategy.name == "fsdp":
+        _fail("train.compile_scope", "model", "FSDP2 shards each block, so blocks are compiled one by one: use compile_scope=blocks")
+
+
 def _check_ranges(config: Config) -> None:
     d, o, t = config.distill, config.optim, config.train
     if not 0.0 <= d.teacher_drop_p <= 1.0:
@@ -497,4 +519,4 @@ def _check_ranges(config: Config) -> None:
         _fail("data.crop_scale", [lo, hi], "0 < min ≤ max ≤ 1")
 
 
-_RULES = (_check_image_size, _check_student, _check_teachers, _check_ranges)
+_RULES = (_check_image_size, _check_student, _check_teachers, _check_speed_switches, _check_ranges)

@@ -1,5 +1,6 @@
 """Benchmark the training step: `python|torchrun|deepspeed launch/bench.py --config configs/X.yaml
-[k=v ...] [--steps N --warmup W --data --random-init --peak-tflops F --json PATH --variants "k=v" ...]`."""
+[k=v ...] [--steps N --warmup W --data --random-init --peak-tflops F --json PATH --reference
+[--reference-variants seed,compiled] --variants "k=v" ...]`."""
 
 import sys
 

@@ -30,7 +30,7 @@ from dune_scale.distributed import DistInfo
 
 TRAINER_PHASES = {"data", "teacher_forward", "student_forward", "loss", "backward", "optimizer"}
 TINY_FLOPS_PER_IMAGE = 35_187_520  # test_flops.py's hand count
-REPORT_FIELDS = {"date", "device", "world_size", "torch", "config", "overrides", "data", "options", "results"}
+REPORT_FIELDS = {"date", "device", "world_size", "torch", "config", "overrides", "data", "options", "results", "reference"}
 RESULT_FIELDS = set(VariantResult.__dataclass_fields__)
 
 
@@ -66,7 +66,7 @@ def test_cli_prints_table_and_writes_json(tmp_path: Path) -> None:
         assert text in done.stdout
     report = json.loads(report_path.read_text())
     assert set(report) == REPORT_FIELDS
-    assert report["world_size"] == 1 and report["data"] == "synthetic"
+    assert report["world_size"] == 1 and report["data"] == "synthetic" and report["reference"] is None
     assert report["options"]["steps"] == 3 and report["options"]["warmup"] == 1
     (result,) = report["results"]
     assert result["name"] == "base" and result["global_batch_size"] == 12 and result["image_size"] == 56
@@ -151,3 +151,64 @@ def test_torchrun_two_ranks_fsdp(tmp_path: Path) -> None:
     (result,) = report["results"]
     assert report["world_size"] == result["world_size"] == 2 and result["global_batch_size"] == 24
     check_ok(result, steps=2)
+
+
+def test_reference_step_side_by_side(tmp_path: Path) -> None:
+    """--reference times the seed-style step for the base config's shapes and gives every variant
+    its ratio to it; a failing reference variant is reported without hiding the others."""
+    options = BenchOptions(steps=2, warmup=1, reference=("seed", "bf16teach"))
+    report = run_benchmark(str(TINY_CPU), ["run.console=none", f"run.output_dir={tmp_path}"], ["loss.fused=false"], options)
+    reference = report["reference"]
+    work = reference["work"]
+    assert work["batch_size"] == 12 and work["image_size"] == 56
+    assert work["student"]["embed_dim"] == 48 and work["student"]["reg_tokens"] == 4
+    assert work["teachers"]["mast3r_vitlarge_16"]["img_size"] == 64  # 56 px / 14 · 16: the same token grid
+    assert work["teachers"]["mast3r_vitlarge_16"]["init_values"] is None
+    assert [r["name"] for r in reference["results"]] == ["seed", "bf16teach"]
+    for ref in reference["results"]:
+        assert ref["status"] == "ok", ref["error"]
+        assert ref["img_per_s"] == pytest.approx(12 / ref["step_time_s"]) and math.isfinite(ref["final_loss"])
+    for result in report["results"]:
+        assert set(result["ratio_to_reference"]) == {"seed", "bf16teach"}
+        for ref in reference["results"]:
+            ratio = result["ratio_to_reference"][ref["name"]]
+            assert ratio == pytest.approx(result["img_per_s_per_rank"] / ref["img_per_s"])
+    console = Console(record=True, width=200)
+    render(report, console)
+    assert "reference img/s" in console.export_text()
+
+    from dune_scale.cli.bench_loss import markdown as loss_markdown
+    from dune_scale.cli.gpu_check import markdown  # the gpu-check table of such a report
+
+    row = {"tokens": 577, "impl": "triton", "ms": 0.5, "host_ms": 0.45, "graph_ms": None, "effective_GBps": 1500.0,
+           "pct_copy_bw": 35.0, "speedup_vs_eager": 17.0, "peak_extra_MiB": 10.0}
+    loss = {"batch": 128, "dim": 1024, "dtype": "bf16", "copy_GBps": 4200.0, "results": [row, {**row, "graph_ms": 0.25}]}
+    assert "| 577 | triton | 0.500 | 0.450 | — |" in loss_markdown(loss["results"], 4200.0)
+    parts = [{"name": n, "returncode": 0, "seconds": 1.0, "result": r} for n, r in (("gpu tests", {}), ("loss kernel", loss), ("step", report))]
+    table = markdown({"date": "d", "device": "cpu", "torch": torch.__version__, "parts": parts})
+    assert "| 577 | triton | 0.500 | 0.450 | 0.250 | 35.0 | 17.00 |" in table
+    base_ratio = report["results"][0]["ratio_to_reference"]["seed"]
+    assert "÷ ref seed" in table and f"| base | {report['results'][0]['img_per_s_per_rank']:.1f} |" in table
+    assert f"{base_ratio:.3f}" in table and "| reference bf16teach |" in table
+
+
+def test_reference_needs_known_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(TINY_CPU), "--reference", "--reference-variants", "seed,fastest"])
+    assert exit_info.value.code == 2 and "fastest" in capsys.readouterr().err
+
+
+def test_gpu_check_parts_are_valid_commands_within_8_minutes(tmp_path: Path) -> None:
+    """make gpu-check's subprocess commands parse with the programs' own parsers, and the parts'
+    time limits add up to less than 8 minutes."""
+    from dune_scale.cli import gpu_check
+    from dune_scale.cli.bench import parse_args
+    from dune_scale.cli.bench_loss import parse_args as parse_loss_args
+
+    tests, loss, step = gpu_check.build_parts(gpu_check.parse_args(["--out", str(tmp_path)]))
+    assert tests.command[-2].endswith("tests/test_gpu.py") and "gpu" in tests.command
+    assert parse_loss_args(loss.command[3:]).out == tmp_path / "loss.json"
+    bench = parse_args(step.command[2:])
+    assert bench.reference and bench.reference_variants == ("seed",) and bench.json == tmp_path / "bench.json"
+    assert bench.variants == list(gpu_check.DEFAULT_VARIANTS)
+    assert sum(part.timeout_s for part in (tests, loss, step)) < 8 * 60

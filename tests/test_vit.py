@@ -134,6 +134,34 @@ def test_positional_embedding_resampling_follows_dinov2() -> None:
         model(torch.randn(1, 3, 40, 42))
 
 
+def test_frozen_positional_embedding_is_resampled_once_per_grid() -> None:
+    """A frozen teacher reuses the resampled table (exactly the same values); loading weights,
+    in-place edits and a trainable table all recompute."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=84, patch_size=14, embed_dim=8, depth=1, num_heads=2).requires_grad_(False)
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    first = model.interpolate_pos_encoding(4 * 9, 56, 126)
+    assert model.interpolate_pos_encoding(4 * 9, 56, 126) is first  # cached
+    assert torch.equal(first, model._resample_pos_embed(56, 126))  # the same values as uncached
+    other_grid = model.interpolate_pos_encoding(5 * 5, 70, 70)
+    assert other_grid.shape[1] == 26 and model.interpolate_pos_encoding(4 * 9, 56, 126) is first
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["pos_embed"] = state["pos_embed"] * 2
+    model.load_state_dict(state)  # copies in place
+    torch.testing.assert_close(model.interpolate_pos_encoding(4 * 9, 56, 126), first * 2)
+    model.load_state_dict({k: v * 3 if k == "pos_embed" else v for k, v in state.items()}, assign=True)
+    torch.testing.assert_close(model.interpolate_pos_encoding(4 * 9, 56, 126), first * 6)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    assert model.interpolate_pos_encoding(4 * 9, 56, 126).abs().max() == 0
+
+    model.pos_embed.requires_grad_(True)  # a trained table: never cached, gradients flow
+    trained = model.interpolate_pos_encoding(4 * 9, 56, 126)
+    assert trained.requires_grad and trained is not model.interpolate_pos_encoding(4 * 9, 56, 126)
+
+
 def test_attention_backends() -> None:
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 10, 16).unbind(0)

@@ -19,6 +19,10 @@ divided by the number of ranks; phases are averaged over ranks; peak memory is l
 
 MFU = achieved model FLOP/s per device (``flops.dune_step_flops``) ÷ the device's dense bf16 peak
 (spec sheet, matched by device name; ``--peak-tflops`` overrides, e.g. with a measured matmul peak).
+
+``--reference`` also times the seed-style step (``reference_step``) for the base configuration's
+shapes in the same process, on the same device, and gives every variant its img/s per rank ÷ the
+reference's img/s: the ratio is what the project publishes, a time alone is not comparable.
 """
 
 from __future__ import annotations
@@ -46,9 +50,19 @@ from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, load_config
 from dune_scale.data.mixture import Mixture
 from dune_scale.distributed import DistInfo, rank_seed
-from dune_scale.engine.compose import build_trainer, check_run
+from dune_scale.engine.compose import build_encoder, build_trainer, check_run
 from dune_scale.telemetry.flops import dune_step_flops
 from dune_scale.telemetry.phases import PhaseTimer
+from dune_scale.telemetry.reference_step import (
+    REFERENCE_VARIANTS,
+    ReferenceResult,
+    ReferenceUnavailable,
+    measure_reference,
+    ratios,
+    reference_images,
+    reference_work,
+    require_timm,
+)
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' spec sheets, matched as a
 # case-insensitive substring of torch.cuda.get_device_name(); the first match wins, so a name that
@@ -80,6 +94,7 @@ class BenchOptions:
     real_data: bool = False
     random_init: bool = False
     peak_tflops: float | None = None
+    reference: tuple[str, ...] = ()  # seed-style reference variants to run alongside (none: no reference)
 
 
 @dataclass
@@ -111,6 +126,7 @@ class VariantResult:
     phases: dict[str, dict[str, float]] = field(default_factory=dict)  # name → seconds per step, percent
     peak_memory_gib: list[float] = field(default_factory=list)  # per rank
     final_loss: float | None = None
+    ratio_to_reference: dict[str, float] = field(default_factory=dict)  # reference variant → this img/s ÷ its img/s
 
 
 def device_name(device: torch.device) -> str:
@@ -202,6 +218,9 @@ def measure(cfg: Config, options: BenchOptions, result: VariantResult, dist: Dis
     """Build the trainer for ``cfg``, warm up, time ``options.steps`` steps; fill ``result``."""
     device = dist.device
     if device.type == "cuda":
+        # The allocator's statistics exist only once CUDA is initialised; nothing has touched the
+        # device yet in a fresh process ("Invalid device argument" otherwise).
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     plan = check_run(cfg, dist)
     mixture = plan.mixture
@@ -303,13 +322,41 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def run_reference(
+    config_path: str, base_overrides: Sequence[str], options: BenchOptions, device: torch.device
+) -> dict[str, Any]:
+    """The seed-style step for the base configuration's shapes, each reference variant in turn (a
+    failing one is reported and the next runs)."""
+    cfg = load_config(config_path, list(base_overrides))
+    with torch.device("meta"):  # only the student's shape is read
+        work = reference_work(cfg, build_encoder(cfg))
+    images = reference_images(work, device)
+    results = []
+    for variant in options.reference:
+        result = ReferenceResult(variant)
+        try:
+            measure_reference(work, variant, images, options.steps, options.warmup, result)
+        except Exception as err:  # noqa: BLE001 - any failure is this variant's result
+            result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+        finally:
+            _release_memory(device)
+        results.append(result)
+    del images
+    return {"work": dataclasses.asdict(work), "results": [dataclasses.asdict(r) for r in results]}
+
+
 def run_benchmark(
     config_path: str, base_overrides: Sequence[str], variants: Sequence[str], options: BenchOptions, dist: DistInfo
 ) -> dict[str, Any]:
     """The base configuration, then each variant (a string of extra ``key=value`` overrides), in turn,
-    on the process group ``dist`` describes; returns the JSON report."""
+    on the process group ``dist`` describes, then the reference if asked for; returns the JSON report."""
     rows = [("base", [])] + [(text, shlex.split(text)) for text in variants]
     results = [run_variant(config_path, base_overrides, extra, options, name, dist) for name, extra in rows]
+    reference = run_reference(config_path, base_overrides, options, dist.device) if options.reference else None
+    if reference is not None:
+        done = [ReferenceResult(**r) for r in reference["results"]]
+        for result in results:
+            result.ratio_to_reference = ratios(result.img_per_s_per_rank, done)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(dist.device),
@@ -320,6 +367,7 @@ def run_benchmark(
         "data": "loader" if options.real_data else "synthetic",
         "options": dataclasses.asdict(options),
         "results": [dataclasses.asdict(r) for r in results],
+        "reference": reference,
     }
 
 
@@ -375,6 +423,8 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{ok[0]['steps']} steps after {ok[0]['warmup_steps']} warm-up",
             highlight=False,
         )
+    if report.get("reference"):
+        _render_reference(report["reference"], results, console)
     for r in results:
         if r["status"] != "ok":
             console.print(f"[red]{r['name']} failed:[/red] {r['error']}", highlight=False)
@@ -384,6 +434,34 @@ def render(report: dict[str, Any], console: Console) -> None:
                 f"{1e3 * r['step_time_max_s']:.1f} ms): something else used the device or host, or warm-up was too short",
                 highlight=False,
             )
+
+
+def _render_reference(reference: dict[str, Any], results: list[dict[str, Any]], console: Console) -> None:
+    """The seed-style step's numbers, then each variant's ratio to each of them."""
+    table = Table(title="seed-style reference step (same process, same device)")
+    for column in ("reference", "img/s", "step ms", "teachers ms", "peak GiB"):
+        table.add_column(column, justify="left" if column == "reference" else "right")
+    for r in reference["results"]:
+        if r["status"] != "ok":
+            table.add_row(r["name"], "[red]failed[/red]", "", "", "")
+            continue
+        table.add_row(
+            r["name"], _fmt(r["img_per_s"], ".1f"), _fmt(r["step_time_s"] * 1e3, ".1f"),
+            _fmt(r["teacher_time_s"] * 1e3, ".1f"), _fmt(r["peak_memory_gib"], ".2f"),
+        )
+    console.print(table)
+    names = [r["name"] for r in reference["results"] if r["status"] == "ok"]
+    if names:
+        ratio_table = Table(title="dune_scale img/s ÷ reference img/s")
+        ratio_table.add_column("variant")
+        for name in names:
+            ratio_table.add_column(f"÷ {name}", justify="right")
+        for r in results:
+            ratio_table.add_row(r["name"], *(_fmt(r["ratio_to_reference"].get(n), ".3f") + "×" for n in names))
+        console.print(ratio_table)
+    for r in reference["results"]:
+        if r["status"] != "ok":
+            console.print(f"[red]reference {r['name']} failed:[/red] {r['error']}", highlight=False)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -408,11 +486,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants", nargs="+", default=[], metavar="OVERRIDES",
         help='extra overrides per variant, one quoted string each, e.g. "train.compile=true" "loss.fused=false"',
     )
+    parser.add_argument(
+        "--reference", action="store_true",
+        help="also time the seed-style reference step (needs timm) and report each variant's ratio to it",
+    )
+    parser.add_argument(
+        "--reference-variants", default="seed,compiled", metavar="NAMES",
+        help=f"comma-separated reference variants of {', '.join(REFERENCE_VARIANTS)} (default seed,compiled)",
+    )
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
+    args.reference_variants = tuple(v.strip() for v in args.reference_variants.split(",") if v.strip())
+    unknown = sorted(set(args.reference_variants) - set(REFERENCE_VARIANTS))
+    if unknown or not args.reference_variants:
+        parser.error(f"--reference-variants: {', '.join(unknown) or 'none given'}; choose from {', '.join(REFERENCE_VARIANTS)}")
     return args
 
 
@@ -424,10 +514,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.reference:
+        try:
+            require_timm()
+        except ReferenceUnavailable as err:
+            print(f"--reference: {err}", file=sys.stderr)
+            return 2
     options = BenchOptions(
-        steps=args.steps, warmup=args.warmup, real_data=args.data, random_init=args.random_init, peak_tflops=args.peak_tflops
+        steps=args.steps, warmup=args.warmup, real_data=args.data, random_init=args.random_init, peak_tflops=args.peak_tflops,
+        reference=args.reference_variants if args.reference else (),
     )
     dist = distributed.init_distributed(base.run.device)
+    try:
+        check_run(base, dist)  # e.g. fp8 where the device cannot run it: exit 2 before any variant
+    except ConfigError as err:
+        distributed.shutdown()
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     try:
         report = run_benchmark(args.config, args.overrides, args.variants, options, dist)
     finally:

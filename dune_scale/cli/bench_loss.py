@@ -56,6 +56,38 @@ def _median_ms(step: Callable[[], object], iters: int, warmup: int) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in pairs)
 
 
+def _host_ms(step: Callable[[], object], iters: int) -> float:
+    """Host time to issue one step (Python, autograd, launches), measured while the device queue is
+    kept busy: when it is close to the device time, a shape is launch-bound, not bandwidth-bound."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return issued / iters * 1e3
+
+
+def _graph_ms(step: Callable[[], object], iters: int, warmup: int) -> float | None:
+    """Device time of one step replayed as a CUDA graph: no host work in between, so this is the
+    kernel-side time even where issuing the step is slower than running it. None where the step
+    cannot be captured (e.g. a compiled function's guards)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up on a side stream, as capture requires
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return _median_ms(graph.replay, iters, warmup)
+
+
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (read + write bytes / time) of a 1 GiB buffer."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -124,6 +156,9 @@ def bench_shape(
                 "ms": ms,
                 "effective_GBps": gbps,
                 "pct_copy_bw": 100 * gbps / copy_gbps,
+                "host_ms": _host_ms(lambda fn=fn: _step(fn, student, teacher, mean, std, grad), args.iters),
+                "graph_ms": _graph_ms(lambda fn=fn: _step(fn, student, teacher, mean, std, grad), args.iters, 2)
+                if name != "compile" else None,
                 "peak_extra_MiB": _peak_mib(lambda fn=fn: _step(fn, student, teacher, mean, std, grad)),
                 "wall_s_incl_warmup": time.perf_counter() - t0,
             }
@@ -138,12 +173,13 @@ def markdown(rows: list[dict], copy_gbps: float) -> str:
     lines = [
         f"device-to-device copy: {copy_gbps:.0f} GB/s",
         "",
-        "| tokens | impl | fwd+bwd ms | effective GB/s | % of copy BW | speedup vs eager | extra peak MiB |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| tokens | impl | fwd+bwd ms | host ms | CUDA-graph ms | effective GB/s | % of copy BW | speedup vs eager | extra peak MiB |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['tokens']} | {r['impl']} | {r['ms']:.3f} | {r['effective_GBps']:.0f} | {r['pct_copy_bw']:.1f} "
+            f"| {r['tokens']} | {r['impl']} | {r['ms']:.3f} | {r['host_ms']:.3f} | "
+            f"{'—' if r['graph_ms'] is None else format(r['graph_ms'], '.3f')} | {r['effective_GBps']:.0f} | {r['pct_copy_bw']:.1f} "
             f"| {r['speedup_vs_eager']:.2f}x | {r['peak_extra_MiB']:.0f} |"
         )
     return "\n".join(lines)

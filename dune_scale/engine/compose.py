@@ -25,6 +25,7 @@ from dune_scale.engine.strategies import build_strategy
 from dune_scale.engine.trainer import Trainer
 from dune_scale.models import vit
 from dune_scale.teachers import TEACHER_SPECS, build_teacher_ensemble, get_teacher_spec
+from dune_scale.teachers.precision import compile_frozen_blocks, resolve_teacher_precision
 from dune_scale.telemetry.phases import NullPhaseTimer
 
 
@@ -52,6 +53,7 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
         raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
     _check_teacher_sharding(cfg.teachers.shard, dist)
     _check_teacher_entries(cfg)
+    resolve_teacher_precision(cfg.teachers.dtype, cfg.teachers.residual, dist.device)  # e.g. fp8 where it cannot run
     try:
         mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
     except MixtureError as err:
@@ -116,12 +118,6 @@ def build_student(cfg: Config, teacher_dims: dict[str, int], teacher_tokens: dic
     )
 
 
-def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.teachers.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teachers.dtype]
-
-
 def build_schedules(cfg: Config, world_size: int) -> Schedules:
     total = cfg.total_steps(world_size)
     wd = cfg.optim.weight_decay
@@ -164,18 +160,22 @@ def build_trainer(
     """Teachers → student → strategy → objective → trainer, for training and for the benchmark;
     ``plan`` comes from :func:`check_run`."""
     torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
-    dtype = teacher_dtype(cfg, dist.device)
+    precision = resolve_teacher_precision(cfg.teachers.dtype, cfg.teachers.residual, dist.device)
     teachers = build_teacher_ensemble(
-        cfg.teachers.models, cfg.student.patch_size, dist.device, dtype, attention=cfg.teachers.attention
+        cfg.teachers.models, cfg.student.patch_size, dist.device, precision.compute_dtype, precision.param_dtype,
+        precision.fp8, attention=cfg.teachers.attention,
     )
-    if cfg.teachers.shard != "none":
-        mesh = teacher_mesh(cfg.teachers.shard, dist)
-        for teacher in teachers.teachers.values():
-            shard_frozen_module(teacher, teacher.blocks, dtype, mesh)
+    compile_teachers = cfg.teachers.compile if cfg.teachers.compile is not None else dist.device.type == "cuda"
+    mesh = teacher_mesh(cfg.teachers.shard, dist) if cfg.teachers.shard != "none" else None
+    for teacher in teachers.teachers.values():
+        if compile_teachers:
+            compile_frozen_blocks(teacher.blocks, cfg.teachers.cuda_graphs)
+        if mesh is not None:
+            shard_frozen_module(teacher, teacher.blocks, precision.param_dtype, mesh)
     student = build_student(cfg, teachers.embed_dims, teachers.tokens)
     if cfg.student.pretrained:
         load_pretrained_student(student, Path(cfg.student.pretrained))
-    prepare_student(student, cfg.train.activation_checkpointing, cfg.train.compile)
+    prepare_student(student, cfg.train.activation_checkpointing, cfg.train.compile, cfg.train.compile_scope == "model")
     strategy = build_strategy(cfg, dist)
     strategy.setup(student, cfg.peak_lr(dist.world_size))
     output_dir = Path(cfg.run.output_dir)

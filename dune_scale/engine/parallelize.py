@@ -37,11 +37,16 @@ def apply_compile(student: nn.Module) -> None:
         container[index].compile()
 
 
-def prepare_student(student: nn.Module, activation_checkpointing: bool, compile_blocks: bool) -> None:
+def prepare_student(
+    student: nn.Module, activation_checkpointing: bool, compile_blocks: bool, whole_model: bool = False
+) -> None:
+    """``whole_model``: compile the student with its projectors as one graph instead of block by block."""
     # Checkpoint first, then compile the checkpointed block (the torchtitan order).
     if activation_checkpointing:
         apply_activation_checkpointing(student)
-    if compile_blocks:
+    if compile_blocks and whole_model:
+        student.compile()
+    elif compile_blocks:
         apply_compile(student)
 
 

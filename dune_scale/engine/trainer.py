@@ -80,7 +80,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "drop_rng": self.drop_generator.get_state(),
         }
-        if torch.cuda.is_available():
+        if self.dist.device.type == "cuda":  # a CPU run on a GPU machine has no CUDA device to ask
             state["cuda_rng"] = torch.cuda.get_rng_state(self.dist.device)
         return state
 
@@ -94,7 +94,7 @@ class Trainer:
         np.random.set_state(numpy_state)
         torch.set_rng_state(state["torch_rng"])
         self.drop_generator.set_state(state["drop_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
+        if "cuda_rng" in state and self.dist.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.dist.device)
 
     def trainer_state(self) -> dict[str, Any]:

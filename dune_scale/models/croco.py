@@ -4,6 +4,13 @@ Patch embedding 16×16, no class token and no absolute positional embedding: pos
 2D rotary embeddings (RoPE, frequency base 100) on queries and keys. Pre-norm blocks without layer
 scale, final ``enc_norm``. Module names match the checkpoint's ``patch_embed.*``, ``enc_blocks.<i>.*``
 and ``enc_norm.*`` keys, so the encoder part of a MASt3R checkpoint loads strictly.
+
+Frozen inference at full speed: the RoPE tables are built once per token grid (not per block and
+forward), the rotation of q and k is one fused kernel on CUDA (``kernels.rope_2d``; inside a
+``torch.compile`` graph the compiler fuses the eager formula), and the ImageNet → 0.5/0.5 input
+renormalisation is folded into the patch-embedding weights (an exact affine identity: the conv
+has no padding) instead of a pass over the images. Derived values are cached per module and
+recomputed when the weights change (``DerivedCache``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import torch
 from torch import nn
 
 from dune_scale.models.attention import attention as scaled_dot_product_attention
+from dune_scale.models.derived import DerivedCache
 from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import Attention, Block, PatchEmbed
 
@@ -34,10 +42,27 @@ def rope_2d_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple
 
 
 def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, N, d): each quarter pair (u, v) → (u cos − v sin, v cos + u sin)."""
-    u_y, v_y, u_x, v_x = x.chunk(4, dim=-1)
+    """Rotate (B, heads, N, d): each quarter pair (u, v) → (u cos − v sin, v cos + u sin), in fp32
+    (as CroCo's fp32 tables promote it under autocast), returned in ``x``'s dtype."""
+    u_y, v_y, u_x, v_x = x.float().chunk(4, dim=-1)
     rotated = torch.cat([-v_y, u_y, -v_x, u_x], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def rotate_queries_keys(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2D RoPE on q and k: the fused Triton kernel for frozen CUDA inference, else the eager formula
+    (CPU, autograd, and inside ``torch.compile``, which fuses it itself)."""
+    frozen = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+    if q.is_cuda and frozen and not torch.compiler.is_compiling() and q.shape[-1] & (q.shape[-1] - 1) == 0:
+        from kernels import triton_available
+
+        if triton_available():
+            from kernels.rope_2d import triton_rope_2d
+
+            return triton_rope_2d(q, k, cos, sin)
+    return apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
 
 
 class RopeAttention(Attention):
@@ -47,12 +72,12 @@ class RopeAttention(Attention):
         super().__init__(dim, num_heads, qkv_bias=True, attention=attention)
         self.rope_base = rope_base
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``rope``: the (cos, sin) tables of the token grid (``rope_2d_tables``), shared by every
+        block. Under an FSDP bf16 policy they arrive cast to bf16, the precision the rotation had
+        before it ran in fp32."""
         q, k, v = self.split_heads(x)
-        # Integer positions (not float tables) cross the block boundary, so wrappers that cast
-        # floating inputs (FSDP mixed precision) cannot round the rotation angles.
-        cos, sin = rope_2d_tables(positions, q.shape[-1], self.rope_base)
-        q, k = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+        q, k = rotate_queries_keys(q, k, *rope)
         return self.merge_heads(scaled_dot_product_attention(q, k, v, self.attention))
 
 
@@ -97,25 +122,48 @@ class CrocoEncoder(nn.Module):
             for _ in range(depth)
         )
         self.enc_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.rope_base = rope_base
+        self._derived = DerivedCache()
 
     @property
     def blocks(self) -> nn.ModuleList:
         """Same name as the ViT's, for per-block sharding / checkpointing."""
         return self.enc_blocks
 
+    def rope_tables(self, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp32 (cos, sin) of a rows × cols grid, built once per grid and device."""
+        head_dim = self.embed_dim // self.num_heads
+        return self._derived.get(
+            ("rope", rows, cols, device), [],
+            lambda: rope_2d_tables(patch_positions(rows, cols, device), head_dim, self.rope_base),
+        )
+
+    def renormalising_patch_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch-embedding (weight, bias) that take ImageNet-normalised images directly.
+
+        MASt3R normalises with mean = std = 0.5: x' = x·2σ_c + (2μ_c − 1) per channel c. The conv
+        has no padding, so conv(x') = conv'(x) with W'[:, c] = W[:, c]·2σ_c and
+        b' = b + Σ_c (2μ_c − 1) Σ_{kh,kw} W[:, c] (computed in fp64, stored in the weights' dtype).
+        """
+        proj = self.patch_embed.proj
+
+        def fold() -> tuple[torch.Tensor, torch.Tensor]:
+            weight = proj.weight.detach().double()
+            scale = torch.tensor([2 * s for s in IMAGENET_STD], dtype=torch.float64, device=weight.device)
+            shift = torch.tensor([2 * m - 1 for m in IMAGENET_MEAN], dtype=torch.float64, device=weight.device)
+            folded_weight = weight * scale[None, :, None, None]
+            folded_bias = proj.bias.detach().double() + (weight.sum(dim=(2, 3)) * shift).sum(dim=1)
+            return folded_weight.to(proj.weight.dtype), folded_bias.to(proj.bias.dtype)
+
+        return self._derived.get("renormalising_patch_embedding", [proj.weight, proj.bias], fold)
+
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """ImageNet-normalised images → MASt3R features; ``cls`` is the token mean (a pseudo class token)."""
-        # MASt3R normalises with mean = std = 0.5; undo ImageNet's first (in fp32: it is pixel data).
-        # Python-float constants per channel: no host→device copy (which would wait for the GPU).
-        pixels = images.float()
-        x = torch.stack(
-            [(pixels[:, c] * IMAGENET_STD[c] + IMAGENET_MEAN[c] - 0.5) / 0.5 for c in range(3)], dim=1
-        ).to(images.dtype)
-        _, _, height, width = x.shape
-        tokens = self.patch_embed(x)
-        positions = patch_positions(height // self.patch_size, width // self.patch_size, x.device)
+        _, _, height, width = images.shape
+        tokens = self.patch_embed(images, *self.renormalising_patch_embedding())
+        rope = self.rope_tables(height // self.patch_size, width // self.patch_size, images.device)
         for block in self.enc_blocks:
-            tokens = block(tokens, positions=positions)
+            tokens = block(tokens, rope=rope)
         patch = self.enc_norm(tokens)
         return {"cls": patch.mean(dim=1), "patch": patch, "reg": None}
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from dune_scale.models.attention import attention as scaled_dot_product_attention
 from dune_scale.models.attention import check_attention_backend
+from dune_scale.models.derived import DerivedCache
 
 
 class PatchEmbed(nn.Module):
@@ -27,12 +28,17 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, H/p · W/p, D), row-major (y slowest)."""
+    def forward(
+        self, images: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) → (B, H/p · W/p, D), row-major (y slowest). ``weight``/``bias`` replace the
+        conv's own (MASt3R's with its input renormalisation folded in)."""
         _, _, height, width = images.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
-        return self.proj(images).flatten(2).transpose(1, 2)
+        if weight is None:
+            return self.proj(images).flatten(2).transpose(1, 2)
+        return F.conv2d(images, weight, bias, stride=self.patch_size).flatten(2).transpose(1, 2)
 
 
 class Mlp(nn.Module):
@@ -176,6 +182,9 @@ class VisionTransformer(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        # Frozen teachers resample their positional embedding once per input grid (DINOv2-L pays a
+        # bicubic pass over the table on every forward otherwise); training students never cache.
+        self._derived = DerivedCache()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -197,6 +206,13 @@ class VisionTransformer(nn.Module):
         stored = self.pos_embed.shape[1] - 1
         if num_patches == stored and height == width:
             return self.pos_embed
+        return self._derived.get(
+            ("pos_embed", height // self.patch_size, width // self.patch_size), [self.pos_embed],
+            lambda: self._resample_pos_embed(height, width),
+        )
+
+    def _resample_pos_embed(self, height: int, width: int) -> torch.Tensor:
+        stored = self.pos_embed.shape[1] - 1
         side = int(math.sqrt(stored))
         rows, cols = height // self.patch_size, width // self.patch_size
         pos = self.pos_embed.float()

@@ -3,9 +3,10 @@
 Inputs are aligned as DUNE does: when a teacher's patch size differs from the student's, the
 image is resized by teacher_patch / student_patch (bicubic, align_corners=True), so every
 teacher's token grid equals the student's (448 px /14 → 32×32; MASt3R sees 512 px /16 → 32×32).
-Weights are cast to the compute dtype (bf16 on accelerators) and run under autocast; features
-come back in the dtype autocast leaves them (fp32 out of LayerNorm on CUDA, bf16 on CPU) and the
-loss upcasts them.
+Weights are kept in ``param_dtype`` (fp32 by default, as the official code: norms, layer scales,
+positional embeddings and the residual stream stay fp32) and run under autocast to the compute
+``dtype`` (bf16 on accelerators); features come back in the dtype autocast leaves them and the loss
+upcasts them. See ``teachers.precision``.
 The ensemble stays a plain module: sharding (FSDP2) is applied to it from outside.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from dune_scale.config import TOKEN_TYPES
 from dune_scale.teachers.build import build_teacher
+from dune_scale.teachers.precision import quantize_linears_fp8
 from dune_scale.teachers.registry import get_teacher_spec
 
 
@@ -49,7 +51,9 @@ class TeacherEnsemble(nn.Module):
         tokens: Mapping[str, Sequence[str]],
         student_patch_size: int,
         dtype: torch.dtype = torch.float32,
+        param_dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype``: autocast's (fp32: none); ``param_dtype``: the weights' (default ``dtype``)."""
         super().__init__()
         for name in teachers:
             chosen = tuple(tokens[name])
@@ -60,7 +64,7 @@ class TeacherEnsemble(nn.Module):
         self.student_patch_size = student_patch_size
         self.dtype = dtype
         for teacher in self.teachers.values():
-            teacher.to(dtype)
+            teacher.to(param_dtype or dtype)
             teacher.requires_grad_(False)
         super().train(False)
 
@@ -94,10 +98,14 @@ def build_teacher_ensemble(
     student_patch_size: int,
     device: torch.device | str,
     dtype: torch.dtype,
+    param_dtype: torch.dtype | None = None,
+    fp8: bool = False,
     attention: str = "auto",
 ) -> TeacherEnsemble:
     """From config entries with ``name``, ``checkpoint``, ``random_init``, ``arch``, ``tokens``
-    (empty ``tokens``: the teacher's DUNE default); every teacher uses the ``attention`` backend."""
+    (empty ``tokens``: the teacher's DUNE default). ``dtype`` is autocast's, ``param_dtype`` the
+    weights' (default ``dtype``); ``fp8`` quantises every linear layer (``teachers.dtype=fp8``);
+    every teacher uses the ``attention`` backend."""
     teachers: dict[str, nn.Module] = {}
     tokens: dict[str, Sequence[str]] = {}
     for config in configs:
@@ -107,6 +115,10 @@ def build_teacher_ensemble(
                 "(random weights are for tests and the demo only and need random_init: true)"
             )
         teacher = build_teacher(config.name, config.checkpoint, attention, **config.arch)
-        teachers[config.name] = teacher.to(device=device, dtype=dtype)  # one copy on the device, already cast
+        teachers[config.name] = teacher.to(device=device, dtype=param_dtype or dtype)  # one copy on the device, already cast
         tokens[config.name] = tuple(config.tokens) or get_teacher_spec(config.name).tokens
-    return TeacherEnsemble(teachers, tokens, student_patch_size, dtype)
+    ensemble = TeacherEnsemble(teachers, tokens, student_patch_size, dtype, param_dtype)
+    if fp8:  # after every cast: quantised weights are not cast again
+        for teacher in ensemble.teachers.values():
+            quantize_linears_fp8(teacher)
+    return ensemble
