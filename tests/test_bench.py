@@ -157,7 +157,7 @@ def test_reference_step_side_by_side(tmp_path: Path) -> None:
     """--reference times the seed-style step for the base config's shapes and gives every variant
     its ratio to it; a failing reference variant is reported without hiding the others."""
     options = BenchOptions(steps=2, warmup=1, reference=("seed", "bf16teach"))
-    report = run_benchmark(str(TINY_CPU), ["run.console=none", f"run.output_dir={tmp_path}"], ["loss.fused=false"], options)
+    report = run_benchmark(str(TINY_CPU), ["run.console=none", f"run.output_dir={tmp_path}"], ["loss.fused=false"], options, DistInfo())
     reference = report["reference"]
     work = reference["work"]
     assert work["batch_size"] == 12 and work["image_size"] == 56
@@ -207,7 +207,8 @@ def test_gpu_check_parts_are_valid_commands_within_8_minutes(tmp_path: Path) -> 
 
     tests, loss, step = gpu_check.build_parts(gpu_check.parse_args(["--out", str(tmp_path)]))
     assert tests.command[-2].endswith("tests/test_gpu.py") and "gpu" in tests.command
-    assert parse_loss_args(loss.command[3:]).out == tmp_path / "loss.json"
+    assert loss.command[1].endswith("launch/bench_loss.py")
+    assert parse_loss_args(loss.command[2:]).out == tmp_path / "loss.json"
     bench = parse_args(step.command[2:])
     assert bench.reference and bench.reference_variants == ("seed",) and bench.json == tmp_path / "bench.json"
     assert bench.variants == list(gpu_check.DEFAULT_VARIANTS)
