@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -21,11 +22,13 @@ from dune_scale.data import (
     CorruptImageError,
     MixtureError,
     build_train_loader,
+    build_val_loader,
     build_train_transform,
     build_val_transform,
     decode_image,
     resolve_mixture,
     sample_generator,
+    validation_datasets,
     write_demo_shards,
     write_synthetic_dataset,
 )
@@ -69,7 +72,8 @@ def test_synthetic_dataset_round_trips(tmp_path: Path) -> None:
     for i in range(50):
         sample = dataset[i]
         assert sample["dataset"] == "shapes" and sample["index"] == i
-        image = decode_image(sample["jpeg"])
+        assert sample["format"] == "jpeg" and sample["rotate"] == 0
+        image = decode_image(sample["image"])
         assert image.shape == (3, 40, 40) and image.dtype == torch.uint8
         assert image.float().std() > 5  # not a flat image
     again = write_synthetic_dataset(tmp_path / "again", "shapes", 50, image_size=40, seed=3, shard_size_limit=1 << 14)
@@ -395,3 +399,144 @@ def test_loader_rejects_a_batch_the_mixture_cannot_split(demo: tuple[Path, list[
         build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=2, seed=0)
     with pytest.raises(FileNotFoundError, match="no MDS index"):
         build_train_loader(DataCfg(str(root), [{"name": "missing", "domain": "dino2"}]), image_size=16, batch_size=2, seed=0)
+
+
+# --- fidelity to the official DUNE data code (issue 15) ------------------------------------------
+
+# Validation sizes of naver/dune's dataset tables (data/{dino2,mast3r,multihmr}.py); None: no split.
+OFFICIAL_VAL_SIZES = {
+    "in19k": None, "gldv2": 117_577, "mapillarystreet": 23_943,
+    "ARKitScenesV2": 5_307, "BlendedMVS": 5_094, "Co3d_v3": 5_000, "DL3DV": 5_000, "Habitat512": 5_035,
+    "MegaDepthDense": 3_682, "Niantic": 4_600, "ScanNetppV2": 5_031, "TartanAir": 10_000, "Unreal4K": 1_988,
+    "VirtualKitti": 300, "WildRgb": 5_000,
+    "bedlam": 31_381, "agora": 1_225, "cuffs": None, "ubody": 2_016,
+}
+
+
+def test_validation_sizes_are_the_official_ones() -> None:
+    mixture = resolve_mixture("teacher_balanced", "teacher_domains", "s3://bucket/shards")
+    assert {s.name: s.val_size for s in mixture.streams} == OFFICIAL_VAL_SIZES
+    assert resolve_mixture("in1k", "teacher_domains", "s3://b/s").streams[0].val_size == 50_000
+
+
+def test_val_transform_is_the_official_resize_and_centre_crop() -> None:
+    """naver/dune's test transform: shorter side resized to the crop size itself, then centre crop."""
+    import torchvision.transforms.v2 as T
+
+    image = decode_image(_jpeg(70, 100))
+    official = T.Compose([
+        T.Resize(42, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(42),
+        T.ToDtype(torch.float32, scale=True), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    torch.testing.assert_close(build_val_transform(42)(image), official(image), atol=1e-6, rtol=0)
+
+
+def test_val_loader_reads_each_sample_once_the_same_way_every_time(tmp_path: Path) -> None:
+    mixture = write_demo_shards(tmp_path, num_samples_per_dataset=24, image_size=40, val_samples_per_dataset=19)
+    cfg = DataCfg(str(tmp_path), mixture)
+    assert validation_datasets(cfg) == [m["name"] for m in mixture]
+    assert validation_datasets(DataCfg(str(tmp_path), [{k: v for k, v in m.items() if k != "val_size"} for m in mixture])) == []
+    loader = build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8)
+    batches = batches_of(loader)
+    assert [len(b["index"]) for b in batches] == [8, 8, 3]  # the short last batch is kept
+    assert list(batches[0]) == ["images", "dataset", "index", "corrupt"]
+    assert sorted(int(i) for b in batches for i in b["index"]) == list(range(19))
+    assert {d for b in batches for d in b["dataset"]} == {"synth_mast3r"}
+    stored = StreamingDataset(local=str(tmp_path / "synth_mast3r" / "val"), batch_size=1)[5]
+    expected = build_val_transform(28)(decode_image(stored["image"]))
+    position = [int(i) for b in batches for i in b["index"]].index(5)
+    assert torch.equal(torch.cat([b["images"] for b in batches])[position], expected)
+    again = batches_of(build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8, num_workers=0))
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(batches, again))
+    subset = [batches_of(build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=4, max_samples=6)) for _ in range(2)]
+    assert [b["index"].tolist() for b in subset[0]] == [b["index"].tolist() for b in subset[1]]
+    assert sum(len(b["index"]) for b in subset[0]) == 6
+    with pytest.raises(MixtureError, match="not in the mixture"):
+        build_val_loader(cfg, "in19k", image_size=28, batch_size=8)
+
+
+def _save(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_png_is_stored_losslessly_and_shards_with_a_jpeg_column_still_read(tmp_path: Path) -> None:
+    from PIL import Image
+    from streaming import MDSWriter
+
+    from dune_scale.data.convert import convert_dataset
+    from dune_scale.data.transforms import decode_stored_image
+
+    png, jpg = _save(tmp_path / "src" / "a.png", 20, 30), _save(tmp_path / "src" / "b.jpg", 20, 30, seed=1)
+    report = convert_dataset(str(tmp_path / "src"), str(tmp_path / "mds"), "people", workers=1, progress=False)
+    assert report.written == 2 and report.reencoded == 0
+    stored = StreamingDataset(local=str(tmp_path / "mds" / "people"), batch_size=1)
+    assert [(s["format"], s["image"]) for s in (stored[0], stored[1])] == [("png", png.read_bytes()), ("jpeg", jpg.read_bytes())]
+    assert torch.equal(decode_stored_image(stored[0]), torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1))
+    lossy = convert_dataset(str(tmp_path / "src"), str(tmp_path / "lossy"), "people", workers=1, quality=90, progress=False)
+    assert lossy.reencoded == 1
+    assert StreamingDataset(local=str(tmp_path / "lossy" / "people"), batch_size=1)[0]["format"] == "jpeg"
+    # A shard written before formats were kept: a `jpeg` column and nothing else.
+    old = tmp_path / "old"
+    for name in ("web", "scenes", "people"):
+        with MDSWriter(out=str(old / name), columns={"jpeg": "bytes", "dataset": "str", "index": "int"}) as writer:
+            for i in range(6):
+                writer.write({"jpeg": jpg.read_bytes(), "dataset": name, "index": i})
+    mix = [{"name": "web", "domain": "dino2"}, {"name": "scenes", "domain": "mast3r"}, {"name": "people", "domain": "multihmr"}]
+    batches = batches_of(build_train_loader(DataCfg(str(old), mix, num_workers=0), image_size=16, batch_size=6, seed=0))
+    assert len(batches) == 3 and all(b["corrupt"] == 0 for b in batches)
+
+
+def test_bedlam_closeup_images_are_rotated_like_the_official_loader(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dune_scale.data.convert import convert_dataset
+    from dune_scale.data.transforms import decode_stored_image
+
+    closeup = _save(tmp_path / "src" / "seq_closeup" / "f0.png", 24, 40)
+    plain = _save(tmp_path / "src" / "seq_orbit" / "f0.png", 24, 40, seed=1)
+    for name, rotated in (("bedlam", 1), ("agora", 0)):
+        report = convert_dataset(str(tmp_path / "src"), str(tmp_path / "mds"), name, workers=1, progress=False)
+        assert report.rotated == rotated
+    stored = StreamingDataset(local=str(tmp_path / "mds" / "bedlam"), batch_size=1)
+    assert [stored[i]["rotate"] for i in range(2)] == [-90, 0]
+    official = Image.open(closeup).convert("RGB").rotate(-90)  # naver/dune data/multihmr.py
+    assert torch.equal(decode_stored_image(stored[0]), torch.from_numpy(np.array(official)).permute(2, 0, 1))
+    assert torch.equal(decode_stored_image(stored[1]), decode_image(plain.read_bytes()))
+
+
+def test_oversized_images_are_downscaled_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dune_scale.data.convert import REPORT_NAME, main
+
+    _save(tmp_path / "src" / "big.jpg", 150, 200)
+    _save(tmp_path / "src" / "big.png", 150, 200, seed=1)
+    _save(tmp_path / "src" / "small.png", 40, 50, seed=2)
+    out = tmp_path / "mds"
+    assert main([str(tmp_path / "src"), str(out), "--name", "web", "--max-pixels", "10000", "--workers", "1", "--no-progress"]) == 0
+    assert "2 downscaled" in capsys.readouterr().out
+    report = json.loads((out / "web" / REPORT_NAME).read_text())
+    assert [(Path(d["path"]).name, d["from"]) for d in report["downscaled"]] == [("big.jpg", [200, 150]), ("big.png", [200, 150])]
+    stored = StreamingDataset(local=str(out / "web"), batch_size=1)
+    for i, fmt in enumerate(("jpeg", "png", "png")):
+        image = decode_image(stored[i]["image"])
+        assert stored[i]["format"] == fmt and image.shape[1] * image.shape[2] <= 10_000
+    assert decode_image(stored[0]["image"]).shape[1:] == (86, 115)  # aspect kept
+    assert main([str(tmp_path / "nothing"), str(out), "--name", "web", "--no-progress"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_val_split_is_written_under_the_dataset_folder(tmp_path: Path) -> None:
+    from dune_scale.data.convert import convert_dataset
+
+    _save(tmp_path / "train" / "a.jpg", 20, 20)
+    for i in range(3):
+        _save(tmp_path / "val" / f"{i}.jpg", 20, 20, seed=i)
+    convert_dataset(str(tmp_path / "train"), str(tmp_path / "mds"), "web", workers=1, progress=False)
+    report = convert_dataset(str(tmp_path / "val"), str(tmp_path / "mds"), "web", split="val", workers=1, progress=False)
+    assert report.output == f"{tmp_path / 'mds'}/web/val" and report.written == 3
+    assert StreamingDataset(local=str(tmp_path / "mds" / "web"), batch_size=1).num_samples == 1
+    assert StreamingDataset(local=str(tmp_path / "mds" / "web" / "val"), batch_size=1).num_samples == 3

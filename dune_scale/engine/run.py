@@ -14,6 +14,7 @@ import torch
 
 from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, load_config, save_config
+from dune_scale.data.errors import DataError
 from dune_scale.data.mixture import MixtureError, resolve_mixture
 from dune_scale.distill.objective import DistillObjective
 from dune_scale.distill.student import DuneStudent
@@ -36,7 +37,7 @@ log = logging.getLogger("dune_scale")
 STUDENT_WEIGHTS = "student.safetensors"
 
 # Problems with what the user gave (config, checkpoints, data): one message, exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, PretrainedError, MixtureError, TeacherCheckpointError)
+USER_ERRORS = (ConfigError, CheckpointError, PretrainedError, MixtureError, TeacherCheckpointError, DataError)
 
 
 def build_encoder(cfg: Config) -> vit.VisionTransformer:
