@@ -540,3 +540,176 @@ def test_val_split_is_written_under_the_dataset_folder(tmp_path: Path) -> None:
     assert report.output == f"{tmp_path / 'mds'}/web/val" and report.written == 3
     assert StreamingDataset(local=str(tmp_path / "mds" / "web"), batch_size=1).num_samples == 1
     assert StreamingDataset(local=str(tmp_path / "mds" / "web" / "val"), batch_size=1).num_samples == 3
+
+
+# --- failing loudly (issue 17): damaged data, stop signals, workers on ------------------------------
+
+
+def _damaged_copy(demo_root: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.copytree(demo_root, root)
+    _damage(root / "synth_mast3r" / "shard.00000.mds", how)
+    return root
+
+
+def _damage(shard: Path, how: str) -> None:
+    if how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:300])
+    else:
+        shard.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_damaged_local_shard_is_named_before_training(demo: tuple[Path, list[dict[str, Any]]], tmp_path: Path, how: str) -> None:
+    from dune_scale.data import DataError
+
+    root, mixture = demo
+    damaged = _damaged_copy(root, tmp_path, how)
+    cause = "bytes where index.json says" if how == "truncated" else "the file is missing"
+    with pytest.raises(DataError, match=f"dataset synth_mast3r, shard {damaged}/synth_mast3r/shard.00000.mds: .*{cause}"):
+        build_train_loader(DataCfg(str(damaged), mixture), image_size=16, batch_size=6, seed=0)
+
+
+def test_missing_data_root_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import TINY_CPU, tiny_overrides
+
+    from dune_scale.engine.run import main
+
+    missing = tmp_path / "no_such_folder"
+    assert main(["--config", str(TINY_CPU), *tiny_overrides(tmp_path / "run", missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: data.remote_root={str(missing)!r} is not a folder: it must hold one MDS folder per dataset (or be an s3:// or gs:// URL)\n"
+
+
+def test_s3_endpoint_that_never_answers_is_bounded_by_download_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An endpoint that accepts connections and then says nothing: the access check gives up after
+    data.download_timeout (one attempt), not after botocore's minutes of retries."""
+    import time
+
+    from dune_scale.data import DataError
+    from dune_scale.data.remote import check_access
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        start = time.monotonic()
+        with pytest.raises(DataError, match=r"dataset web: no answer from the object store .* within data.download_timeout=1 s"):
+            check_access("s3://bucket/shards", ["web"], timeout=1.0)
+        assert time.monotonic() - start < 10
+
+
+def _start_training(tmp_path: Path, shards: Path, *overrides: str) -> subprocess.Popen:
+    """tiny_cpu with 2 loader workers in its own session (so a test can signal the whole group)."""
+    from conftest import REPO, TINY_CPU, tiny_overrides
+
+    args = tiny_overrides(tmp_path / "run", shards, "data.num_workers=2", "train.total_steps=400", *overrides)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(TINY_CPU), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _wait_for_step(run: Path, process: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    import time
+
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= step):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training did not reach its first steps"
+        time.sleep(0.1)
+
+
+def _processes_of(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (the run's unique folder): the run and its workers."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _assert_no_process_left(marker: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while _processes_of(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _processes_of(marker)
+    for pid in left:  # clean up before failing: never leave workers behind
+        os.kill(pid, 9)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def long_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo datasets in many small shards (a damaged one is met within a few steps)."""
+    from dune_scale.data.synthetic import DEMO_DATASETS
+
+    root = tmp_path_factory.mktemp("long_demo")
+    for seed, (name, _) in enumerate(DEMO_DATASETS):
+        write_synthetic_dataset(root, name, 96, image_size=48, seed=seed, shard_size_limit=1 << 13)
+    return root
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_shard_damaged_mid_run_ends_the_job_with_workers_on(long_demo: Path, tmp_path: Path, how: str) -> None:
+    """Workers on: the error ends the run promptly (exit 2, one line naming dataset, shard and cause),
+    and no worker outlives it. Before, the workers ignored the loader's SIGTERM and the job hung."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(long_demo, shards)
+    process = _start_training(tmp_path, shards, "train.max_steps=400")
+    try:
+        _wait_for_step(tmp_path / "run", process, 1)
+        for shard in (shards / "synth_mast3r").glob("shard.*.mds"):
+            _damage(shard, how)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    cause = "shorter than its index.json says" if how == "truncated" else "the shard file is missing"
+    assert process.returncode == 2, err[-3000:]
+    assert f"error: dataset synth_mast3r, shard {shards}/synth_mast3r/shard." in err and cause in err
+    assert "Traceback" not in err
+    _assert_no_process_left(str(tmp_path / "run"))
+
+
+@pytest.mark.distributed
+def test_stop_signal_to_every_process_still_saves_and_a_killed_run_leaves_no_worker(long_demo: Path, tmp_path: Path) -> None:
+    """SLURM signals every process of a step: workers ignore it, the run saves and exits 75. A run
+    killed outright takes its workers with it."""
+    import signal
+
+    process = _start_training(tmp_path, long_demo, "train.max_steps=400")
+    try:
+        _wait_for_step(tmp_path / "run", process, 2)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    assert process.returncode == 75, err[-3000:]
+    assert list((tmp_path / "run" / "checkpoints").glob("*/"))
+    _assert_no_process_left(str(tmp_path / "run"))
+    process = _start_training(tmp_path, long_demo, "train.max_steps=400", "checkpoint.resume=never", "run.output_dir=" + str(tmp_path / "run2"))
+    try:
+        _wait_for_step(tmp_path / "run2", process, 1)
+        process.kill()
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    _assert_no_process_left(str(tmp_path / "run2"))

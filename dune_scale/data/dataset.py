@@ -93,10 +93,15 @@ class MixtureDataset(StreamingDataset):
             raise self._background_error
 
     def on_exception(self, future: Future) -> None:
-        """Keep a download thread's error: Streaming only says "Background thread failed"."""
-        if future.exception() is not None and self._background_error is None:
-            self._background_error = future.exception()
-        super().on_exception(future)
+        """Keep a download thread's error for the sample reader to raise (Streaming only says
+        "Background thread failed") and stop the other threads, as Streaming does; raising it here
+        too would only print its traceback a second time, from the thread pool."""
+        error = future.exception()
+        if error is None:
+            return
+        if self._background_error is None:
+            self._background_error = error
+        self._event.set()
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """Streaming's shard preparation (download or local check), its failures naming the shard."""

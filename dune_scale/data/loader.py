@@ -88,7 +88,9 @@ def _obey_sigterm_from(parent: int) -> None:
         while True:
             info = signal.sigwaitinfo({signal.SIGTERM})
             if info.si_pid == parent or os.getppid() != parent:
-                os._exit(128 + signal.SIGTERM)
+                # Status 0: a stop the parent asked for. Anything else would make torch's SIGCHLD
+                # handler, still armed while Python exits, report a worker failure that is none.
+                os._exit(0)
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=wait, name="dune-loader-sigterm", daemon=True).start()
