@@ -145,8 +145,9 @@ class RemoteStream(Stream):
             if not str(err).startswith("Checksum failure"):
                 raise
             shard.evict()
+            dataset = os.path.basename(self.remote.rstrip("/"))
             raise ShardIntegrityError(
-                f"shard {os.path.join(self.remote, self.split, name)} does not match its {self.validate_hash} "
+                f"dataset {dataset}, shard {os.path.join(self.remote, self.split, name)} does not match its {self.validate_hash} "
                 f"hash in index.json, also after downloading it again: the stored shard is damaged "
                 f"(re-convert that dataset or restore the shard)"
             ) from None
