@@ -662,9 +662,28 @@ def long_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("how", ["truncated", "deleted"])
-def test_shard_damaged_mid_run_ends_the_job_with_workers_on(long_demo: Path, tmp_path: Path, how: str) -> None:
+def test_shard_damaged_while_workers_read_is_named(long_demo: Path, tmp_path: Path, how: str) -> None:
+    """After the start-up check: the worker's error reaches the caller naming dataset, shard and cause."""
+    import shutil
+
+    from dune_scale.data import DataError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(long_demo, shards)
+    loader = build_train_loader(DataCfg(str(shards), "demo"), image_size=16, batch_size=6, seed=0)
+    batches = iter(loader)
+    next(batches)
+    for shard in (shards / "synth_mast3r").glob("shard.*.mds"):
+        _damage(shard, how)
+    cause = "shorter than its index.json says" if how == "truncated" else "the shard file is missing"
+    with pytest.raises(DataError, match=f"^dataset synth_mast3r, shard {shards}/synth_mast3r/shard.*{cause}"):
+        for _ in batches:
+            pass
+
+
+@pytest.mark.distributed
+def test_shard_damaged_mid_run_ends_the_job_with_workers_on(long_demo: Path, tmp_path: Path) -> None:
     """Workers on: the error ends the run promptly (exit 2, one line naming dataset, shard and cause),
     and no worker outlives it. Before, the workers ignored the loader's SIGTERM and the job hung."""
     import shutil
@@ -675,22 +694,20 @@ def test_shard_damaged_mid_run_ends_the_job_with_workers_on(long_demo: Path, tmp
     try:
         _wait_for_step(tmp_path / "run", process, 1)
         for shard in (shards / "synth_mast3r").glob("shard.*.mds"):
-            _damage(shard, how)
+            _damage(shard, "truncated")
         _, err = process.communicate(timeout=90)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, 9)
-    cause = "shorter than its index.json says" if how == "truncated" else "the shard file is missing"
     assert process.returncode == 2, err[-3000:]
-    assert f"error: dataset synth_mast3r, shard {shards}/synth_mast3r/shard." in err and cause in err
-    assert "Traceback" not in err
+    assert f"error: dataset synth_mast3r, shard {shards}/synth_mast3r/shard." in err
+    assert "shorter than its index.json says" in err and "Traceback" not in err
     _assert_no_process_left(str(tmp_path / "run"))
 
 
 @pytest.mark.distributed
-def test_stop_signal_to_every_process_still_saves_and_a_killed_run_leaves_no_worker(long_demo: Path, tmp_path: Path) -> None:
-    """SLURM signals every process of a step: workers ignore it, the run saves and exits 75. A run
-    killed outright takes its workers with it."""
+def test_stop_signal_to_every_process_still_saves(long_demo: Path, tmp_path: Path) -> None:
+    """SLURM signals every process of a step: workers ignore it, the run saves and exits 75."""
     import signal
 
     process = _start_training(tmp_path, long_demo, "train.max_steps=400")
@@ -704,12 +721,27 @@ def test_stop_signal_to_every_process_still_saves_and_a_killed_run_leaves_no_wor
     assert process.returncode == 75, err[-3000:]
     assert list((tmp_path / "run" / "checkpoints").glob("*/"))
     _assert_no_process_left(str(tmp_path / "run"))
-    process = _start_training(tmp_path, long_demo, "train.max_steps=400", "checkpoint.resume=never", "run.output_dir=" + str(tmp_path / "run2"))
+
+
+@pytest.mark.distributed
+def test_workers_die_with_a_killed_parent(long_demo: Path, tmp_path: Path) -> None:
+    from conftest import REPO
+
+    script = (
+        "import sys, time; sys.path.insert(0, 'tests'); from conftest_data import DataCfg;"
+        "from dune_scale.data import build_train_loader;"
+        f"it = iter(build_train_loader(DataCfg({str(long_demo)!r}, 'demo'), image_size=16, batch_size=6, seed=0));"
+        "next(it); print('ready', flush=True); time.sleep(600)"
+    )
+    marker = str(tmp_path / "parent")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", script, marker], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
-        _wait_for_step(tmp_path / "run2", process, 1)
+        assert process.stdout.readline() == "ready\n"
+        assert len(_processes_of(marker)) == 3  # the parent and its two workers
         process.kill()
-        process.communicate(timeout=30)
+        process.wait(10)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, 9)
-    _assert_no_process_left(str(tmp_path / "run2"))
+            process.kill()
+    _assert_no_process_left(marker)

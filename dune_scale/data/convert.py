@@ -12,13 +12,13 @@ in parallel processes, and a rerun skips every chunk whose marker matches its so
 
 JPEG, PNG and WebP files are stored byte for byte with their format (lossless: the official DUNE
 loader reads BEDLAM's PNGs as they are); other formats are re-encoded as PNG, or as JPEG when a
-``quality`` is given. Images above ``max_pixels`` are downscaled to fit (decoding a 100-megapixel
-photo costs each loader worker ~1 GB and a second per sample, while training crops end at a few
-hundred pixels) and listed in the report. Images the official loader rotates (BEDLAM "closeup"
+``quality`` is given. Images above ``max_pixels`` are downscaled to fit and listed in the report
+(decoding a 121-megapixel photo cost each loader worker 1.2 GB and a second per sample, while
+training crops end at a few hundred pixels). Images the official loader rotates (BEDLAM "closeup"
 frames, see ``ROTATIONS``) carry that angle in the ``rotate`` column; the loader applies it. Every
 image is fully decoded first: corrupt or unreadable files are skipped and listed in
-``convert_report.json``, never abort the conversion. ``index`` is the file's position in the sorted list (gaps where files
-were skipped), so it names the same file on every rerun.
+``convert_report.json``, never abort the conversion. ``index`` is the file's position in the sorted
+list (gaps where files were skipped), so it names the same file on every rerun.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from dune_scale.data.synthetic import MDS_COLUMNS, MDS_HASHES
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Formats stored byte for byte; anything else is re-encoded.
 KEPT_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
-# 40 MP: above any photo camera's usual output (24–33 MP) and 40× what a 448-px crop at scale 0.4
-# needs, while a 121-MP scan decodes to 360 MB per loader worker; 0 disables the limit.
+# 40 MP: above what usual cameras write (12–33 MP), so real datasets pass untouched, while the
+# 121-MP outliers that cost each loader worker 1.2 GB are shrunk; 0 disables the limit.
 DEFAULT_MAX_PIXELS = 40_000_000
 # Per dataset: (substring of the path under the source root, angle in degrees counter-clockwise) the
 # official loader applies (it tests the whole path; under the root is the same for its data layout

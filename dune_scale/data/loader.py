@@ -8,6 +8,7 @@ LOCAL_WORLD_SIZE …). Each pass over the loader is one epoch; iterating again s
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -56,7 +57,8 @@ def init_loader_worker(worker_id: int) -> None:
     after an error — ends the worker at once; ignoring that one would hang the job at exit.
     A worker whose training process dies (killed, crashed) is killed by the kernel: no orphans.
     """
-    parent = os.getppid()
+    forked_from = multiprocessing.parent_process()  # recorded at fork: right even if the parent died since
+    parent = forked_from.pid if forked_from is not None else os.getppid()
     _die_with_parent(parent)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _obey_sigterm_from(parent)
