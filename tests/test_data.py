@@ -583,12 +583,16 @@ def test_missing_data_root_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest
     assert err == f"error: data.remote_root={str(missing)!r} is not a folder: it must hold one MDS folder per dataset (or be an s3:// or gs:// URL)\n"
 
 
-def test_s3_endpoint_that_never_answers_is_bounded_by_download_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """An endpoint that accepts connections and then says nothing: the access check gives up after
-    data.download_timeout (one attempt), not after botocore's minutes of retries."""
+def test_s3_endpoint_that_never_answers_is_bounded_by_its_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An endpoint that accepts connections and then says nothing: the loader's access check gives up
+    after data.download_timeout and the converter after --timeout (one attempt each), not after
+    botocore's minutes of retries."""
     import time
 
     from dune_scale.data import DataError
+    from dune_scale.data.convert import main as convert_main
     from dune_scale.data.remote import check_access
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
@@ -596,12 +600,18 @@ def test_s3_endpoint_that_never_answers_is_bounded_by_download_timeout(monkeypat
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    _save(tmp_path / "src" / "a.jpg", 20, 20)
     with socket.create_server(("127.0.0.1", 0)) as server:
-        monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
         start = time.monotonic()
         with pytest.raises(DataError, match=r"dataset web: no answer from the object store .* within data.download_timeout=1 s"):
             check_access("s3://bucket/shards", ["web"], timeout=1.0)
-        assert time.monotonic() - start < 10
+        args = [str(tmp_path / "src"), "s3://bucket/shards", "--name", "web", "--timeout", "1", "--no-progress"]
+        assert convert_main([*args, "--s3-endpoint-url", endpoint]) == 2
+        assert time.monotonic() - start < 15
+    err = capsys.readouterr().err
+    assert err.startswith("error: s3://bucket/shards/web: no answer from the object store within 1 s") and err.count("\n") == 1
 
 
 def _start_training(tmp_path: Path, shards: Path, *overrides: str) -> subprocess.Popen:

@@ -40,7 +40,8 @@ from PIL import Image, UnidentifiedImageError
 from streaming import MDSWriter
 from streaming.base.storage import CloudDownloader, CloudUploader
 
-from dune_scale.data.remote import storage_error
+from dune_scale.data.errors import DataError
+from dune_scale.data.remote import bounded_s3_client, check_bucket, storage_error
 from dune_scale.data.synthetic import MDS_COLUMNS, MDS_HASHES
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -211,34 +212,39 @@ def _fitting(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
 class _Output:
     """Where shards, markers and the index go; remote files are staged locally then uploaded."""
 
-    def __init__(self, url: str, staging: str) -> None:
+    def __init__(self, url: str, staging: str, timeout: float) -> None:
         self.url = url
         self.remote = "://" in url
         self.local = staging if self.remote else url
+        self.timeout = timeout
         os.makedirs(os.path.join(self.local, MARKER_DIR), exist_ok=True)
         self._uploader: Any = None
 
-    def store(self, basename: str) -> None:
-        """Make ``local/basename`` part of the output (upload it when the output is remote)."""
-        if not self.remote:
-            return
+    def uploader(self) -> Any:
+        """Streaming's uploader; on S3 with a client bounded by ``timeout`` (its own waits minutes)."""
         if self._uploader is None:
             self._uploader = CloudUploader.get((self.local, self.url), exist_ok=True)
-        self._uploader.upload_file(basename)
+            if hasattr(self._uploader, "s3"):
+                self._uploader.s3 = bounded_s3_client(self.timeout, attempts=3)
+        return self._uploader
+
+    def store(self, basename: str) -> None:
+        """Make ``local/basename`` part of the output (upload it when the output is remote)."""
+        if self.remote:
+            self.uploader().upload_file(basename)
 
     def markers(self) -> dict[int, dict[str, Any]]:
         """The markers already stored, by chunk number."""
         if not self.remote:
             names = [p.name for p in Path(self.local, MARKER_DIR).glob("chunk.*.json")]
         else:
-            uploader = CloudUploader.get((self.local, self.url), exist_ok=True)
-            names = [os.path.basename(k) for k in uploader.list_objects(f"{MARKER_DIR}/") or []]
+            names = [os.path.basename(k) for k in self.uploader().list_objects(f"{MARKER_DIR}/") or []]
             names = [n for n in names if n.startswith("chunk.") and n.endswith(".json")]
         found = {}
         for name in names:
             path = os.path.join(self.local, MARKER_DIR, name)
             if self.remote:
-                CloudDownloader.direct_download(f"{self.url}/{MARKER_DIR}/{name}", path)
+                CloudDownloader.direct_download(f"{self.url}/{MARKER_DIR}/{name}", path, self.timeout)
             marker = json.loads(Path(path).read_text())
             found[int(marker["chunk"])] = marker
             if self.remote:
@@ -258,11 +264,11 @@ def _write_json(output: _Output, basename: str, obj: Any) -> None:
 # Conversion
 
 
-def _convert_chunk(job: tuple[_Chunk, str, str, str]) -> dict[str, Any]:
+def _convert_chunk(job: tuple[_Chunk, str, str, str, float]) -> dict[str, Any]:
     """Worker: one chunk → one stored shard + its marker (returned)."""
-    chunk, name, url, staging = job
+    chunk, name, url, staging, timeout = job
     try:
-        return _write_chunk(chunk, name, _Output(url, staging))
+        return _write_chunk(chunk, name, _Output(url, staging, timeout))
     except Exception as err:  # storage errors may not pickle back to the parent: send a plain one
         raise storage_error(url, err) from None
 
@@ -315,6 +321,7 @@ def convert_dataset(
     quality: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     split: str = "train",
+    timeout: float = 60.0,
     progress: bool = True,
 ) -> ConvertReport:
     """Convert one dataset's ``split`` into ``<out_root>/<name>`` (train) or ``<out_root>/<name>/val``
@@ -331,9 +338,10 @@ def convert_dataset(
     files = list_sources(source, layout)
     root = source_root(source)
     url = f"{out_root.rstrip('/')}/{name}" + ("/val" if split == "val" else "")
+    check_bucket(url, timeout)
     staging = tempfile.mkdtemp(prefix="dune_convert_") if "://" in url else url
     try:
-        output = _Output(url, staging)
+        output = _Output(url, staging, timeout)
         chunks = [
             _Chunk(k, tuple((i, files[i]) for i in range(start, min(start + samples_per_shard, len(files)))), policy, root)
             for k, start in enumerate(range(0, len(files), samples_per_shard))
@@ -343,7 +351,7 @@ def convert_dataset(
             reused = {c.number: stored[c.number] for c in chunks if stored.get(c.number, {}).get("sources") == c.digest}
             todo = [c for c in chunks if c.number not in reused]
             done = dict(reused)
-            jobs = [(c, name, url, staging) for c in todo]
+            jobs = [(c, name, url, staging, timeout) for c in todo]
             for marker in _run(jobs, workers, progress, total=sum(len(c.items) for c in todo), label=name):
                 done[marker["chunk"]] = marker
         except Exception as err:
@@ -421,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="re-encode non-JPEG images as JPEG at this quality (default: keep JPEG/PNG/WebP bytes, others as PNG)",
     )
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible store endpoint (else S3_ENDPOINT_URL)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     configure_s3_endpoint(args.s3_endpoint_url)
@@ -435,9 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             quality=args.quality,
             max_pixels=args.max_pixels,
             split=args.split,
+            timeout=args.timeout,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError, PermissionError) as err:  # bad arguments, sources or credentials
+    except (ValueError, OSError, DataError) as err:  # bad arguments or sources, unreachable or refusing storage
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -159,13 +159,10 @@ def check_access(remote_root: str, names: Sequence[str], timeout: float = 60.0, 
     ``timeout`` per dataset, not botocore's retries of it)."""
     if urllib.parse.urlparse(remote_root).scheme != "s3":
         return
-    from boto3.session import Session
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, NoCredentialsError, ReadTimeoutError
 
     endpoint = os.environ.get("S3_ENDPOINT_URL")
-    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1})
-    client = Session().client("s3", endpoint_url=endpoint, config=config)
+    client = bounded_s3_client(timeout)
     try:
         for name in names:
             url = "/".join(p for p in (remote_root.rstrip("/"), name, split, get_index_basename()) if p)
@@ -191,6 +188,39 @@ def check_access(remote_root: str, names: Sequence[str], timeout: float = 60.0, 
                 raise DataError(f"dataset {name}: {url}: {err}") from None
             except BotoCoreError as err:
                 raise DataError(f"dataset {name}: {url}: {err}") from None
+    finally:
+        client.close()
+
+
+def bounded_s3_client(timeout: float, attempts: int = 1) -> Any:
+    """An S3 client (``S3_ENDPOINT_URL`` honoured) whose every request gives up after ``timeout``
+    seconds without an answer, ``attempts`` times at most (botocore's defaults: 60 s, 5 attempts)."""
+    from boto3.session import Session
+    from botocore.config import Config
+
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": attempts})
+    return Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"), config=config)
+
+
+def check_bucket(url: str, timeout: float) -> None:
+    """The bucket of an ``s3://`` URL answers within ``timeout`` (Streaming's uploader would wait
+    minutes on a silent endpoint before its first byte)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "s3":
+        return
+    from botocore.exceptions import ConnectionError, ReadTimeoutError
+
+    client = bounded_s3_client(timeout)
+    try:
+        client.head_bucket(Bucket=parsed.netloc)
+    except (ConnectionError, ReadTimeoutError) as err:
+        raise DataError(
+            f"{url}: no answer from the object store within {timeout:g} s "
+            f"(endpoint {os.environ.get('S3_ENDPOINT_URL') or 'AWS'}): {err}"
+        ) from None
+    except Exception as err:  # 403, missing bucket, no credentials ...: as the storage client names it
+        named = storage_error(url, err)
+        raise named if isinstance(named, DataError) else DataError(f"{url}: {type(err).__name__}: {err}") from None
     finally:
         client.close()
 
