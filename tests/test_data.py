@@ -455,6 +455,18 @@ def test_val_loader_reads_each_sample_once_the_same_way_every_time(tmp_path: Pat
         build_val_loader(cfg, "in19k", image_size=28, batch_size=8)
 
 
+def test_val_work_on_several_ranks_covers_each_sample_once(tmp_path: Path) -> None:
+    """The validation split dealt to 3 ranks × 2 workers: every sample exactly once, padding skipped."""
+    mixture = write_demo_shards(tmp_path, num_samples_per_dataset=8, image_size=24, val_samples_per_dataset=23)
+    dataset = build_val_loader(DataCfg(str(tmp_path), mixture), "synth_dino2", image_size=16, batch_size=4).dataset
+    dataset.num_canonical_nodes = 1  # set by Streaming when iteration starts
+    work = generate_work_grouped(dataset, World(1, 3, 2, 0), 0, 0)
+    ids = work[work >= 0]
+    assert sorted(ids.tolist()) == list(range(23))
+    per_rank = [(work[0, r] >= 0).sum() for r in range(3)]
+    assert max(per_rank) - min(per_rank) <= 4  # the short last global batch is spread over the ranks
+
+
 def _save(path: Path, height: int, width: int, seed: int = 0) -> Path:
     from PIL import Image
 
