@@ -255,8 +255,10 @@ def build_streams(
 
 
 def check_local_shards(folder: Path, name: str, split: str | None = None) -> None:
-    """Every shard index.json lists is there with its size: a deleted or truncated shard is named
-    before training starts, not found hours later (Streaming would say something unrelated)."""
+    """Every shard index.json lists is there (one folder listing), and on rank 0 has its size (one
+    stat per shard: tens of thousands on a shared file system, so not on every rank): a deleted or
+    truncated shard is named before training starts, not met hours later with Streaming's
+    unrelated message. Shards damaged later are named when they are read."""
     index = folder / get_index_basename()
     if not index.is_file():
         raise MissingDataError(
@@ -267,16 +269,23 @@ def check_local_shards(folder: Path, name: str, split: str | None = None) -> Non
         shards = json.loads(index.read_text())["shards"]
     except (ValueError, KeyError) as err:
         raise DataError(f"dataset {name}: {index} is not an MDS index ({err})") from None
+    listed = set(os.listdir(folder))
+
+    def present(basename: str) -> bool:  # a merged index may name shards in subfolders
+        return basename in listed or ("/" in basename and (folder / basename).is_file())
+
+    check_sizes = os.environ.get("RANK", "0") == "0"
     for shard in shards:
         raw, packed = shard["raw_data"], shard.get("zip_data")
         path = folder / raw["basename"]
-        if path.is_file():
-            if path.stat().st_size != raw["bytes"]:
+        if present(raw["basename"]):
+            size = path.stat().st_size if check_sizes else raw["bytes"]
+            if size != raw["bytes"]:
                 raise DataError(
-                    f"dataset {name}, shard {path}: {path.stat().st_size} bytes where index.json says "
-                    f"{raw['bytes']} (truncated or damaged); re-convert the dataset or restore the file"
+                    f"dataset {name}, shard {path}: {size} bytes where index.json says {raw['bytes']} "
+                    "(truncated or damaged); re-convert the dataset or restore the file"
                 )
-        elif not (packed and (folder / packed["basename"]).is_file()):
+        elif not (packed and present(packed["basename"])):
             raise MissingDataError(
                 f"dataset {name}, shard {path}: the file is missing; re-convert the dataset or restore the file"
             )
