@@ -177,7 +177,7 @@ def _build_loader(
         download_timeout=data_cfg.download_timeout,
         download_retry=data_cfg.download_retry,
     )
-    _warn_size_mismatch(mixture, dataset)
+    _warn_size_mismatch(mixture, dataset, split)
     release_connections(dataset.streams)
     workers = data_cfg.num_workers if num_workers is None else num_workers
     return StreamingDataLoader(
@@ -192,13 +192,16 @@ def _build_loader(
     )
 
 
-def _warn_size_mismatch(mixture: Mixture, dataset: MixtureDataset) -> None:
-    """Shares follow the spec's sizes; say so when the shards hold a different number of images."""
+def _warn_size_mismatch(mixture: Mixture, dataset: MixtureDataset, split: str | None) -> None:
+    """Shares follow the spec's sizes; say so when the shards hold a different number of images
+    (for a validation split: the spec's ``val_size``, e.g. an incomplete conversion)."""
+    consequence = f"the {split} split is read as it is" if split else "its batch share follows the spec"
     for spec, actual in zip(mixture.streams, dataset.samples_per_stream):
         if spec.size is not None and abs(int(actual) - spec.size) > 0.01 * spec.size:
             logger.warning(
-                "dataset %s holds %d images but the mixture spec says %d; its batch share follows the spec",
-                spec.name,
+                "dataset %s holds %d images but the mixture spec says %d; %s",
+                spec.name + (f"/{split}" if split else ""),
                 int(actual),
                 spec.size,
+                consequence,
             )
