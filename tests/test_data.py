@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -22,10 +23,12 @@ from dune_scale.data import (
     MixtureError,
     build_train_loader,
     build_train_transform,
+    build_val_loader,
     build_val_transform,
     decode_image,
     resolve_mixture,
     sample_generator,
+    validation_datasets,
     write_demo_shards,
     write_synthetic_dataset,
 )
@@ -72,7 +75,8 @@ def test_synthetic_dataset_round_trips(tmp_path: Path) -> None:
     for i in range(50):
         sample = dataset[i]
         assert sample["dataset"] == "shapes" and sample["index"] == i
-        image = decode_image(sample["jpeg"])
+        assert sample["format"] == "jpeg" and sample["rotate"] == 0
+        image = decode_image(sample["image"])
         assert image.shape == (3, 40, 40) and image.dtype == torch.uint8
         assert image.float().std() > 5  # not a flat image
     again = write_synthetic_dataset(tmp_path / "again", "shapes", 50, image_size=40, seed=3, shard_size_limit=1 << 14)
@@ -398,3 +402,370 @@ def test_loader_rejects_a_batch_the_mixture_cannot_split(demo: tuple[Path, list[
         build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=2, seed=0)
     with pytest.raises(FileNotFoundError, match="no MDS index"):
         build_train_loader(DataCfg(str(root), [{"name": "missing", "domain": "dino2"}]), image_size=16, batch_size=2, seed=0)
+
+
+# --- fidelity to the official DUNE data code (issue 15) ------------------------------------------
+
+# Validation sizes of naver/dune's dataset tables (data/{dino2,mast3r,multihmr}.py); None: no split.
+OFFICIAL_VAL_SIZES = {
+    "in19k": None, "gldv2": 117_577, "mapillarystreet": 23_943,
+    "ARKitScenesV2": 5_307, "BlendedMVS": 5_094, "Co3d_v3": 5_000, "DL3DV": 5_000, "Habitat512": 5_035,
+    "MegaDepthDense": 3_682, "Niantic": 4_600, "ScanNetppV2": 5_031, "TartanAir": 10_000, "Unreal4K": 1_988,
+    "VirtualKitti": 300, "WildRgb": 5_000,
+    "bedlam": 31_381, "agora": 1_225, "cuffs": None, "ubody": 2_016,
+}
+
+
+def test_validation_sizes_are_the_official_ones() -> None:
+    mixture = resolve_mixture("teacher_balanced", "teacher_domains", "s3://bucket/shards")
+    assert {s.name: s.val_size for s in mixture.streams} == OFFICIAL_VAL_SIZES
+    assert resolve_mixture("in1k", "teacher_domains", "s3://b/s").streams[0].val_size == 50_000
+
+
+def test_val_transform_is_the_official_resize_and_centre_crop() -> None:
+    """naver/dune's test transform: shorter side resized to the crop size itself, then centre crop."""
+    import torchvision.transforms.v2 as T
+
+    image = decode_image(_jpeg(70, 100))
+    official = T.Compose([
+        T.Resize(42, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(42),
+        T.ToDtype(torch.float32, scale=True), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    torch.testing.assert_close(build_val_transform(42)(image), official(image), atol=1e-6, rtol=0)
+
+
+def test_val_loader_reads_each_sample_once_the_same_way_every_time(tmp_path: Path) -> None:
+    mixture = write_demo_shards(tmp_path, num_samples_per_dataset=24, image_size=40, val_samples_per_dataset=19)
+    cfg = DataCfg(str(tmp_path), mixture)
+    assert validation_datasets(cfg) == [m["name"] for m in mixture]
+    assert validation_datasets(DataCfg(str(tmp_path), [{k: v for k, v in m.items() if k != "val_size"} for m in mixture])) == []
+    loader = build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8)
+    batches = batches_of(loader)
+    assert [len(b["index"]) for b in batches] == [8, 8, 3]  # the short last batch is kept
+    assert list(batches[0]) == ["images", "dataset", "index", "corrupt"]
+    assert sorted(int(i) for b in batches for i in b["index"]) == list(range(19))
+    assert {d for b in batches for d in b["dataset"]} == {"synth_mast3r"}
+    stored = StreamingDataset(local=str(tmp_path / "synth_mast3r" / "val"), batch_size=1)[5]
+    expected = build_val_transform(28)(decode_image(stored["image"]))
+    position = [int(i) for b in batches for i in b["index"]].index(5)
+    assert torch.equal(torch.cat([b["images"] for b in batches])[position], expected)
+    again = batches_of(build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8, num_workers=0))
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(batches, again))
+    subset = [batches_of(build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=4, max_samples=6)) for _ in range(2)]
+    assert [b["index"].tolist() for b in subset[0]] == [b["index"].tolist() for b in subset[1]]
+    assert sum(len(b["index"]) for b in subset[0]) == 6
+    with pytest.raises(MixtureError, match="not in the mixture"):
+        build_val_loader(cfg, "in19k", image_size=28, batch_size=8)
+
+
+def test_val_work_on_several_ranks_covers_each_sample_once(tmp_path: Path) -> None:
+    """The validation split dealt to 3 ranks × 2 workers: every sample exactly once, padding skipped."""
+    mixture = write_demo_shards(tmp_path, num_samples_per_dataset=8, image_size=24, val_samples_per_dataset=23)
+    dataset = build_val_loader(DataCfg(str(tmp_path), mixture), "synth_dino2", image_size=16, batch_size=4).dataset
+    dataset.num_canonical_nodes = 1  # set by Streaming when iteration starts
+    work = generate_work_grouped(dataset, World(1, 3, 2, 0), 0, 0)
+    ids = work[work >= 0]
+    assert sorted(ids.tolist()) == list(range(23))
+    per_rank = [(work[0, r] >= 0).sum() for r in range(3)]
+    assert max(per_rank) - min(per_rank) <= 4  # the short last global batch is spread over the ranks
+
+
+def _save(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_png_is_stored_losslessly_and_shards_with_a_jpeg_column_still_read(tmp_path: Path) -> None:
+    from PIL import Image
+    from streaming import MDSWriter
+
+    from dune_scale.data.convert import convert_dataset
+    from dune_scale.data.transforms import decode_stored_image
+
+    png, jpg = _save(tmp_path / "src" / "a.png", 20, 30), _save(tmp_path / "src" / "b.jpg", 20, 30, seed=1)
+    report = convert_dataset(str(tmp_path / "src"), str(tmp_path / "mds"), "people", workers=1, progress=False)
+    assert report.written == 2 and report.reencoded == 0
+    stored = StreamingDataset(local=str(tmp_path / "mds" / "people"), batch_size=1)
+    assert [(s["format"], s["image"]) for s in (stored[0], stored[1])] == [("png", png.read_bytes()), ("jpeg", jpg.read_bytes())]
+    assert torch.equal(decode_stored_image(stored[0]), torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1))
+    lossy = convert_dataset(str(tmp_path / "src"), str(tmp_path / "lossy"), "people", workers=1, quality=90, progress=False)
+    assert lossy.reencoded == 1
+    assert StreamingDataset(local=str(tmp_path / "lossy" / "people"), batch_size=1)[0]["format"] == "jpeg"
+    # A shard written before formats were kept: a `jpeg` column and nothing else.
+    old = tmp_path / "old"
+    for name in ("web", "scenes", "people"):
+        with MDSWriter(out=str(old / name), columns={"jpeg": "bytes", "dataset": "str", "index": "int"}) as writer:
+            for i in range(6):
+                writer.write({"jpeg": jpg.read_bytes(), "dataset": name, "index": i})
+    mix = [{"name": "web", "domain": "dino2"}, {"name": "scenes", "domain": "mast3r"}, {"name": "people", "domain": "multihmr"}]
+    batches = batches_of(build_train_loader(DataCfg(str(old), mix, num_workers=0), image_size=16, batch_size=6, seed=0))
+    assert len(batches) == 3 and all(b["corrupt"] == 0 for b in batches)
+
+
+def test_bedlam_closeup_images_are_rotated_like_the_official_loader(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dune_scale.data.convert import convert_dataset
+    from dune_scale.data.transforms import decode_stored_image
+
+    closeup = _save(tmp_path / "src" / "seq_closeup" / "f0.png", 24, 40)
+    plain = _save(tmp_path / "src" / "seq_orbit" / "f0.png", 24, 40, seed=1)
+    for name, rotated in (("bedlam", 1), ("agora", 0)):
+        report = convert_dataset(str(tmp_path / "src"), str(tmp_path / "mds"), name, workers=1, progress=False)
+        assert report.rotated == rotated
+    stored = StreamingDataset(local=str(tmp_path / "mds" / "bedlam"), batch_size=1)
+    assert [stored[i]["rotate"] for i in range(2)] == [-90, 0]
+    official = Image.open(closeup).convert("RGB").rotate(-90)  # naver/dune data/multihmr.py
+    assert torch.equal(decode_stored_image(stored[0]), torch.from_numpy(np.array(official)).permute(2, 0, 1))
+    assert torch.equal(decode_stored_image(stored[1]), decode_image(plain.read_bytes()))
+
+
+def test_oversized_images_are_downscaled_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dune_scale.data.convert import REPORT_NAME, main
+
+    _save(tmp_path / "src" / "big.jpg", 150, 200)
+    _save(tmp_path / "src" / "big.png", 150, 200, seed=1)
+    _save(tmp_path / "src" / "small.png", 40, 50, seed=2)
+    out = tmp_path / "mds"
+    assert main([str(tmp_path / "src"), str(out), "--name", "web", "--max-pixels", "10000", "--workers", "1", "--no-progress"]) == 0
+    assert "2 downscaled" in capsys.readouterr().out
+    report = json.loads((out / "web" / REPORT_NAME).read_text())
+    assert [(Path(d["path"]).name, d["from"]) for d in report["downscaled"]] == [("big.jpg", [200, 150]), ("big.png", [200, 150])]
+    stored = StreamingDataset(local=str(out / "web"), batch_size=1)
+    for i, fmt in enumerate(("jpeg", "png", "png")):
+        image = decode_image(stored[i]["image"])
+        assert stored[i]["format"] == fmt and image.shape[1] * image.shape[2] <= 10_000
+    assert decode_image(stored[0]["image"]).shape[1:] == (86, 115)  # aspect kept
+    assert main([str(tmp_path / "nothing"), str(out), "--name", "web", "--no-progress"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_val_split_is_written_under_the_dataset_folder(tmp_path: Path) -> None:
+    from dune_scale.data.convert import convert_dataset
+
+    _save(tmp_path / "train" / "a.jpg", 20, 20)
+    for i in range(3):
+        _save(tmp_path / "val" / f"{i}.jpg", 20, 20, seed=i)
+    convert_dataset(str(tmp_path / "train"), str(tmp_path / "mds"), "web", workers=1, progress=False)
+    report = convert_dataset(str(tmp_path / "val"), str(tmp_path / "mds"), "web", split="val", workers=1, progress=False)
+    assert report.output == f"{tmp_path / 'mds'}/web/val" and report.written == 3
+    assert StreamingDataset(local=str(tmp_path / "mds" / "web"), batch_size=1).num_samples == 1
+    assert StreamingDataset(local=str(tmp_path / "mds" / "web" / "val"), batch_size=1).num_samples == 3
+
+
+# --- failing loudly (issue 17): damaged data, stop signals, workers on ------------------------------
+
+
+def _damaged_copy(demo_root: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.copytree(demo_root, root)
+    _damage(root / "synth_mast3r" / "shard.00000.mds", how)
+    return root
+
+
+def _damage(shard: Path, how: str) -> None:
+    if how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:300])
+    else:
+        shard.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_damaged_local_shard_is_named_before_training(demo: tuple[Path, list[dict[str, Any]]], tmp_path: Path, how: str) -> None:
+    from dune_scale.data import DataError
+
+    root, mixture = demo
+    damaged = _damaged_copy(root, tmp_path, how)
+    cause = "bytes where index.json says" if how == "truncated" else "the file is missing"
+    with pytest.raises(DataError, match=f"dataset synth_mast3r, shard {damaged}/synth_mast3r/shard.00000.mds: .*{cause}"):
+        build_train_loader(DataCfg(str(damaged), mixture), image_size=16, batch_size=6, seed=0)
+
+
+def test_missing_data_root_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import TINY_CPU, tiny_overrides
+    from dune_scale.engine.run import main
+
+    missing = tmp_path / "no_such_folder"
+    assert main(["--config", str(TINY_CPU), *tiny_overrides(tmp_path / "run", missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: data.remote_root={str(missing)!r} is not a folder: it must hold one MDS folder per dataset (or be an s3:// or gs:// URL)\n"
+
+
+def test_s3_endpoint_that_never_answers_is_bounded_by_its_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An endpoint that accepts connections and then says nothing: the loader's access check gives up
+    after data.download_timeout and the converter after --timeout (one attempt each), not after
+    botocore's minutes of retries."""
+    import time
+
+    from dune_scale.data import DataError
+    from dune_scale.data.convert import main as convert_main
+    from dune_scale.data.remote import check_access
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    _save(tmp_path / "src" / "a.jpg", 20, 20)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
+        start = time.monotonic()
+        with pytest.raises(DataError, match=r"dataset web: no answer from the object store .* within data.download_timeout=1 s"):
+            check_access("s3://bucket/shards", ["web"], timeout=1.0)
+        args = [str(tmp_path / "src"), "s3://bucket/shards", "--name", "web", "--timeout", "1", "--no-progress"]
+        assert convert_main([*args, "--s3-endpoint-url", endpoint]) == 2
+        assert time.monotonic() - start < 15
+    err = capsys.readouterr().err
+    assert err.startswith("error: s3://bucket/shards/web: no answer from the object store within 1 s") and err.count("\n") == 1
+
+
+def _start_training(tmp_path: Path, shards: Path, *overrides: str) -> subprocess.Popen:
+    """tiny_cpu with 2 loader workers in its own session (so a test can signal the whole group)."""
+    from conftest import REPO, TINY_CPU, tiny_overrides
+
+    args = tiny_overrides(tmp_path / "run", shards, "data.num_workers=2", "train.total_steps=400", *overrides)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(TINY_CPU), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _wait_for_step(run: Path, process: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    import time
+
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= step):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training did not reach its first steps"
+        time.sleep(0.1)
+
+
+def _processes_of(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (the run's unique folder): the run and its workers."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _assert_no_process_left(marker: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while _processes_of(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _processes_of(marker)
+    for pid in left:  # clean up before failing: never leave workers behind
+        os.kill(pid, 9)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def long_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo datasets in many small shards (a damaged one is met within a few steps)."""
+    from dune_scale.data.synthetic import DEMO_DATASETS
+
+    root = tmp_path_factory.mktemp("long_demo")
+    for seed, (name, _) in enumerate(DEMO_DATASETS):
+        write_synthetic_dataset(root, name, 96, image_size=48, seed=seed, shard_size_limit=1 << 13)
+    return root
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_shard_damaged_while_workers_read_is_named(long_demo: Path, tmp_path: Path, how: str) -> None:
+    """After the start-up check: the worker's error reaches the caller naming dataset, shard and cause."""
+    import shutil
+
+    from dune_scale.data import DataError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(long_demo, shards)
+    loader = build_train_loader(DataCfg(str(shards), "demo"), image_size=16, batch_size=6, seed=0)
+    batches = iter(loader)
+    next(batches)
+    for shard in (shards / "synth_mast3r").glob("shard.*.mds"):
+        _damage(shard, how)
+    cause = "shorter than its index.json says" if how == "truncated" else "the shard file is missing"
+    with pytest.raises(DataError, match=f"^dataset synth_mast3r, shard {shards}/synth_mast3r/shard.*{cause}"):
+        for _ in batches:
+            pass
+
+
+@pytest.mark.distributed
+def test_shard_damaged_mid_run_ends_the_job_with_workers_on(long_demo: Path, tmp_path: Path) -> None:
+    """Workers on: the error ends the run promptly (exit 2, one line naming dataset, shard and cause),
+    and no worker outlives it. Before, the workers ignored the loader's SIGTERM and the job hung."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(long_demo, shards)
+    process = _start_training(tmp_path, shards, "train.max_steps=400")
+    try:
+        _wait_for_step(tmp_path / "run", process, 1)
+        for shard in (shards / "synth_mast3r").glob("shard.*.mds"):
+            _damage(shard, "truncated")
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    assert process.returncode == 2, err[-3000:]
+    assert f"error: dataset synth_mast3r, shard {shards}/synth_mast3r/shard." in err
+    assert "shorter than its index.json says" in err and "Traceback" not in err
+    _assert_no_process_left(str(tmp_path / "run"))
+
+
+@pytest.mark.distributed
+def test_stop_signal_to_every_process_still_saves(long_demo: Path, tmp_path: Path) -> None:
+    """SLURM signals every process of a step: workers ignore it, the run saves and exits 75."""
+    import signal
+
+    process = _start_training(tmp_path, long_demo, "train.max_steps=400")
+    try:
+        _wait_for_step(tmp_path / "run", process, 2)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    assert process.returncode == 75, err[-3000:]
+    assert list((tmp_path / "run" / "checkpoints").glob("*/"))
+    _assert_no_process_left(str(tmp_path / "run"))
+
+
+@pytest.mark.distributed
+def test_workers_die_with_a_killed_parent(long_demo: Path, tmp_path: Path) -> None:
+    from conftest import REPO
+
+    script = (
+        "import sys, time; sys.path.insert(0, 'tests'); from conftest_data import DataCfg;"
+        "from dune_scale.data import build_train_loader;"
+        f"it = iter(build_train_loader(DataCfg({str(long_demo)!r}, 'demo'), image_size=16, batch_size=6, seed=0));"
+        "next(it); print('ready', flush=True); time.sleep(600)"
+    )
+    marker = str(tmp_path / "parent")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", script, marker], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        assert len(_processes_of(marker)) == 3  # the parent and its two workers
+        process.kill()
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    _assert_no_process_left(marker)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from dune_scale.config import ConfigError
+from dune_scale.data.errors import DataError
 from dune_scale.data.mixture import MixtureError
 from dune_scale.engine.checkpointer import CheckpointError
 from dune_scale.engine.pretrained import PretrainedError
@@ -17,7 +18,7 @@ EXIT_USER_ERROR = 2
 
 # Problems with what the user gave: one message, exit code 2, no traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, CheckpointError, PretrainedError, MixtureError, TeacherCheckpointError,
+    ConfigError, CheckpointError, PretrainedError, MixtureError, TeacherCheckpointError, DataError,
 )
 
 

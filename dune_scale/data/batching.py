@@ -105,7 +105,7 @@ def global_batches(dataset: MixtureDataset, global_batch: int, epoch: int) -> ND
     shares = dataset.group_shares
     sequences = [group_sequence(dataset, g, epoch) for g in range(len(shares))]
     counts = _batch_plan([len(seq) for seq in sequences], global_batch, shares)
-    if len(counts) == 0:
+    if len(counts) == 0 and not dataset.keep_partial_batch:
         first = batch_counts(1, global_batch, shares)[0]
         short = min(range(len(shares)), key=lambda g: len(sequences[g]) / first[g])
         raise ValueError(
@@ -119,6 +119,12 @@ def global_batches(dataset: MixtureDataset, global_batch: int, epoch: int) -> ND
         row = np.repeat(np.arange(len(counts)), counts[:, g])
         within = np.arange(len(row)) - np.repeat(np.cumsum(counts[:, g]) - counts[:, g], counts[:, g])
         rows[row, column[row, g] + within] = seq[: len(row)]
+    if dataset.keep_partial_batch:  # one group (validation): the samples left over, -1 as padding
+        rest = np.concatenate([seq[int(counts[:, g].sum()):] for g, seq in enumerate(sequences)])
+        if len(rest):
+            tail = np.full((1, global_batch), -1, np.int64)
+            tail[0, : len(rest)] = rest
+            rows = np.concatenate([rows, tail])
     return rows
 
 

@@ -1,4 +1,8 @@
-"""Images on disk → one MDS folder per dataset (columns ``jpeg``, ``dataset``, ``index``), local or remote.
+"""Images on disk → one MDS folder per dataset (columns of ``synthetic.MDS_COLUMNS``), local or remote.
+
+Layout: the training split of dataset ``NAME`` goes to ``<root>/NAME``, its validation split
+(``--split val``) to ``<root>/NAME/val`` (Streaming's ``split`` subfolder), so a dataset's folder
+holds everything about it and training folders written before splits existed stay valid.
 
 The sorted file list is cut into fixed chunks of ``samples_per_shard`` files; chunk ``k`` becomes
 ``shard.{k:05}.mds`` and, once that shard is stored, a marker ``.convert/chunk.{k:05}.json`` with its
@@ -6,10 +10,15 @@ index entry, its sources' digest and the files it skipped. Chunks are independen
 in parallel processes, and a rerun skips every chunk whose marker matches its sources (resumable).
 ``index.json`` is written last, from the markers: its presence means the dataset is complete.
 
-JPEG files are stored byte for byte; other formats are decoded and re-encoded as JPEG. Every image is
-fully decoded first: corrupt or unreadable files are skipped and listed in ``convert_report.json``,
-never abort the conversion. ``index`` is the file's position in the sorted list (gaps where files
-were skipped), so it names the same file on every rerun.
+JPEG, PNG and WebP files are stored byte for byte with their format (lossless: the official DUNE
+loader reads BEDLAM's PNGs as they are); other formats are re-encoded as PNG, or as JPEG when a
+``quality`` is given. Images above ``max_pixels`` are downscaled to fit and listed in the report
+(decoding a 121-megapixel photo cost each loader worker 1.2 GB and a second per sample, while
+training crops end at a few hundred pixels). Images the official loader rotates (BEDLAM "closeup"
+frames, see ``ROTATIONS``) carry that angle in the ``rotate`` column; the loader applies it. Every
+image is fully decoded first: corrupt or unreadable files are skipped and listed in
+``convert_report.json``, never abort the conversion. ``index`` is the file's position in the sorted
+list (gaps where files were skipped), so it names the same file on every rerun.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +40,21 @@ from PIL import Image, UnidentifiedImageError
 from streaming import MDSWriter
 from streaming.base.storage import CloudDownloader, CloudUploader
 
-from dune_scale.data.remote import storage_error
+from dune_scale.data.errors import DataError
+from dune_scale.data.remote import bounded_s3_client, check_bucket, storage_error
 from dune_scale.data.synthetic import MDS_COLUMNS, MDS_HASHES
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# Formats stored byte for byte; anything else is re-encoded.
+KEPT_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
+# 40 MP: above what usual cameras write (12–33 MP), so real datasets pass untouched, while the
+# 121-MP outliers that cost each loader worker 1.2 GB are shrunk; 0 disables the limit.
+DEFAULT_MAX_PIXELS = 40_000_000
+# Per dataset: (substring of the path under the source root, angle in degrees counter-clockwise) the
+# official loader applies (it tests the whole path; under the root is the same for its data layout
+# and immune to a root folder that happens to hold the word).
+ROTATIONS = {"bedlam": (("closeup", -90),)}
+SPLITS = ("train", "val")
 LAYOUTS = ("auto", "imagefolder", "folder", "glob", "filelist")
 MARKER_DIR = ".convert"
 REPORT_NAME = "convert_report.json"
@@ -48,20 +69,36 @@ class ConvertReport:
     files: int
     written: int = 0
     reencoded: int = 0
+    rotated: int = 0
     shards: int = 0
     chunks_reused: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    downscaled: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """How source images become stored bytes (part of each chunk's identity: a change re-converts)."""
+
+    quality: int | None = None  # None: lossless (PNG) re-encoding; else JPEG at this quality
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    rotations: tuple[tuple[str, int], ...] = ()
+
+    def rotation(self, path: str) -> int:
+        return next((angle for pattern, angle in self.rotations if pattern in path), 0)
 
 
 @dataclass(frozen=True)
 class _Chunk:
     number: int
     items: tuple[tuple[int, str], ...]  # (index in the dataset, file path)
+    policy: ImagePolicy = ImagePolicy()
+    root: str = "/"  # the source's folder: rotation patterns match paths below it
 
     @property
     def digest(self) -> str:
-        """Identifies the chunk's inputs: paths and sizes (a changed file changes it)."""
-        h = hashlib.sha1()
+        """Identifies the chunk's inputs: paths, sizes and the image policy (a change changes it)."""
+        h = hashlib.sha1(repr(self.policy).encode())
         for index, path in self.items:
             h.update(f"{index}\t{path}\t{os.path.getsize(path) if os.path.exists(path) else -1}\n".encode())
         return h.hexdigest()
@@ -98,6 +135,20 @@ def list_sources(source: str, layout: str = "auto") -> list[str]:
     return [os.path.abspath(p) for p in files]
 
 
+def source_root(source: str) -> str:
+    """The folder a source's files are listed under: the folder itself, a glob's fixed leading
+    folders, or a file list's folder."""
+    if glob.has_magic(source):
+        fixed = []
+        for part in Path(source).parts:
+            if glob.has_magic(part):
+                break
+            fixed.append(part)
+        return os.path.abspath(os.path.join(*fixed)) if fixed else os.getcwd()
+    path = Path(source)
+    return os.path.abspath(path.parent if path.is_file() else path)
+
+
 def _guess_layout(source: str) -> str:
     if glob.has_magic(source):
         return "glob"
@@ -113,16 +164,45 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def image_bytes(path: str, quality: int = 95) -> tuple[bytes, bool]:
-    """The bytes to store and whether they were re-encoded; raises on anything undecodable."""
+@dataclass(frozen=True)
+class StoredImage:
+    data: bytes
+    format: str
+    reencoded: bool
+    size: tuple[int, int]  # (width, height) stored
+    source_size: tuple[int, int]
+
+
+def image_bytes(path: str, policy: ImagePolicy = ImagePolicy()) -> StoredImage:
+    """The bytes to store for ``path`` and their format; raises on anything undecodable."""
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as img:
+        source_size = img.size
+        if policy.max_pixels and img.width * img.height > policy.max_pixels:
+            img.draft("RGB", _fitting(img.size, policy.max_pixels))  # JPEG: decode at a reduced scale
         img.load()  # a full decode: truncated and damaged files fail here, not at training time
-        if img.format == "JPEG":
-            return data, False
+        kept = KEPT_FORMATS.get(img.format or "")
+        too_big = bool(policy.max_pixels) and source_size[0] * source_size[1] > policy.max_pixels
+        if kept and not too_big and (policy.quality is None or kept == "jpeg"):
+            return StoredImage(data, kept, False, source_size, source_size)
+        # Training decodes to RGB: converting first loses nothing it would see.
+        out = img.convert("RGB")
+        if too_big:
+            out = out.resize(_fitting(source_size, policy.max_pixels), Image.Resampling.LANCZOS)
+        # A JPEG source stays JPEG when shrunk; others are lossless unless a quality asks for JPEG.
+        as_jpeg = policy.quality is not None or img.format == "JPEG"
         buffer = io.BytesIO()
-        img.convert("RGB").save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue(), True
+        if as_jpeg:
+            out.save(buffer, format="JPEG", quality=policy.quality or 95)
+        else:
+            out.save(buffer, format="PNG")
+        return StoredImage(buffer.getvalue(), "jpeg" if as_jpeg else "png", True, out.size, source_size)
+
+
+def _fitting(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """``size`` scaled down, aspect kept, to at most ``max_pixels`` pixels."""
+    scale = (max_pixels / (size[0] * size[1])) ** 0.5
+    return max(1, int(size[0] * scale)), max(1, int(size[1] * scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,34 +212,39 @@ def image_bytes(path: str, quality: int = 95) -> tuple[bytes, bool]:
 class _Output:
     """Where shards, markers and the index go; remote files are staged locally then uploaded."""
 
-    def __init__(self, url: str, staging: str) -> None:
+    def __init__(self, url: str, staging: str, timeout: float) -> None:
         self.url = url
         self.remote = "://" in url
         self.local = staging if self.remote else url
+        self.timeout = timeout
         os.makedirs(os.path.join(self.local, MARKER_DIR), exist_ok=True)
         self._uploader: Any = None
 
-    def store(self, basename: str) -> None:
-        """Make ``local/basename`` part of the output (upload it when the output is remote)."""
-        if not self.remote:
-            return
+    def uploader(self) -> Any:
+        """Streaming's uploader; on S3 with a client bounded by ``timeout`` (its own waits minutes)."""
         if self._uploader is None:
             self._uploader = CloudUploader.get((self.local, self.url), exist_ok=True)
-        self._uploader.upload_file(basename)
+            if hasattr(self._uploader, "s3"):
+                self._uploader.s3 = bounded_s3_client(self.timeout, attempts=3)
+        return self._uploader
+
+    def store(self, basename: str) -> None:
+        """Make ``local/basename`` part of the output (upload it when the output is remote)."""
+        if self.remote:
+            self.uploader().upload_file(basename)
 
     def markers(self) -> dict[int, dict[str, Any]]:
         """The markers already stored, by chunk number."""
         if not self.remote:
             names = [p.name for p in Path(self.local, MARKER_DIR).glob("chunk.*.json")]
         else:
-            uploader = CloudUploader.get((self.local, self.url), exist_ok=True)
-            names = [os.path.basename(k) for k in uploader.list_objects(f"{MARKER_DIR}/") or []]
+            names = [os.path.basename(k) for k in self.uploader().list_objects(f"{MARKER_DIR}/") or []]
             names = [n for n in names if n.startswith("chunk.") and n.endswith(".json")]
         found = {}
         for name in names:
             path = os.path.join(self.local, MARKER_DIR, name)
             if self.remote:
-                CloudDownloader.direct_download(f"{self.url}/{MARKER_DIR}/{name}", path)
+                CloudDownloader.direct_download(f"{self.url}/{MARKER_DIR}/{name}", path, self.timeout)
             marker = json.loads(Path(path).read_text())
             found[int(marker["chunk"])] = marker
             if self.remote:
@@ -179,34 +264,40 @@ def _write_json(output: _Output, basename: str, obj: Any) -> None:
 # Conversion
 
 
-def _convert_chunk(job: tuple[_Chunk, str, str, str, int]) -> dict[str, Any]:
+def _convert_chunk(job: tuple[_Chunk, str, str, str, float]) -> dict[str, Any]:
     """Worker: one chunk → one stored shard + its marker (returned)."""
-    chunk, name, url, staging, quality = job
+    chunk, name, url, staging, timeout = job
     try:
-        return _write_chunk(chunk, name, _Output(url, staging), quality)
+        return _write_chunk(chunk, name, _Output(url, staging, timeout))
     except Exception as err:  # storage errors may not pickle back to the parent: send a plain one
         raise storage_error(url, err) from None
 
 
-def _write_chunk(chunk: _Chunk, name: str, output: _Output, quality: int) -> dict[str, Any]:
-    marker: dict[str, Any] = {"chunk": chunk.number, "sources": chunk.digest, "shard": None,
-                              "written": 0, "reencoded": 0, "skipped": []}
+def _write_chunk(chunk: _Chunk, name: str, output: _Output) -> dict[str, Any]:
+    marker: dict[str, Any] = {"chunk": chunk.number, "sources": chunk.digest, "shard": None, "written": 0,
+                              "reencoded": 0, "rotated": 0, "skipped": [], "downscaled": []}
     basename = f"shard.{chunk.number:05}.mds"
     with tempfile.TemporaryDirectory(dir=os.path.join(output.local, MARKER_DIR)) as tmp:
         folder = os.path.join(tmp, "mds")
         with MDSWriter(out=folder, columns=MDS_COLUMNS, hashes=MDS_HASHES, size_limit=None) as writer:
             for index, path in chunk.items:
                 try:
-                    data, reencoded = image_bytes(path, quality)
+                    image = image_bytes(path, chunk.policy)
                 except UnidentifiedImageError:
                     marker["skipped"].append({"index": index, "path": path, "error": "not an image file PIL can read"})
                     continue
                 except Exception as err:  # any other failure to read or decode: skip and report
                     marker["skipped"].append({"index": index, "path": path, "error": f"{type(err).__name__}: {err}"})
                     continue
-                writer.write({"jpeg": data, "dataset": name, "index": index})
+                rotate = chunk.policy.rotation(os.path.relpath(path, chunk.root))
+                writer.write({"image": image.data, "format": image.format, "rotate": rotate, "dataset": name, "index": index})
                 marker["written"] += 1
-                marker["reencoded"] += int(reencoded)
+                marker["reencoded"] += int(image.reencoded)
+                marker["rotated"] += int(rotate != 0)
+                if image.size != image.source_size:
+                    marker["downscaled"].append(
+                        {"index": index, "path": path, "from": list(image.source_size), "to": list(image.size)}
+                    )
         shards = json.loads(Path(folder, "index.json").read_text())["shards"]
         if shards:
             (shard,) = shards
@@ -227,19 +318,32 @@ def convert_dataset(
     layout: str = "auto",
     samples_per_shard: int = 512,
     workers: int | None = None,
-    quality: int = 95,
+    quality: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    split: str = "train",
+    timeout: float = 60.0,
     progress: bool = True,
 ) -> ConvertReport:
-    """Convert one dataset into ``<out_root>/<name>`` (a folder, ``s3://…`` or ``gs://…``)."""
+    """Convert one dataset's ``split`` into ``<out_root>/<name>`` (train) or ``<out_root>/<name>/val``
+    (a folder, ``s3://…`` or ``gs://…``)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; choose one of {' | '.join(SPLITS)}")
+    if max_pixels < 0:
+        raise ValueError(f"max_pixels must be 0 (no limit) or positive, got {max_pixels}")
+    if quality is not None and not 1 <= quality <= 100:
+        raise ValueError(f"quality must be between 1 and 100, got {quality}")
+    policy = ImagePolicy(quality, max_pixels, ROTATIONS.get(name.lower(), ()))
     files = list_sources(source, layout)
-    url = f"{out_root.rstrip('/')}/{name}"
+    root = source_root(source)
+    url = f"{out_root.rstrip('/')}/{name}" + ("/val" if split == "val" else "")
+    check_bucket(url, timeout)
     staging = tempfile.mkdtemp(prefix="dune_convert_") if "://" in url else url
     try:
-        output = _Output(url, staging)
+        output = _Output(url, staging, timeout)
         chunks = [
-            _Chunk(k, tuple((i, files[i]) for i in range(start, min(start + samples_per_shard, len(files)))))
+            _Chunk(k, tuple((i, files[i]) for i in range(start, min(start + samples_per_shard, len(files)))), policy, root)
             for k, start in enumerate(range(0, len(files), samples_per_shard))
         ]
         try:
@@ -247,7 +351,7 @@ def convert_dataset(
             reused = {c.number: stored[c.number] for c in chunks if stored.get(c.number, {}).get("sources") == c.digest}
             todo = [c for c in chunks if c.number not in reused]
             done = dict(reused)
-            jobs = [(c, name, url, staging, quality) for c in todo]
+            jobs = [(c, name, url, staging, timeout) for c in todo]
             for marker in _run(jobs, workers, progress, total=sum(len(c.items) for c in todo), label=name):
                 done[marker["chunk"]] = marker
         except Exception as err:
@@ -259,9 +363,11 @@ def convert_dataset(
             files=len(files),
             written=sum(m["written"] for m in markers),
             reencoded=sum(m["reencoded"] for m in markers),
+            rotated=sum(m["rotated"] for m in markers),
             shards=sum(m["shard"] is not None for m in markers),
             chunks_reused=len(reused),
             skipped=[s for m in markers for s in m["skipped"]],
+            downscaled=[d for m in markers for d in m["downscaled"]],
         )
         _write_json(output, REPORT_NAME, asdict(report))
         _write_json(output, "index.json", {"version": 2, "shards": [m["shard"] for m in markers if m["shard"]]})
@@ -304,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dune_scale.data.remote import configure_s3_endpoint
 
     parser = argparse.ArgumentParser(
-        description="Convert a dataset of images into MDS shards (one folder per dataset: OUT/NAME).",
+        description="Convert a dataset of images into MDS shards: the training split to OUT/NAME, "
+        "the validation split (--split val) to OUT/NAME/val.",
     )
     parser.add_argument("source", help="image folder, class folders (ImageFolder), a file list, or a glob pattern")
     parser.add_argument("out", help="output root: a local folder, s3://bucket/prefix or gs://bucket/prefix")
@@ -312,26 +419,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="how SOURCE lists images (default: guess)")
     parser.add_argument("--samples-per-shard", type=int, default=512, help="images per shard (default 512, ~50 MB of ImageNet JPEGs)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding non-JPEG images")
+    parser.add_argument("--split", choices=SPLITS, default="train", help="which split SOURCE holds (default train)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        help=f"downscale larger images to this many pixels (default {DEFAULT_MAX_PIXELS:,}; 0: no limit)",
+    )
+    parser.add_argument(
+        "--quality", type=int, default=None,
+        help="re-encode non-JPEG images as JPEG at this quality (default: keep JPEG/PNG/WebP bytes, others as PNG)",
+    )
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible store endpoint (else S3_ENDPOINT_URL)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     configure_s3_endpoint(args.s3_endpoint_url)
-    report = convert_dataset(
-        args.source,
-        args.out,
-        args.name,
-        layout=args.layout,
-        samples_per_shard=args.samples_per_shard,
-        workers=args.workers,
-        quality=args.quality,
-        progress=not args.no_progress,
-    )
+    try:
+        report = convert_dataset(
+            args.source,
+            args.out,
+            args.name,
+            layout=args.layout,
+            samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            quality=args.quality,
+            max_pixels=args.max_pixels,
+            split=args.split,
+            timeout=args.timeout,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError, DataError) as err:  # bad arguments or sources, unreachable or refusing storage
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(
         f"{report.dataset}: {report.written} of {report.files} images in {report.shards} shards at {report.output} "
-        f"({report.reencoded} re-encoded, {report.chunks_reused} shards kept from an earlier run, "
-        f"{len(report.skipped)} skipped; see {report.output}/{REPORT_NAME})"
+        f"({report.reencoded} re-encoded, {len(report.downscaled)} downscaled, {report.rotated} rotated at load, "
+        f"{report.chunks_reused} shards kept from an earlier run, {len(report.skipped)} skipped; "
+        f"see {report.output}/{REPORT_NAME})"
     )
+    for item in report.downscaled[:20]:
+        print(f"  downscaled {item['path']}: {item['from'][0]}x{item['from'][1]} -> {item['to'][0]}x{item['to'][1]}")
     for item in report.skipped[:20]:
         print(f"  skipped {item['path']}: {item['error']}")
     if len(report.skipped) > 20:

@@ -7,6 +7,7 @@ On top of Streaming it adds grouped batching (``batching.py``), per-sample augme
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Sequence
 
@@ -15,8 +16,10 @@ import torch
 from streaming import Stream, StreamingDataset
 
 from dune_scale.data.batching import GROUPED, register_grouped_batching, samples_per_epoch, worker_positions
+from dune_scale.data.errors import DataError
 from dune_scale.data.mixture import Mixture
-from dune_scale.data.transforms import CorruptImageError, decode_image, sample_generator
+from dune_scale.data.remote import StorageAccessError
+from dune_scale.data.transforms import CorruptImageError, decode_stored_image, sample_generator
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,20 @@ class MixtureDataset(StreamingDataset):
     and was replaced by the next decodable image of the same shard (the same one on every run).
     """
 
-    def __init__(self, *, streams: Sequence[Stream], mixture: Mixture, transform: Transform, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        streams: Sequence[Stream],
+        mixture: Mixture,
+        transform: Transform,
+        keep_partial_batch: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """``keep_partial_batch``: end each epoch with the samples that do not fill a whole global
+        batch (one-dataset mixtures only: validation reads every sample); training drops them."""
+        if keep_partial_batch and len(mixture.group_names) != 1:
+            raise ValueError("keep_partial_batch needs a mixture with a single group")
+        self.keep_partial_batch = keep_partial_batch
         super().__init__(streams=streams, batching_method="random", **kwargs)
         # Streaming validates the method name against its own list; ours is registered in _get_work.
         self.batching_method = GROUPED
@@ -78,10 +94,42 @@ class MixtureDataset(StreamingDataset):
             raise self._background_error
 
     def on_exception(self, future: Future) -> None:
-        """Keep a download thread's error: Streaming only says "Background thread failed"."""
-        if future.exception() is not None and self._background_error is None:
-            self._background_error = future.exception()
-        super().on_exception(future)
+        """Keep a download thread's error for the sample reader to raise (Streaming only says
+        "Background thread failed") and stop the other threads, as Streaming does; raising it here
+        too would only print its traceback a second time, from the thread pool."""
+        error = future.exception()
+        if error is None:
+            return
+        if self._background_error is None:
+            self._background_error = error
+        self._event.set()
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """Streaming's shard preparation (download or local check), its failures naming the shard."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except (DataError, StorageAccessError):
+            raise
+        except Exception as err:
+            raise self._shard_error(shard_id, err) from None
+
+    def _shard_error(self, shard_id: int, err: BaseException) -> DataError:
+        """``err`` met while reading shard ``shard_id`` → an error naming dataset, shard file and cause."""
+        stream_id = int(self.stream_per_shard[shard_id])
+        stream = self.streams[stream_id]
+        basename = self.shards[shard_id].file_pairs[0][0].basename
+        where = os.path.join(stream.remote or stream.local, stream.split or "", basename)
+        message = str(err)
+        if isinstance(err, IndexError) or "not present in the shard" in message:
+            cause = "the shard file is shorter than its index.json says (truncated or damaged)"
+        elif isinstance(err, FileNotFoundError) or "In the absence of local dataset" in message:
+            cause = "the shard file is missing (deleted or moved since the run started)"
+        else:
+            cause = f"{type(err).__name__}: {message}"
+        return DataError(
+            f"dataset {self.mixture.streams[stream_id].name}, shard {where}: {cause}; "
+            "re-convert the dataset or restore the file"
+        )
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         shard_id, _ = self.spanner[sample_id]
@@ -100,7 +148,7 @@ class MixtureDataset(StreamingDataset):
         for step in range(count):
             raw = self._stored(first + (offset + step) % count, retry)
             try:
-                image = decode_image(raw["jpeg"])
+                image = decode_stored_image(raw)
             except CorruptImageError as err:
                 logger.warning("%s: image %s in %s cannot be decoded (%s)", name, raw["index"], shard, err)
                 continue
@@ -108,10 +156,15 @@ class MixtureDataset(StreamingDataset):
         raise CorruptImageError(f"{name}: no image of {shard} decodes")
 
     def _stored(self, sample_id: int, retry: int) -> dict[str, Any]:
-        """The raw sample; a failed background download raises its own error, not a generic one."""
+        """The raw sample; a failed background download raises its own error, not a generic one,
+        and a shard that cannot be read raises an error naming it."""
         try:
             return super().get_item(sample_id, retry)
+        except (DataError, StorageAccessError):
+            raise
         except RuntimeError:
             if self._background_error is not None:
                 raise self._background_error from None
             raise
+        except Exception as err:
+            raise self._shard_error(self.spanner[sample_id][0], err) from None

@@ -8,14 +8,18 @@ LOCAL_WORLD_SIZE …). Each pass over the loader is one epoch; iterating again s
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
+import sys
+import threading
 from typing import Any
 
 import torch
 from streaming import StreamingDataLoader
 
 from dune_scale.data.dataset import MixtureDataset
-from dune_scale.data.mixture import Mixture, resolve_mixture
+from dune_scale.data.mixture import Mixture, MixtureError, resolve_mixture
 from dune_scale.data.remote import (
     build_streams,
     check_access,
@@ -23,9 +27,11 @@ from dune_scale.data.remote import (
     release_connections,
     reset_worker_connections,
 )
-from dune_scale.data.transforms import build_train_transform
+from dune_scale.data.transforms import build_train_transform, build_val_transform
 
 logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -42,12 +48,54 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def init_loader_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``. Stop signals are for the training process, which saves and then
-    shuts its workers down: a worker killed by the scheduler's SIGTERM (SLURM signals every process
-    of a step) would instead crash the loader before the checkpoint is written."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn``: a worker stops when its training process says so, or dies.
+
+    Stop signals from anyone else are ignored: they are for the training process, which saves and
+    then shuts its workers down (SLURM signals every process of a step; a worker killed by that
+    SIGTERM would crash the loader before the checkpoint is written). The training process's own
+    SIGTERM — how the DataLoader and multiprocessing end a worker that did not stop in time, e.g.
+    after an error — ends the worker at once; ignoring that one would hang the job at exit.
+    A worker whose training process dies (killed, crashed) is killed by the kernel: no orphans.
+    """
+    forked_from = multiprocessing.parent_process()  # recorded at fork: right even if the parent died since
+    parent = forked_from.pid if forked_from is not None else os.getppid()
+    _die_with_parent(parent)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _obey_sigterm_from(parent)
     reset_worker_connections(worker_id)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (elsewhere: torch's watchdog only)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _obey_sigterm_from(parent: int) -> None:
+    """SIGTERM from ``parent`` exits this process; from anyone else it is ignored.
+
+    The sender is only known to ``sigwaitinfo``: SIGTERM is blocked in this thread (and so in every
+    thread started later) and a daemon thread waits for it. Without ``sigwaitinfo`` (not Linux),
+    SIGTERM keeps its default action.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                # Status 0: a stop the parent asked for. Anything else would make torch's SIGCHLD
+                # handler, still armed while Python exits, report a worker failure that is none.
+                os._exit(0)
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=wait, name="dune-loader-sigterm", daemon=True).start()
 
 
 def build_train_loader(
@@ -59,16 +107,67 @@ def build_train_loader(
     problem = mixture.batch_size_problem(batch_size)
     if problem:
         raise ValueError(f"batch size {batch_size}: {problem}")
+    transform = build_train_transform(image_size, tuple(data_cfg.crop_scale))
+    return _build_loader(data_cfg, mixture, None, transform, batch_size, seed, epoch_size, data_cfg.shuffle)
+
+
+def validation_datasets(data_cfg: Any) -> list[str]:
+    """The mixture's datasets that have a validation split (a ``val_size`` in the mixture spec), in
+    mixture order; as in the official code, in19k and cuffs have none."""
+    mixture = resolve_mixture(data_cfg.mixture, data_cfg.balance, data_cfg.remote_root)
+    return [s.name for s in mixture.streams if s.val_size]
+
+
+def build_val_loader(
+    data_cfg: Any,
+    dataset_name: str,
+    *,
+    image_size: int,
+    batch_size: int,
+    max_samples: int | None = None,
+    num_workers: int | None = None,
+) -> StreamingDataLoader:
+    """One dataset's validation split (``<remote_root>/<name>/val``), the same every time it is built.
+
+    Batches have the training batches' fields; images get the validation transform (shorter side
+    resized to ``image_size``, centre crop). No shuffling; ``max_samples`` (None: all) takes a fixed
+    subset, the same on every call. Each pass over the loader is the whole split, every sample once
+    over all ranks: the last batch may be short, and ranks may get one batch more than others, so
+    sum per rank and reduce once after the pass (no collective per batch).
+    """
+    full = resolve_mixture(data_cfg.mixture, data_cfg.balance, data_cfg.remote_root)
+    spec = next((s for s in full.streams if s.name == dataset_name), None)
+    if spec is None:
+        raise MixtureError(f"dataset {dataset_name!r} is not in the mixture ({', '.join(full.names)})")
+    entry = {"name": spec.name, "domain": spec.domain, **({"size": spec.val_size} if spec.val_size else {})}
+    mixture = resolve_mixture([entry], "proportional", data_cfg.remote_root)
+    return _build_loader(
+        data_cfg, mixture, "val", build_val_transform(image_size), batch_size, 0, max_samples, False, num_workers
+    )
+
+
+def _build_loader(
+    data_cfg: Any,
+    mixture: Mixture,
+    split: str | None,
+    transform: Any,
+    batch_size: int,
+    seed: int,
+    epoch_size: int | None,
+    shuffle: bool,
+    num_workers: int | None = None,
+) -> StreamingDataLoader:
     configure_s3_endpoint(data_cfg.s3_endpoint_url)
-    check_access(data_cfg.remote_root, mixture.names)
-    streams = build_streams(mixture, data_cfg.remote_root, data_cfg.local_cache)
+    check_access(data_cfg.remote_root, mixture.names, data_cfg.download_timeout, split)
+    streams = build_streams(mixture, data_cfg.remote_root, data_cfg.local_cache, split)
     dataset = MixtureDataset(
         streams=streams,
         mixture=mixture,
-        transform=build_train_transform(image_size, tuple(data_cfg.crop_scale)),
+        transform=transform,
+        keep_partial_batch=split is not None,
         batch_size=batch_size,
         epoch_size=epoch_size,
-        shuffle=data_cfg.shuffle,
+        shuffle=shuffle,
         shuffle_algo=data_cfg.shuffle_algo,
         shuffle_seed=seed,
         shuffle_block_size=data_cfg.shuffle_block_size,
@@ -78,9 +177,9 @@ def build_train_loader(
         download_timeout=data_cfg.download_timeout,
         download_retry=data_cfg.download_retry,
     )
-    _warn_size_mismatch(mixture, dataset)
+    _warn_size_mismatch(mixture, dataset, split)
     release_connections(dataset.streams)
-    workers = data_cfg.num_workers
+    workers = data_cfg.num_workers if num_workers is None else num_workers
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
@@ -93,13 +192,16 @@ def build_train_loader(
     )
 
 
-def _warn_size_mismatch(mixture: Mixture, dataset: MixtureDataset) -> None:
-    """Shares follow the spec's sizes; say so when the shards hold a different number of images."""
+def _warn_size_mismatch(mixture: Mixture, dataset: MixtureDataset, split: str | None) -> None:
+    """Shares follow the spec's sizes; say so when the shards hold a different number of images
+    (for a validation split: the spec's ``val_size``, e.g. an incomplete conversion)."""
+    consequence = f"the {split} split is read as it is" if split else "its batch share follows the spec"
     for spec, actual in zip(mixture.streams, dataset.samples_per_stream):
         if spec.size is not None and abs(int(actual) - spec.size) > 0.01 * spec.size:
             logger.warning(
-                "dataset %s holds %d images but the mixture spec says %d; its batch share follows the spec",
-                spec.name,
+                "dataset %s holds %d images but the mixture spec says %d; %s",
+                spec.name + (f"/{split}" if split else ""),
                 int(actual),
                 spec.size,
+                consequence,
             )

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from dune_scale.data.errors import MissingDataError
+
 BALANCES = ("teacher_domains", "proportional", "weights")
 _ENTRY_KEYS = {"name", "domain", "size", "val_size", "weight"}
 
@@ -205,6 +207,8 @@ def _check_entry(item: Any, i: int, where: str) -> dict[str, Any]:
 
 
 def _size_from_index(remote_root: str, name: str) -> int:
+    if "://" not in remote_root and not Path(remote_root).is_dir():
+        raise MissingDataError.for_root(remote_root)
     index = Path(remote_root) / name / "index.json"
     if "://" in remote_root or not index.is_file():
         raise MixtureError(

@@ -17,6 +17,7 @@ On top of Streaming's downloads this module adds what a long run on shared stora
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ import torch.utils.data
 from streaming import Stream, StreamingDataset
 from streaming.base.format import Reader, get_index_basename
 
+from dune_scale.data.errors import DataError, MissingDataError
 from dune_scale.data.mixture import Mixture
 
 logger = logging.getLogger(__name__)
@@ -41,11 +43,11 @@ _MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _BACKOFF_S = 1.0
 
 
-class StorageAccessError(PermissionError):
+class StorageAccessError(DataError, PermissionError):
     """The object store refused the request (HTTP 403): access denied or bad credentials."""
 
 
-class ShardIntegrityError(RuntimeError):
+class ShardIntegrityError(DataError):
     """A shard still does not match its index.json hash after being downloaded again."""
 
 
@@ -143,46 +145,97 @@ class RemoteStream(Stream):
             if not str(err).startswith("Checksum failure"):
                 raise
             shard.evict()
+            dataset = os.path.basename(self.remote.rstrip("/"))
             raise ShardIntegrityError(
-                f"shard {os.path.join(self.remote, self.split, name)} does not match its {self.validate_hash} "
+                f"dataset {dataset}, shard {os.path.join(self.remote, self.split, name)} does not match its {self.validate_hash} "
                 f"hash in index.json, also after downloading it again: the stored shard is damaged "
                 f"(re-convert that dataset or restore the shard)"
             ) from None
 
 
-def check_access(remote_root: str, names: Sequence[str]) -> None:
-    """Fail fast, before any worker starts, when an S3 store refuses us or lacks an index.json."""
+def check_access(remote_root: str, names: Sequence[str], timeout: float = 60.0, split: str | None = None) -> None:
+    """Fail fast, before any worker starts, when an S3 store refuses us, lacks an index.json or does
+    not answer within ``timeout`` seconds (one attempt per request: a silent endpoint costs at most
+    ``timeout`` per dataset, not botocore's retries of it)."""
     if urllib.parse.urlparse(remote_root).scheme != "s3":
         return
-    from boto3.session import Session
-    from botocore.exceptions import ClientError, NoCredentialsError
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, NoCredentialsError, ReadTimeoutError
 
-    client = Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+    endpoint = os.environ.get("S3_ENDPOINT_URL")
+    client = bounded_s3_client(timeout)
     try:
         for name in names:
-            url = f"{remote_root.rstrip('/')}/{name}/{get_index_basename()}"
+            url = "/".join(p for p in (remote_root.rstrip("/"), name, split, get_index_basename()) if p)
             parsed = urllib.parse.urlparse(url)
             try:
                 client.head_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
             except NoCredentialsError:
                 return  # no credentials at all: Streaming reads public buckets unsigned
+            except (ConnectionError, ReadTimeoutError) as err:  # timeouts and refused connections
+                raise DataError(
+                    f"dataset {name}: no answer from the object store for {url} within data.download_timeout="
+                    f"{timeout:g} s (endpoint {endpoint or 'AWS'}): {err}"
+                ) from None
             except ClientError as err:
                 code = _error_code(err)
                 if code in _DENIED_CODES:
                     raise _access_denied(url, err) from None
                 if code in _MISSING_CODES:
-                    raise FileNotFoundError(
+                    raise MissingDataError(
                         f"dataset {name}: no MDS index at {url} (data.remote_root must hold one MDS "
-                        f"folder per dataset, named after it)"
+                        f"folder per dataset, named after it{_split_layout(split)})"
                     ) from None
-                raise
+                raise DataError(f"dataset {name}: {url}: {err}") from None
+            except BotoCoreError as err:
+                raise DataError(f"dataset {name}: {url}: {err}") from None
     finally:
         client.close()
 
 
-def build_streams(mixture: Mixture, remote_root: str, local_cache: str = "") -> list[Stream]:
-    """One Stream per dataset ``<remote_root>/<name>``; local roots are read in place (no copy)."""
+def bounded_s3_client(timeout: float, attempts: int = 1) -> Any:
+    """An S3 client (``S3_ENDPOINT_URL`` honoured) whose every request gives up after ``timeout``
+    seconds without an answer, ``attempts`` times at most (botocore's defaults: 60 s, 5 attempts)."""
+    from boto3.session import Session
+    from botocore.config import Config
+
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": attempts})
+    return Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"), config=config)
+
+
+def check_bucket(url: str, timeout: float) -> None:
+    """The bucket of an ``s3://`` URL answers within ``timeout`` (Streaming's uploader would wait
+    minutes on a silent endpoint before its first byte)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "s3":
+        return
+    from botocore.exceptions import ConnectionError, ReadTimeoutError
+
+    client = bounded_s3_client(timeout)
+    try:
+        client.head_bucket(Bucket=parsed.netloc)
+    except (ConnectionError, ReadTimeoutError) as err:
+        raise DataError(
+            f"{url}: no answer from the object store within {timeout:g} s "
+            f"(endpoint {os.environ.get('S3_ENDPOINT_URL') or 'AWS'}): {err}"
+        ) from None
+    except Exception as err:  # 403, missing bucket, no credentials ...: as the storage client names it
+        named = storage_error(url, err)
+        raise named if isinstance(named, DataError) else DataError(f"{url}: {type(err).__name__}: {err}") from None
+    finally:
+        client.close()
+
+
+def _split_layout(split: str | None) -> str:
+    return f", with the {split} split in its subfolder {split}/" if split else ""
+
+
+def build_streams(
+    mixture: Mixture, remote_root: str, local_cache: str = "", split: str | None = None
+) -> list[Stream]:
+    """One Stream per dataset ``<remote_root>/<name>[/<split>]``; local roots are read in place (no copy)."""
     streams: list[Stream] = []
+    if not is_remote(remote_root) and not Path(remote_root).is_dir():
+        raise MissingDataError.for_root(remote_root)
     for spec in mixture.streams:
         if is_remote(remote_root):
             cache = Path(local_cache) if local_cache else default_cache_dir(remote_root)
@@ -190,18 +243,52 @@ def build_streams(mixture: Mixture, remote_root: str, local_cache: str = "") -> 
                 RemoteStream(
                     remote=f"{remote_root.rstrip('/')}/{spec.name}",
                     local=str(cache / spec.name),
+                    split=split,
                     proportion=spec.proportion,
                 )
             )
             continue
-        folder = Path(remote_root) / spec.name
-        if not (folder / get_index_basename()).is_file():
-            raise FileNotFoundError(
-                f"dataset {spec.name}: no MDS index at {folder / get_index_basename()} (data.remote_root="
-                f"{remote_root!r} must hold one MDS folder per dataset, named after it)"
-            )
+        folder = Path(remote_root, spec.name, split or "")
+        check_local_shards(folder, spec.name, split)
         streams.append(Stream(local=str(folder.resolve()), proportion=spec.proportion))
     return streams
+
+
+def check_local_shards(folder: Path, name: str, split: str | None = None) -> None:
+    """Every shard index.json lists is there (one folder listing), and on rank 0 has its size (one
+    stat per shard: tens of thousands on a shared file system, so not on every rank): a deleted or
+    truncated shard is named before training starts, not met hours later with Streaming's
+    unrelated message. Shards damaged later are named when they are read."""
+    index = folder / get_index_basename()
+    if not index.is_file():
+        raise MissingDataError(
+            f"dataset {name}: no MDS index at {index} (data.remote_root must hold one MDS folder per "
+            f"dataset, named after it{_split_layout(split)})"
+        )
+    try:
+        shards = json.loads(index.read_text())["shards"]
+    except (ValueError, KeyError) as err:
+        raise DataError(f"dataset {name}: {index} is not an MDS index ({err})") from None
+    listed = set(os.listdir(folder))
+
+    def present(basename: str) -> bool:  # a merged index may name shards in subfolders
+        return basename in listed or ("/" in basename and (folder / basename).is_file())
+
+    check_sizes = os.environ.get("RANK", "0") == "0"
+    for shard in shards:
+        raw, packed = shard["raw_data"], shard.get("zip_data")
+        path = folder / raw["basename"]
+        if present(raw["basename"]):
+            size = path.stat().st_size if check_sizes else raw["bytes"]
+            if size != raw["bytes"]:
+                raise DataError(
+                    f"dataset {name}, shard {path}: {size} bytes where index.json says {raw['bytes']} "
+                    "(truncated or damaged); re-convert the dataset or restore the file"
+                )
+        elif not (packed and present(packed["basename"])):
+            raise MissingDataError(
+                f"dataset {name}, shard {path}: the file is missing; re-convert the dataset or restore the file"
+            )
 
 
 def release_connections(streams: Sequence[Stream]) -> None:

@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from streaming import MDSWriter
 
-MDS_COLUMNS = {"jpeg": "bytes", "dataset": "str", "index": "int"}
+# ``image``: the stored bytes, ``format`` their format (jpeg | png | webp), ``rotate`` degrees
+# counter-clockwise applied at load. Shards of earlier versions hold ``jpeg`` instead of these three.
+MDS_COLUMNS = {"image": "bytes", "format": "str", "rotate": "int", "dataset": "str", "index": "int"}
 MDS_HASHES = ["sha1", "xxh64"]
 # Garbage written in place of an image when a test asks for corrupt samples.
 CORRUPT_BYTES = b"\xff\xd8\xff\xe0 this is not a JPEG"
@@ -59,15 +61,19 @@ def write_synthetic_dataset(
     shard_size_limit: int = 1 << 20,
     corrupt: Iterable[int] = (),
     noise: float = 0.0,
+    split: str | None = None,
 ) -> Path:
-    """Write ``num_samples`` JPEG images as an MDS folder ``out_dir/name``; returns that folder.
+    """Write ``num_samples`` JPEG images as an MDS folder ``out_dir/name`` (``out_dir/name/val`` for
+    ``split="val"``, the converter's layout); returns that folder.
 
     ``corrupt`` lists sample indices whose bytes are replaced by garbage (read-time robustness tests);
-    ``noise`` adds pixel noise (photo-like file sizes, for benchmarks).
-    An existing folder of that name is replaced.
+    ``noise`` adds pixel noise (photo-like file sizes, for benchmarks). A split draws other images
+    than the training set. An existing folder of that name is replaced (the training folder with
+    its validation subfolder: write the training split first).
     """
-    folder = Path(out_dir) / name
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    subfolder = [split] if split and split != "train" else []
+    folder = Path(out_dir, name, *subfolder)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), *(zlib.crc32(s.encode()) for s in subfolder)])
     bad = set(corrupt)
     with MDSWriter(
         out=str(folder), columns=MDS_COLUMNS, hashes=MDS_HASHES, size_limit=shard_size_limit, exist_ok=True
@@ -76,16 +82,25 @@ def write_synthetic_dataset(
             buffer = io.BytesIO()
             synthetic_image(rng, image_size, noise).save(buffer, format="JPEG", quality=90)
             data = CORRUPT_BYTES if index in bad else buffer.getvalue()
-            writer.write({"jpeg": data, "dataset": name, "index": index})
+            writer.write({"image": data, "format": "jpeg", "rotate": 0, "dataset": name, "index": index})
     return folder
 
 
 def write_demo_shards(
-    root: str | Path, num_samples_per_dataset: int = 512, image_size: int = 64, seed: int = 0
+    root: str | Path,
+    num_samples_per_dataset: int = 512,
+    image_size: int = 64,
+    seed: int = 0,
+    val_samples_per_dataset: int = 64,
 ) -> list[dict[str, Any]]:
-    """Three synthetic datasets, one per teacher domain, under ``root``; returns their mixture list."""
+    """Three synthetic datasets, one per teacher domain, under ``root``, each with a validation split
+    of ``val_samples_per_dataset`` images (0: none); returns their mixture list."""
     mixture = []
     for offset, (name, domain) in enumerate(DEMO_DATASETS):
         write_synthetic_dataset(root, name, num_samples_per_dataset, image_size, seed + offset)
-        mixture.append({"name": name, "domain": domain, "size": num_samples_per_dataset})
+        entry = {"name": name, "domain": domain, "size": num_samples_per_dataset}
+        if val_samples_per_dataset:
+            write_synthetic_dataset(root, name, val_samples_per_dataset, image_size, seed + offset, split="val")
+            entry["val_size"] = val_samples_per_dataset
+        mixture.append(entry)
     return mixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,22 +19,32 @@ from torchvision.transforms import InterpolationMode
 
 from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
-# Validation resizes the shorter side to size × 256/224 (the classic ImageNet ratio) then crops.
-VAL_RESIZE_RATIO = 256 / 224
-
 
 class CorruptImageError(ValueError):
     """Bytes that PIL cannot decode (corrupt, truncated or not an image)."""
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Image bytes (JPEG or anything PIL reads) → uint8 RGB tensor (3, H, W)."""
+def decode_image(data: bytes, rotate: int = 0) -> torch.Tensor:
+    """Image bytes (JPEG, PNG or anything PIL reads) → uint8 RGB tensor (3, H, W).
+
+    ``rotate``: degrees counter-clockwise, applied as the official DUNE loader does for BEDLAM
+    "closeup" images (PIL ``Image.rotate``: same canvas size, corners filled black).
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
-            array = np.asarray(img.convert("RGB"))
+            rgb = img.convert("RGB")
     except Exception as err:  # PIL raises many types for bad data (OSError, SyntaxError, ...)
         raise CorruptImageError(f"cannot decode image ({len(data)} bytes): {err}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    if rotate:
+        rgb = rgb.rotate(rotate)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+def decode_stored_image(sample: dict[str, Any]) -> torch.Tensor:
+    """An MDS sample's image: the ``image`` column (any format, see ``synthetic.MDS_COLUMNS``) with its
+    ``rotate`` angle, or the ``jpeg`` column of shards written before formats were kept."""
+    data = sample["image"] if "image" in sample else sample["jpeg"]
+    return decode_image(data, int(sample.get("rotate", 0)))
 
 
 def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
@@ -126,15 +137,18 @@ class TrainTransform:
 
 
 class ValTransform:
-    """Resize the shorter side to size × 256/224 (bicubic, antialias), centre crop, normalise."""
+    """Resize the shorter side to the crop size (bicubic, antialias), centre crop, normalise.
+
+    As the official DUNE validation (its test transform resizes to ``image_size`` itself, not to the
+    ImageNet-classification 256/224 of it), so held-out losses compare with the paper's.
+    """
 
     def __init__(self, image_size: int) -> None:
         self.image_size = image_size
-        self.resize_to = round(image_size * VAL_RESIZE_RATIO)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 (3, H, W) → float32 (3, size, size); ``generator`` is accepted and unused."""
-        out = F.resize(image, [self.resize_to], InterpolationMode.BICUBIC, antialias=True)
+        out = F.resize(image, [self.image_size], InterpolationMode.BICUBIC, antialias=True)
         out = F.center_crop(out, [self.image_size, self.image_size])
         return _normalize(out)
 

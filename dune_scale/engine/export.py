@@ -28,10 +28,11 @@ import torch
 import yaml
 from torch import nn
 
-from dune_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VAL_RESIZE_RATIO, ValTransform
+from dune_scale.data.transforms import ValTransform
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE, Checkpointer, is_complete
+from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import VisionTransformer
 from dune_scale.teachers.checkpoints import UnreadableCheckpoint, load_allow_listed
 from dune_scale.teachers.registry import TEACHER_SPECS
@@ -532,7 +533,7 @@ def _timm_config(weights: StudentWeights, arch: str) -> dict[str, Any]:
         "model_args": model_args,
         "pretrained_cfg": {
             "input_size": [3, spec.image_size, spec.image_size], "interpolation": "bicubic",
-            "crop_pct": 1 / VAL_RESIZE_RATIO, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "crop_pct": 1.0,  # the shorter side is resized to the input size itself, as DUNE evaluates "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "num_classes": 0,
         },
     }
