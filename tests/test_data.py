@@ -589,7 +589,7 @@ def test_damaged_local_shard_is_named_before_training(demo: tuple[Path, list[dic
 
 def test_missing_data_root_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import TINY_CPU, tiny_overrides
-    from dune_scale.engine.run import main
+    from dune_scale.cli.train import main
 
     missing = tmp_path / "no_such_folder"
     assert main(["--config", str(TINY_CPU), *tiny_overrides(tmp_path / "run", missing)]) == 2
