@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from dune_scale.engine.pretrained import PretrainedError, load_pretrained_studen
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategy import build_strategy, check_launch
 from dune_scale.engine.trainer import Trainer
+from dune_scale.eval.periodic import FeaturePictures, PeriodicEvaluation
+from dune_scale.eval.validation import Validator
 from dune_scale.models import vit
 from dune_scale.models.attention import set_attention_backend
 from dune_scale.teachers import TeacherCheckpointError, build_teacher_ensemble, get_teacher_spec
@@ -108,12 +110,35 @@ def build_objective(cfg: Config, teacher_names: list[str]) -> DistillObjective:
     )
 
 
+def build_evaluation(
+    cfg: Config,
+    dist: distributed.DistInfo,
+    teachers: Any,
+    objective: DistillObjective,
+    val: tuple[Sequence[str], Sequence[Iterable[Any]]] | None,
+    feature_pictures: FeaturePictures | None,
+) -> PeriodicEvaluation | None:
+    """Validation (``val`` = dataset names, re-iterable loaders of training-style batches), the k-NN
+    probe and feature pictures, as the ``eval`` section asks; None when nothing is asked for."""
+    if cfg.eval.every_steps is not None and val is None:
+        raise ConfigError("eval.every_steps is set but no validation data is connected to this run")
+    validator = None
+    if cfg.eval.every_steps is not None:
+        names, loaders = val
+        validator = Validator(loaders, names, teachers, objective, dist.device, cfg.eval.max_batches)
+    if validator is None and cfg.eval.knn_every_steps is None:
+        return None
+    return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, Path(cfg.run.output_dir), validator, feature_pictures)
+
+
 def build_trainer(
     cfg: Config,
     dist: distributed.DistInfo,
     loader: Any,
     domain_of: Callable[[str], str],
     phases: NullPhaseTimer | None = None,
+    val: tuple[Sequence[str], Sequence[Iterable[Any]]] | None = None,
+    feature_pictures: FeaturePictures | None = None,
 ) -> Trainer:
     """Teachers → student → strategy → objective → trainer, for training and for the benchmark."""
     check_launch(cfg, dist)
@@ -131,15 +156,23 @@ def build_trainer(
     strategy = build_strategy(cfg, dist)
     strategy.setup(student, cfg.peak_lr(dist.world_size))
     output_dir = Path(cfg.run.output_dir)
+    objective = build_objective(cfg, list(teachers.tokens))
     return Trainer(
-        cfg, dist, strategy, teachers, build_objective(cfg, list(teachers.tokens)), loader, domain_of,
+        cfg, dist, strategy, teachers, objective, loader, domain_of,
         build_schedules(cfg, dist.world_size), Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, dist),
-        output_dir, phases,
+        output_dir, phases, build_evaluation(cfg, dist, teachers, objective, val, feature_pictures),
     )
 
 
-def train(cfg: Config) -> bool:
-    """Run (or resume) the training ``cfg`` describes; False when a stop signal ended it early."""
+def train(
+    cfg: Config,
+    val: tuple[Sequence[str], Sequence[Iterable[Any]]] | None = None,
+    feature_pictures: FeaturePictures | None = None,
+) -> bool:
+    """Run (or resume) the training ``cfg`` describes; False when a stop signal ended it early.
+
+    ``val``: validation dataset names and loaders (needed with ``eval.every_steps``);
+    ``feature_pictures``: encoder + probe images → RGB pictures written at each validation."""
     dist = distributed.init_distributed(cfg.run.device)
     _setup_logging(dist.is_main)
     output_dir = Path(cfg.run.output_dir)
@@ -159,7 +192,7 @@ def train(cfg: Config) -> bool:
             seed=cfg.run.seed,
             epoch_size=cfg.train.epoch_size,
         )
-        trainer = build_trainer(cfg, dist, loader, mixture.domain_of)
+        trainer = build_trainer(cfg, dist, loader, mixture.domain_of, val=val, feature_pictures=feature_pictures)
         resume_from = _resume_folder(cfg, trainer.checkpointer)
         if resume_from is not None:
             check_resume_compatible(cfg, resume_from)

@@ -25,8 +25,12 @@ from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategy import Strategy
+from dune_scale.config import parse_step_range
+from dune_scale.eval.periodic import PeriodicEvaluation
 from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, WandbSink, finite_or_none
 from dune_scale.telemetry.phases import NullPhaseTimer
+from dune_scale.telemetry.profiler import StepProfiler
+from dune_scale.telemetry.tensorboard import TensorBoardSink, tensorboard_available
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class Trainer:
         checkpointer: Checkpointer,
         output_dir: Path,
         phases: NullPhaseTimer | None = None,
+        evaluation: PeriodicEvaluation | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist
@@ -69,6 +74,9 @@ class Trainer:
         self.drop_generator.manual_seed(cfg.run.seed * 1_000_003 + dist.rank)
         self.phases = phases or NullPhaseTimer()
         self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
+        self.evaluation = evaluation
+        profile_steps = parse_step_range(cfg.run.profile_steps) if cfg.run.profile_steps else None
+        self.profiler = StepProfiler(profile_steps, output_dir, dist.rank, dist.device)
 
     # ------------------------------------------------------------------ state
     def rank_state(self) -> dict[str, Any]:
@@ -204,6 +212,8 @@ class Trainer:
             self.metrics.truncate_after(self.state.step)
             if cfg.run.wandb_project:
                 sinks.append(WandbSink(cfg.run.wandb_project, self.metrics.path.parent, cfg.to_dict()))
+            if cfg.run.tensorboard or (cfg.run.tensorboard is None and tensorboard_available()):
+                sinks.append(TensorBoardSink(self.metrics.path.parent))
         if self.sample_log is not None:
             self.sample_log.path.parent.mkdir(parents=True, exist_ok=True)
             self.sample_log.truncate_after(self.state.step)
@@ -216,7 +226,8 @@ class Trainer:
         preemption.install()
         try:
             while self.state.step < self.stop_step:
-                pending.append(self.train_step(batches))
+                with self.profiler.around(self.state.step + 1):
+                    pending.append(self.train_step(batches))
                 step = self.state.step
                 if step % cfg.run.log_every == 0 or step == self.stop_step:
                     record = self._log_record(pending, throughput.rate(self.state.samples_seen))
@@ -225,6 +236,12 @@ class Trainer:
                         for sink in sinks:
                             sink.write(record)
                     console.update(record)
+                if self.evaluation is not None:
+                    stop_requested = lambda: preemption.signalled is not None  # noqa: E731
+                    for record in self.evaluation.run(self.strategy, step, self.state.samples_seen, step == self.stop_step, stop_requested):
+                        if self.dist.is_main:
+                            for sink in sinks:
+                                sink.write(record)
                 saved = step % cfg.checkpoint.every_steps == 0 or step == self.stop_step
                 if saved:
                     self.save()
@@ -236,6 +253,7 @@ class Trainer:
                     return False
             return True
         finally:
+            self.profiler.finish()
             preemption.uninstall()
             console.close()
             for sink in sinks[1:]:
@@ -254,6 +272,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
+            "kind": "train",
             "loss": finite_or_none(loss),
         }
         for name, value in zip(self.objective.teacher_names, teachers):

@@ -77,6 +77,19 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def scalar_tags(record: dict[str, Any]) -> dict[str, float]:
+    """A record's numbers for dashboards: training records under their own names (``loss``), the
+    others under ``<kind>/<dataset>/`` (``val/<dataset>/loss_<teacher>``, ``knn/<dataset>/top1``);
+    ``step``, text fields and missing (non-finite) values are left out."""
+    kind = record.get("kind", "train")
+    prefix = "" if kind == "train" else f"{kind}/{record['dataset']}/"
+    return {
+        f"{prefix}{key}": float(value)
+        for key, value in record.items()
+        if key not in ("step", "kind", "dataset") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 class Throughput:
     """Images per second between two logged steps (wall clock; the step syncs at log points)."""
 
@@ -111,7 +124,7 @@ class WandbSink:
         self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(output_dir), config=config)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.run.log(scalar_tags(record), step=record["step"])
 
     def close(self) -> None:
         self.run.finish()

@@ -1,0 +1,1 @@
+"""Seeing that the student learns: held-out validation, the k-NN probe, feature pictures."""

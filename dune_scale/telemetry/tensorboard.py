@@ -1,0 +1,33 @@
+"""TensorBoard as a second metrics sink (clusters without W&B): event files under the run folder."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from dune_scale.telemetry.metrics import scalar_tags
+
+TENSORBOARD_FOLDER = "tensorboard"
+
+
+def tensorboard_available() -> bool:
+    """torch.utils.tensorboard writes event files only with the ``tensorboard`` package installed."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class TensorBoardSink:
+    """Each record's numbers as scalars at its step (see :func:`scalar_tags` for the tag names)."""
+
+    def __init__(self, output_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD_FOLDER))
+
+    def write(self, record: dict[str, Any]) -> None:
+        for tag, value in scalar_tags(record).items():
+            self.writer.add_scalar(tag, value, global_step=record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,156 @@
+"""Held-out validation during training: per-dataset, per-teacher records that resume exactly."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CPU, tiny_overrides
+from dune_scale.config import ConfigError, load_config
+from dune_scale.data.synthetic import DEMO_DATASETS, synthetic_image
+from dune_scale.data.transforms import build_val_transform
+from dune_scale.engine.run import train
+from dune_scale.telemetry.metrics import read_metrics
+
+TEACHERS = ["dino2reg_vitlarge_14", "mast3r_vitlarge_16", "multihmr_vitlarge_14_672"]
+NAMES = [name for name, _ in DEMO_DATASETS]
+
+
+def val_batches(name: str, count: int, batch_size: int = 6, image_size: int = 56, seed: int = 7) -> list[dict]:
+    """Held-out images of one dataset as training-style batches (a list is re-iterable)."""
+    rng = np.random.default_rng([seed, NAMES.index(name)])
+    transform = build_val_transform(image_size)
+    images = [transform(torch.from_numpy(np.array(synthetic_image(rng, 64))).permute(2, 0, 1)) for _ in range(count)]
+    return [
+        {"images": torch.stack(images[i : i + batch_size]), "dataset": [name] * len(images[i : i + batch_size]),
+         "index": torch.arange(i, i + len(images[i : i + batch_size]))}
+        for i in range(0, count, batch_size)
+    ]
+
+
+def val_sets(count: int = 12) -> tuple[list[str], list[list[dict]]]:
+    return NAMES, [val_batches(name, count) for name in NAMES]
+
+
+def _run(output: Path, shards: Path, *extra: str, val=None, feature_pictures=None) -> list[dict]:
+    train(load_config(TINY_CPU, tiny_overrides(output, shards, *extra)), val=val or val_sets(), feature_pictures=feature_pictures)
+    return read_metrics(output / "metrics.jsonl")
+
+
+def _val(records: list[dict], timed: bool = True) -> list[dict]:
+    """The validation records (without their wall time, which differs between runs, unless ``timed``)."""
+    return [r if timed else {k: v for k, v in r.items() if k != "seconds"} for r in records if r["kind"] == "val"]
+
+
+def test_validation_records_per_dataset_and_teacher_and_losses_fall(tmp_path: Path, demo_shards: Path) -> None:
+    records = _run(tmp_path / "run", demo_shards, "train.max_steps=16", "eval.every_steps=8", "run.log_every=4")
+    val = _val(records)
+    assert [(r["step"], r["dataset"]) for r in val] == [(s, d) for s in (8, 16) for d in [*NAMES, "all"]]
+    for record in val:
+        assert record["images"] == (36 if record["dataset"] == "all" else 12)
+        for teacher in TEACHERS:
+            parts = record[f"loss_{teacher}_cos"] + record[f"loss_{teacher}_sl1"]
+            assert record[f"loss_{teacher}"] == pytest.approx(parts, rel=1e-6)
+            assert f"loss_{teacher}_patch" in record
+        assert "loss_dino2reg_vitlarge_14_cls" in record and "loss_mast3r_vitlarge_16_cls" not in record
+        assert record["loss"] == pytest.approx(sum(record[f"loss_{t}"] for t in TEACHERS) / 3, rel=1e-6)
+    assert "seconds" in val[3] and val[3]["dataset"] == "all"
+    # Held-out loss falls with training, for every dataset (step 16 vs step 8), and the first is far
+    # from the untrained student's loss level of the training records.
+    for before, after in zip(val[:4], val[4:]):
+        assert after["loss"] < before["loss"], (before["dataset"], before["loss"], after["loss"])
+    assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8, 12, 16]
+
+
+def test_resume_mid_run_gives_the_same_validation_numbers(tmp_path: Path, demo_shards: Path) -> None:
+    common = ("train.max_steps=8", "checkpoint.every_steps=3", "eval.every_steps=4")
+    straight = _run(tmp_path / "straight", demo_shards, *common)
+    out = tmp_path / "resumed"
+    _run(out, demo_shards, "train.max_steps=5", *common[1:])  # stops (and saves) at step 5
+    resumed = _run(out, demo_shards, *common)
+    # The first part ended at its max_steps=5, so it validated there too ("at the end").
+    assert [r["step"] for r in _val(resumed) if r["dataset"] == "all"] == [4, 5, 8]
+    assert [r for r in _val(resumed, timed=False) if r["step"] != 5] == _val(straight, timed=False)
+    assert [r["loss"] for r in resumed if r["kind"] == "train"] == [r["loss"] for r in straight if r["kind"] == "train"]
+
+
+def test_validation_does_not_change_training(tmp_path: Path, demo_shards: Path) -> None:
+    plain = _run(tmp_path / "plain", demo_shards, "train.max_steps=6", "distill.teacher_drop=lowest_loss")
+    with_val = _run(tmp_path / "val", demo_shards, "train.max_steps=6", "distill.teacher_drop=lowest_loss",
+                    "eval.every_steps=2")
+    assert [r["loss"] for r in with_val if r["kind"] == "train"] == [r["loss"] for r in plain]
+
+
+def test_feature_pictures_are_written_as_png_at_each_validation(tmp_path: Path, demo_shards: Path) -> None:
+    seen = []
+
+    def pictures(encoder: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+        seen.append(images.shape)
+        patch = encoder.forward_features(images)["patch"]  # (B, N, D) → first three channels as RGB
+        side = int(patch.shape[1] ** 0.5)
+        rgb = patch[..., :3].reshape(len(images), side, side, 3)
+        rgb = (rgb - rgb.amin()) / (rgb.amax() - rgb.amin() + 1e-6)
+        return (rgb * 255).byte().numpy()
+
+    out = tmp_path / "run"
+    _run(out, demo_shards, "train.max_steps=4", "eval.every_steps=2", feature_pictures=pictures)
+    written = sorted(p.name for p in (out / "pictures").glob("*.png"))
+    assert written == [f"step_{s:09d}_{i}.png" for s in (2, 4) for i in range(4)]
+    assert seen == [torch.Size([4, 3, 56, 56])] * 2
+
+
+def test_validation_groups_samples_by_their_dataset_whatever_the_loaders() -> None:
+    from dune_scale.eval.validation import Validator
+
+    torch.manual_seed(0)
+    student, teachers, objective = _tiny_models()
+    strategy = types.SimpleNamespace(module=student, forward=student, autocast=lambda: torch.autocast("cpu", enabled=False))
+    names, per_dataset = val_sets(count=6)
+    mixed = [{"images": torch.cat([b["images"][:3] for b in batches]), "dataset": sum((b["dataset"][:3] for b in batches), [])}
+             for batches in zip(*[val_batches(n, 6, batch_size=3) for n in names])]
+    by_dataset = Validator(per_dataset, names, teachers, objective, torch.device("cpu")).run(strategy, 1, 1)
+    rng_before = torch.get_rng_state()
+    one_loader = Validator([mixed], names, teachers, objective, torch.device("cpu")).run(strategy, 1, 1)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert student.training  # back in training mode
+    for a, b in zip(by_dataset, one_loader):
+        assert a["dataset"] == b["dataset"] and a["images"] == b["images"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # A stop signal abandons the validation at once: nothing to record, training state untouched.
+    stopped = Validator(per_dataset, names, teachers, objective, torch.device("cpu")).run(strategy, 1, 1, lambda: True)
+    assert stopped == []
+
+
+def _tiny_models() -> tuple[torch.nn.Module, torch.nn.Module, object]:
+    from dune_scale.engine.run import build_objective, build_student
+    from dune_scale.teachers import build_teacher_ensemble
+
+    cfg = load_config(TINY_CPU, ["data.remote_root=/nonexistent", "data.mixture=in1k"])
+    teachers = build_teacher_ensemble(cfg.teachers.models, cfg.student.patch_size, torch.device("cpu"), torch.float32)
+    student = build_student(cfg, teachers.embed_dims, teachers.tokens)
+    return student, teachers, build_objective(cfg, list(teachers.tokens))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.every_steps=0", "eval.every_steps: 0 is not allowed"),
+        ("eval.knn_every_steps=5", "it needs eval.knn_train and eval.knn_val"),
+        ("eval.knn_temperature=0", "eval.knn_temperature"),
+        ("run.profile_steps=5:2", "run.profile_steps: '5:2' is not allowed"),
+        ("run.profile_steps=abc", "give A:B"),
+    ],
+)
+def test_bad_eval_settings_are_named(override: str, message: str, demo_shards: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY_CPU, [f"data.remote_root={demo_shards}", override])
+
+
+def test_every_steps_without_validation_data_is_refused(tmp_path: Path, demo_shards: Path) -> None:
+    cfg = load_config(TINY_CPU, tiny_overrides(tmp_path / "run", demo_shards, "train.max_steps=1", "eval.every_steps=1"))
+    with pytest.raises(ConfigError, match="no validation data"):
+        train(cfg)
