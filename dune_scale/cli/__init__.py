@@ -1,0 +1,1 @@
+"""The programs behind launch/*: argument parsing, exit codes, one up-front check."""
