@@ -1,0 +1,55 @@
+"""Second metrics sink (TensorBoard) and on-demand profiles, on the tiny CPU run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_CPU, tiny_overrides
+from dune_scale.config import ConfigError, load_config
+from dune_scale.engine.run import train
+from dune_scale.telemetry.metrics import scalar_tags
+
+
+def test_scalar_tags_namespace_records_by_kind_and_dataset() -> None:
+    assert scalar_tags({"step": 3, "kind": "train", "loss": 0.5, "grad_norm": None, "lr": 1e-3}) == {"loss": 0.5, "lr": 1e-3}
+    tags = scalar_tags({"step": 3, "kind": "val", "dataset": "gldv2", "loss": 0.25, "images": 12})
+    assert tags == {"val/gldv2/loss": 0.25, "val/gldv2/images": 12.0}
+
+
+def test_tensorboard_event_files_hold_training_and_validation_scalars(tmp_path: Path, demo_shards: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from test_eval import val_sets
+
+    out = tmp_path / "run"
+    cfg = load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=4", "eval.every_steps=2", "run.tensorboard=true"))
+    train(cfg, val=val_sets(6))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "loss_mast3r_vitlarge_16", "val/all/loss", "val/synth_dino2/loss_dino2reg_vitlarge_14_cls"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("val/synth_mast3r/loss")] == [2, 4]
+
+
+def test_tensorboard_requested_but_missing_is_named(demo_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ConfigError, match="run.tensorboard: True is not allowed; it needs the tensorboard package"):
+        load_config(TINY_CPU, [f"data.remote_root={demo_shards}", "run.tensorboard=true"])
+
+
+def test_profile_steps_write_a_chrome_trace_of_those_steps(tmp_path: Path, demo_shards: Path) -> None:
+    out = tmp_path / "run"
+    train(load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=2", "run.profile_steps=2:2",
+                                               "run.tensorboard=false")))
+    traces = list((out / "profiles").iterdir())
+    assert [p.name for p in traces] == ["trace_steps_2-2_rank_00000.json"]
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert any(name.startswith("aten::") for name in names)
+    assert not (out / "tensorboard").exists()
