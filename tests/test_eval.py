@@ -154,3 +154,24 @@ def test_every_steps_without_validation_data_is_refused(tmp_path: Path, demo_sha
     cfg = load_config(TINY_CPU, tiny_overrides(tmp_path / "run", demo_shards, "train.max_steps=1", "eval.every_steps=1"))
     with pytest.raises(ConfigError, match="no validation data"):
         train(cfg)
+
+
+def test_training_records_carry_the_loss_split_drop_weights_grad_norms_and_norm_stats(tmp_path: Path, demo_shards: Path) -> None:
+    records = _run(tmp_path / "run", demo_shards, "train.max_steps=4", "run.log_every=2")
+    assert "loss_dino2reg_vitlarge_14_cls" in records[0]  # each logged step has them
+    record = _run(tmp_path / "every", demo_shards, "train.max_steps=2")[-1]  # one step per record
+    for teacher in TEACHERS:
+        assert record[f"loss_{teacher}_cos"] > 0 and record[f"loss_{teacher}_sl1"] > 0
+        assert record[f"loss_{teacher}_patch"] > 0 and f"norm_{teacher}_patch_std" in record
+    assert sum(record[f"drop_weight_{t}"] for t in TEACHERS) == pytest.approx(1.0, rel=1e-5)
+    groups = ["encoder", *(f"projector_{t}" for t in TEACHERS)]
+    norms = [record[f"grad_norm_{g}"] for g in groups]
+    assert all(n > 0 for n in norms)
+    # The groups partition the student's trainable parameters: their norms make up the global one.
+    assert sum(n * n for n in norms) ** 0.5 == pytest.approx(record["grad_norm"], rel=1e-4)
+    # With teacher dropping off, the split recombines into the logged per-teacher loss of that step.
+    plain = _run(tmp_path / "plain", demo_shards, "train.max_steps=1", "distill.teacher_drop=none")[-1]
+    for teacher in TEACHERS:
+        parts = plain[f"loss_{teacher}_cos"] + plain[f"loss_{teacher}_sl1"]
+        assert parts == pytest.approx(plain[f"loss_{teacher}"], rel=1e-5)
+    assert all(plain[f"drop_weight_{t}"] == pytest.approx(1 / 3) for t in TEACHERS)

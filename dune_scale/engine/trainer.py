@@ -24,6 +24,7 @@ from dune_scale.distributed import DistInfo, all_reduce_sum
 from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
+from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategy import Strategy
 from dune_scale.config import parse_step_range
 from dune_scale.eval.periodic import PeriodicEvaluation
@@ -75,6 +76,7 @@ class Trainer:
         self.phases = phases or NullPhaseTimer()
         self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
         self.evaluation = evaluation
+        self.diagnostics = StepDiagnostics(objective, strategy.module)
         profile_steps = parse_step_range(cfg.run.profile_steps) if cfg.run.profile_steps else None
         self.profiler = StepProfiler(profile_steps, output_dir, dist.rank, dist.device)
 
@@ -165,6 +167,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.dist.device)
         teacher_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
+        drop_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
         phases = self.phases
         micro_batches, teacher_outs = [], []
         corrupt = 0
@@ -192,6 +195,11 @@ class Trainer:
                 self.strategy.backward(out.loss / accum)
             loss_sum += out.loss.detach()
             teacher_sum += out.per_teacher()
+            drop_sum += out.coefficients.sum(dim=1)
+        diagnostics: dict[str, torch.Tensor] = {}
+        if self._logs_at(step + 1):  # costly diagnostics only where they are read
+            diagnostics["loss_split"] = self.diagnostics.loss_split(student_out, teacher_out, stats)
+            diagnostics["group_grad_norms"] = self.diagnostics.grad_norms(self.strategy.module)
         with phases.phase("optimizer"):
             grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step))
         self.state.step += 1
@@ -201,7 +209,12 @@ class Trainer:
             "teachers": teacher_sum / accum,
             "grad_norm": grad_norm.detach().float(),
             "corrupt": torch.full((), float(corrupt), device=self.dist.device),  # no host→device sync
+            "drop_weights": drop_sum / accum,
+            **diagnostics,
         }
+
+    def _logs_at(self, step: int) -> bool:
+        return step % self.cfg.run.log_every == 0 or step == self.stop_step
 
     def fit(self) -> bool:
         """Train to ``stop_step``; returns False when a stop signal ended the run early (after saving)."""
@@ -229,7 +242,7 @@ class Trainer:
                 with self.profiler.around(self.state.step + 1):
                     pending.append(self.train_step(batches))
                 step = self.state.step
-                if step % cfg.run.log_every == 0 or step == self.stop_step:
+                if self._logs_at(step):
                     record = self._log_record(pending, throughput.rate(self.state.samples_seen))
                     pending = []
                     if self.dist.is_main:
@@ -286,4 +299,5 @@ class Trainer:
             # Undecodable images replaced (deterministically) since the previous record, all ranks.
             corrupt_samples=int(corrupt_samples),
         )
+        record.update(self.diagnostics.fields(pending, self.strategy.module, self.dist.world_size))
         return record
