@@ -198,7 +198,9 @@ def test_two_ranks_validate_and_report_grad_norms_like_one(strategy: str, launch
                                    "eval.every_steps=2", "distill.teacher_drop=none", "eval.knn_every_steps=2",
                                    f"eval.knn_train={knn_train}", f"eval.knn_val={knn_val}", *extra)
         command = launch_command(launcher if nproc > 1 else "python", nproc, worker, "--config", str(TINY_CPU), *overrides)
-        result = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=REPO)
+        private_tmp = tmp_path / f"tmp_{name}"  # Streaming's shared-memory names must not meet another run's
+        private_tmp.mkdir()
+        result = subprocess.run(command, env=launcher_env(private_tmp), capture_output=True, text=True, timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stderr[-4000:]
         runs[name] = read_metrics(out / "metrics.jsonl")
     single, sharded = runs["single"], runs[strategy]
