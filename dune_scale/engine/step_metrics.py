@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from dune_scale.distill.loss_terms import loss_terms, split_fields, term_keys
 from dune_scale.distributed import all_reduce_sum
+from dune_scale.telemetry.metrics import finite_or_none
 
 
 def group_of(name: str) -> str | None:
@@ -33,15 +34,14 @@ def group_of(name: str) -> str | None:
 
 
 def _full_grad(param: nn.Parameter) -> torch.Tensor | None:
-    """This parameter's gradient where the strategy keeps it: ``.grad`` (single, FSDP shards) or,
-    under DeepSpeed ZeRO, its partitioned optimizer state (gathered)."""
-    if param.grad is not None:
-        return param.grad
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping") or getattr(param, "ds_tensor", None) is not None:
+    """This parameter's gradient where the strategy keeps it: ``.grad`` (single; FSDP2 as shards) or,
+    under DeepSpeed ZeRO-3, its partition gathered (collective). ZeRO-1/2 fill their partitioned
+    gradients only inside the engine's step, so there is none to read before it (None)."""
+    if hasattr(param, "ds_id"):
         from deepspeed.utils import safe_get_full_grad
 
         return safe_get_full_grad(param)
-    return None
+    return param.grad
 
 
 class StepDiagnostics:
@@ -59,21 +59,25 @@ class StepDiagnostics:
 
     @torch.no_grad()
     def grad_norms(self, module: nn.Module) -> torch.Tensor:
-        """[groups] gradient L2 norm per module group over all ranks, before clipping (device)."""
+        """[groups] gradient L2 norm per module group over all ranks, before clipping (device); NaN for
+        a group whose gradients the strategy does not expose here (DeepSpeed ZeRO-1/2)."""
         device = _device_of(module)
         sharded = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
         whole = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
+        seen = torch.zeros(len(self.groups), dtype=torch.bool, device=device)
         index = {g: i for i, g in enumerate(self.groups)}
         for name, param in module.named_parameters():
             group = group_of(name)
             grad = _full_grad(param) if group is not None else None
             if grad is None:
                 continue
+            seen[index[group]] = True
             if isinstance(grad, DTensor):  # FSDP2: this rank's shard
                 sharded[index[group]] += grad.to_local().double().pow(2).sum()
             else:
                 whole[index[group]] += grad.double().pow(2).sum()
-        return (all_reduce_sum(sharded) + whole).sqrt().float()
+        norms = (all_reduce_sum(sharded) + whole).sqrt().float()
+        return norms.where(seen, torch.full_like(norms, float("nan")))
 
     def fields(self, pending: Sequence[Mapping[str, torch.Tensor]], module: nn.Module, world_size: int) -> dict[str, float]:
         """Record fields of one logging interval, read at the logging step.
@@ -89,10 +93,11 @@ class StepDiagnostics:
         drop_values, split = reduced[: len(names)].tolist(), reduced[len(names) :].view(-1, 2).tolist()
         fields = {f"drop_weight_{name}": value for name, value in zip(names, drop_values)}
         fields.update(split_fields(self.keys, split))
-        fields.update({f"grad_norm_{g}": value for g, value in zip(self.groups, last["group_grad_norms"].tolist())})
-        norms = [(f"norm_{name}_{token}", norm) for name, tokens in module.teacher_norms.items() for token, norm in tokens.items()]
-        summary = torch.stack([torch.stack([n.running_mean.mean(), n.running_std.mean()]) for _, n in norms]).tolist()
-        for (prefix, _), (mean, std) in zip(norms, summary):
+        norms = last["group_grad_norms"].tolist()
+        fields.update({f"grad_norm_{g}": finite_or_none(value) for g, value in zip(self.groups, norms)})
+        teacher_norms = [(f"norm_{name}_{token}", norm) for name, tokens in module.teacher_norms.items() for token, norm in tokens.items()]
+        summary = torch.stack([torch.stack([n.running_mean.mean(), n.running_std.mean()]) for _, n in teacher_norms]).tolist()
+        for (prefix, _), (mean, std) in zip(teacher_norms, summary):
             fields[f"{prefix}_mean"], fields[f"{prefix}_std"] = mean, std
         return fields
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dune_scale.config import Config
+from dune_scale.config import Config, parse_step_range
 from dune_scale.distill.objective import DistillObjective
 from dune_scale.distributed import DistInfo, all_reduce_sum
 from dune_scale.engine.checkpointer import Checkpointer
@@ -26,7 +26,6 @@ from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategy import Strategy
-from dune_scale.config import parse_step_range
 from dune_scale.eval.periodic import PeriodicEvaluation
 from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, WandbSink, finite_or_none
 from dune_scale.telemetry.phases import NullPhaseTimer
@@ -249,12 +248,8 @@ class Trainer:
                         for sink in sinks:
                             sink.write(record)
                     console.update(record)
-                if self.evaluation is not None:
-                    stop_requested = lambda: preemption.signalled is not None  # noqa: E731
-                    for record in self.evaluation.run(self.strategy, step, self.state.samples_seen, step == self.stop_step, stop_requested):
-                        if self.dist.is_main:
-                            for sink in sinks:
-                                sink.write(record)
+                if self.evaluation is not None and self._evaluate(sinks, preemption):
+                    throughput.reset(self.state.samples_seen)  # img_per_s stays a training rate
                 saved = step % cfg.checkpoint.every_steps == 0 or step == self.stop_step
                 if saved:
                     self.save()
@@ -271,6 +266,18 @@ class Trainer:
             console.close()
             for sink in sinks[1:]:
                 sink.close()
+
+    def _evaluate(self, sinks: list[Any], preemption: PreemptionWatcher) -> bool:
+        """Validation, k-NN, pictures when due after this step (all ranks); True when any ran."""
+        step = self.state.step
+        stop_requested = lambda: preemption.signalled is not None  # noqa: E731
+        ran = self.evaluation.due(step, step == self.stop_step)
+        if ran:
+            for record in self.evaluation.run(self.strategy, step, self.state.samples_seen, step == self.stop_step, stop_requested):
+                if self.dist.is_main:
+                    for sink in sinks:
+                        sink.write(record)
+        return ran
 
     def _log_record(self, pending: list[dict[str, torch.Tensor]], img_per_s: float) -> dict[str, Any]:
         """The one host sync of a logging interval: average what the interval accumulated, over

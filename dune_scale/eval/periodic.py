@@ -65,6 +65,11 @@ class PeriodicEvaluation:
     def _due(every: int | None, step: int, final: bool) -> bool:
         return every is not None and (final or step % every == 0)
 
+    def due(self, step: int, final: bool) -> bool:
+        """Is anything to run after ``step``?"""
+        validates = self.validator is not None and self._due(self.cfg.every_steps, step, final)
+        return validates or self._due(self.cfg.knn_every_steps, step, final)
+
     def run(
         self, strategy: Any, step: int, samples_seen: int, final: bool, stop_requested: Callable[[], bool]
     ) -> list[dict[str, Any]]:
