@@ -2,8 +2,8 @@
 (chrome://tracing) and Perfetto open, and on GPU a CUDA memory snapshot (pytorch.org/memory_viz).
 
 Steps are numbered as in ``metrics.jsonl`` (the first step is 1); each rank writes its own files under
-``<output_dir>/profiles/``. A window that a resume skipped or a run that ends inside it writes what
-it recorded.
+``<output_dir>/profiles/``. A run resumed inside the window profiles the rest of it; a run that
+stops inside it writes what it recorded.
 """
 
 from __future__ import annotations
