@@ -97,10 +97,12 @@ def test_feature_pictures_are_written_as_png_at_each_validation(tmp_path: Path, 
         return (rgb * 255).byte().numpy()
 
     out = tmp_path / "run"
-    _run(out, demo_shards, "train.max_steps=4", "eval.every_steps=2", feature_pictures=pictures)
+    records = _run(out, demo_shards, "train.max_steps=4", "eval.every_steps=2", feature_pictures=pictures)
     written = sorted(p.name for p in (out / "pictures").glob("*.png"))
     assert written == [f"step_{s:09d}_{i}.png" for s in (2, 4) for i in range(4)]
     assert seen == [torch.Size([4, 3, 56, 56])] * 2
+    named = [r for r in records if r["kind"] == "pictures"]  # image-aware sinks (TensorBoard, W&B) show them
+    assert [r["step"] for r in named] == [2, 4] and named[0]["paths"][0] == "pictures/step_000000002_0.png"
 
 
 def test_validation_groups_samples_by_their_dataset_whatever_the_loaders() -> None:

@@ -78,7 +78,7 @@ class PeriodicEvaluation:
         if self.validator is not None and self._due(self.cfg.every_steps, step, final):
             records += self.validator.run(strategy, step, samples_seen, stop_requested)
             if self.feature_pictures is not None and not stop_requested():
-                self._write_pictures(strategy, step)
+                records.append(self._write_pictures(strategy, step, samples_seen))
         if self._due(self.cfg.knn_every_steps, step, final) and not stop_requested():
             records.append(self._knn(strategy, step, samples_seen))
         return records
@@ -106,7 +106,8 @@ class PeriodicEvaluation:
             self._probe = batch["images"][:PROBE_IMAGES].clone()
         return self._probe
 
-    def _write_pictures(self, strategy: Any, step: int) -> None:
+    def _write_pictures(self, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
+        """PNG files (main rank) and the record naming them, which image-aware sinks display."""
         module = strategy.module
         was_training = module.training
         module.eval()
@@ -115,11 +116,13 @@ class PeriodicEvaluation:
                 pictures = self.feature_pictures(encoder, self._probe_images().to(self.dist.device))
         finally:
             module.train(was_training)
-        if not self.dist.is_main:
-            return
-        from PIL import Image
-
         folder = self.output_dir / PICTURES_FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, picture in enumerate(np.asarray(pictures, dtype=np.uint8)):
-            Image.fromarray(picture).save(folder / f"step_{step:09d}_{i}.png")
+        paths = [folder / f"step_{step:09d}_{i}.png" for i in range(len(pictures))]
+        if self.dist.is_main:
+            from PIL import Image
+
+            folder.mkdir(parents=True, exist_ok=True)
+            for path, picture in zip(paths, np.asarray(pictures, dtype=np.uint8)):
+                Image.fromarray(picture).save(path)
+        return {"step": step, "samples_seen": samples_seen, "kind": "pictures", "dataset": "probe",
+                "paths": [str(path.relative_to(self.output_dir)) for path in paths]}

@@ -118,13 +118,19 @@ class WandbSink:
             import wandb
         except ImportError:
             raise RuntimeError("run.wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from None
-        id_file = Path(output_dir) / "wandb_run_id"
+        self.output_dir = Path(output_dir)
+        id_file = self.output_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(output_dir), config=config)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.run.log(scalar_tags(record), step=record["step"])
+        data: dict[str, Any] = dict(scalar_tags(record))
+        if record.get("paths"):  # feature pictures (PNG files under the output folder)
+            import wandb
+
+            data[record["kind"]] = [wandb.Image(str(self.output_dir / path)) for path in record["paths"]]
+        self.run.log(data, step=record["step"])
 
     def close(self) -> None:
         self.run.finish()

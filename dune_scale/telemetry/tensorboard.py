@@ -6,6 +6,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from dune_scale.telemetry.metrics import scalar_tags
 
 TENSORBOARD_FOLDER = "tensorboard"
@@ -17,16 +20,22 @@ def tensorboard_available() -> bool:
 
 
 class TensorBoardSink:
-    """Each record's numbers as scalars at its step (see :func:`scalar_tags` for the tag names)."""
+    """Each record's numbers as scalars at its step (see :func:`scalar_tags` for the tag names), and
+    the feature pictures a ``pictures`` record names as images."""
 
     def __init__(self, output_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD_FOLDER))
+        self.output_dir = Path(output_dir)
+        self.writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_FOLDER))
 
     def write(self, record: dict[str, Any]) -> None:
         for tag, value in scalar_tags(record).items():
             self.writer.add_scalar(tag, value, global_step=record["step"])
+        for i, path in enumerate(record.get("paths", [])):  # feature pictures (PNG files)
+            with Image.open(self.output_dir / path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.writer.add_image(f"{record['kind']}/{i}", pixels, global_step=record["step"], dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:
