@@ -19,9 +19,10 @@ from dune_scale.distill.losses import reference_distill_loss
 PARTS = ("cos", "sl1")
 
 
-def term_keys(student_out: Mapping[str, Mapping[str, Any]], teacher_names: Sequence[str]) -> list[tuple[str, str]]:
-    """The (teacher, token type) pairs a student predicts, in a fixed order."""
-    return [(name, token) for name in teacher_names for token in student_out[name]]
+def term_keys(teacher_tokens: Mapping[str, Sequence[str]], teacher_names: Sequence[str]) -> list[tuple[str, str]]:
+    """The (teacher, token type) pairs a student predicts, in its output order (``teacher_tokens``:
+    a student's ``teacher_tokens`` or its output mapping)."""
+    return [(name, token) for name in teacher_names for token in teacher_tokens[name]]
 
 
 @torch.no_grad()

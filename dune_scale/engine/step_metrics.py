@@ -45,16 +45,17 @@ def _full_grad(param: nn.Parameter) -> torch.Tensor | None:
 
 
 class StepDiagnostics:
+    """The trainer's diagnostics of one student (``module``: a ``DuneStudent``)."""
+
     def __init__(self, objective: Any, module: nn.Module) -> None:
         self.objective = objective
         self.groups = sorted({g for name, _ in module.named_parameters() if (g := group_of(name)) is not None})
-        self.keys: list[tuple[str, str]] = []
+        self.keys = term_keys(module.teacher_tokens, objective.teacher_names)
 
     def loss_split(
         self, student_out: Mapping[str, Any], teacher_out: Mapping[str, Any], stats: Mapping[str, Any]
     ) -> torch.Tensor:
         """[pairs, 2] batch-mean weighted cos / smooth-L1 parts of each (teacher, token type)."""
-        self.keys = term_keys(student_out, self.objective.teacher_names)
         return loss_terms(student_out, teacher_out, stats, self.objective).mean(dim=-1)
 
     @torch.no_grad()

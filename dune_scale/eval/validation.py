@@ -112,8 +112,8 @@ class Validator:
         self, strategy: Any, stop_requested: Callable[[], bool]
     ) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
         norms = strategy.module.teacher_norms
-        keys: list[tuple[str, str]] = []
-        sums = torch.zeros(0, device=self.device, dtype=torch.float64)
+        keys = term_keys(strategy.module.teacher_tokens, self.objective.teacher_names)
+        sums = torch.zeros(len(self.dataset_names), len(keys), 2, device=self.device, dtype=torch.float64)
         counts = torch.zeros(len(self.dataset_names), device=self.device, dtype=torch.float64)
         for batch in lockstep_batches(self.loaders, self.max_batches, stop_requested, self.device):
             images = batch["images"].to(self.device, non_blocking=True)
@@ -123,14 +123,9 @@ class Validator:
             with strategy.autocast():
                 student_out = strategy.forward(images)
             terms = loss_terms(student_out, teacher_out, stats, self.objective).double()  # [K, 2, B]
-            if not keys:
-                keys = term_keys(student_out, self.objective.teacher_names)
-                sums = torch.zeros(len(self.dataset_names), len(keys), 2, device=self.device, dtype=torch.float64)
             membership = self._membership(batch["dataset"])  # [datasets, B]
             sums += torch.einsum("db,kpb->dkp", membership, terms)
             counts += membership.sum(dim=1)
-        if not keys:  # no rank had a batch: nothing to reduce over the pairs
-            return keys, sums, all_reduce_sum(counts)
         reduced = all_reduce_sum(torch.cat([sums.flatten(), counts]))
         return keys, reduced[: sums.numel()].view_as(sums), reduced[sums.numel():]
 
@@ -146,7 +141,7 @@ class Validator:
         self, keys: list[tuple[str, str]], sums: torch.Tensor, counts: torch.Tensor, step: int, samples_seen: int, seconds: float
     ) -> list[dict[str, Any]]:
         counts_list = counts.tolist()
-        if not keys:
+        if not sum(counts_list):  # empty validation loaders
             return []
         groups = [(name, sums[i], counts_list[i]) for i, name in enumerate(self.dataset_names) if counts_list[i] > 0]
         groups.append((ALL_DATASETS, sums.sum(dim=0), sum(counts_list)))
