@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dune_scale.distributed import DistInfo
+from dune_scale.distributed import DistInfo, all_reduce_max
 from dune_scale.eval.knn import class_token, knn_probe
 from dune_scale.eval.validation import Validator, preserved_rng
 
@@ -77,11 +77,15 @@ class PeriodicEvaluation:
         records: list[dict[str, Any]] = []
         if self.validator is not None and self._due(self.cfg.every_steps, step, final):
             records += self.validator.run(strategy, step, samples_seen, stop_requested)
-            if self.feature_pictures is not None and not stop_requested():
+            if self.feature_pictures is not None and not self._any_rank_stopping(stop_requested):
                 records.append(self._write_pictures(strategy, step, samples_seen))
-        if self._due(self.cfg.knn_every_steps, step, final) and not stop_requested():
+        if self._due(self.cfg.knn_every_steps, step, final) and not self._any_rank_stopping(stop_requested):
             records.append(self._knn(strategy, step, samples_seen))
         return records
+
+    def _any_rank_stopping(self, stop_requested: Callable[[], bool]) -> bool:
+        """Agreed by every rank, since what follows runs collective forwards."""
+        return bool(all_reduce_max(torch.tensor([float(stop_requested())], device=self.dist.device)).item())
 
     def _knn(self, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
         module = strategy.module
