@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from dune_scale.config import ConfigError, config_from_dict
-from dune_scale.distributed import DistInfo, pick_device
-from dune_scale.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, class_token, knn_probe
+from dune_scale.distributed import pick_device
+from dune_scale.engine.pretrained import PretrainedError, read_state_dict
 from dune_scale.engine.run import STUDENT_WEIGHTS, build_encoder
+from dune_scale.eval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, class_token, knn_probe
 from dune_scale.models.vit import VisionTransformer
 
 CONFIG_FILE = "config.yaml"
@@ -34,48 +36,31 @@ def _run_folder_of(path: Path) -> Path:
     raise EvalInputError(f"{path}: no {CONFIG_FILE} in it or above it (give a run folder or a file inside one)")
 
 
-def _weights_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if (path / STUDENT_WEIGHTS).is_file():
+def _weights_source(path: Path) -> Path:
+    """A run folder's final weights, else its checkpoints (the latest complete one)."""
+    if path.is_dir() and (path / STUDENT_WEIGHTS).is_file():
         return path / STUDENT_WEIGHTS
-    from dune_scale.engine.checkpointer import Checkpointer
-
-    latest = Checkpointer(path / "checkpoints", 1, DistInfo()).find_latest()
-    if latest is None:
-        raise EvalInputError(f"{path}: neither {STUDENT_WEIGHTS} nor a complete checkpoint in checkpoints/")
-    if not (latest / "model.pt").is_file():
-        raise EvalInputError(
-            f"{latest} is a sharded (fsdp/deepspeed) checkpoint: evaluate the run's {STUDENT_WEIGHTS}, "
-            "written when the run finishes"
-        )
-    return latest / "model.pt"
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    return path
 
 
 def load_student_encoder(checkpoint: str | Path, device: torch.device) -> tuple[VisionTransformer, int]:
     """The encoder of a run folder or weights file, in eval mode, and the run's training image size.
 
-    A minimal private loader (safetensors or ``torch.load(weights_only=True)``); the export issue's
-    ``dune_scale.load_encoder`` replaces it."""
-    import yaml
-
-
+    A minimal private loader over the stage-2 weight reader (single-process checkpoints and
+    safetensors); the export issue's ``dune_scale.load_encoder`` replaces it."""
     path = Path(checkpoint)
     if not path.exists():
         raise EvalInputError(f"--checkpoint {path} does not exist")
     cfg = config_from_dict(yaml.safe_load((_run_folder_of(path) / CONFIG_FILE).read_text()))
-    weights = _weights_file(path)
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = read_state_dict(_weights_source(path))
     encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    if not encoder_state:
-        raise EvalInputError(f"{weights} holds no encoder.* weights (not a dune_scale student)")
     encoder = build_encoder(cfg)
-    encoder.load_state_dict(encoder_state)
+    try:
+        encoder.load_state_dict(encoder_state)
+    except RuntimeError as err:
+        raise EvalInputError(f"{path}: the weights do not fit the run's student ({str(err).splitlines()[0]})") from None
     return encoder.to(device).eval(), cfg.train.image_size
 
 
@@ -110,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             class_token(encoder), args.train, args.val, args.image_size or image_size, device,
             k=args.k, temperature=args.temperature, batch_size=args.batch_size,
         )
-    except (EvalInputError, ConfigError, ValueError, FileNotFoundError) as err:
+    except (EvalInputError, ConfigError, PretrainedError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
