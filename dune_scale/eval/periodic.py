@@ -19,7 +19,7 @@ from torch import nn
 
 from dune_scale.distributed import DistInfo, all_reduce_max
 from dune_scale.eval.knn import class_token, knn_probe
-from dune_scale.eval.validation import Validator, preserved_rng
+from dune_scale.eval.validation import Validator, eval_mode, preserved_rng
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,12 @@ class PeriodicEvaluation:
         return bool(all_reduce_max(torch.tensor([float(stop_requested())], device=self.dist.device)).item())
 
     def _knn(self, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
-        module = strategy.module
-        was_training = module.training
-        module.eval()
-        try:
-            with preserved_rng(self.dist.device), whole_encoder(module) as encoder, strategy.autocast():
-                result = knn_probe(
-                    class_token(encoder), self.cfg.knn_train, self.cfg.knn_val, self.image_size, self.dist.device,
-                    k=self.cfg.knn_k, temperature=self.cfg.knn_temperature, batch_size=self.cfg.knn_batch_size,
-                )
-        finally:
-            module.train(was_training)
+        with eval_mode(strategy.module) as module, preserved_rng(self.dist.device), whole_encoder(module) as encoder, \
+                strategy.autocast():
+            result = knn_probe(
+                class_token(encoder), self.cfg.knn_train, self.cfg.knn_val, self.image_size, self.dist.device,
+                k=self.cfg.knn_k, temperature=self.cfg.knn_temperature, batch_size=self.cfg.knn_batch_size,
+            )
         return {"step": step, "samples_seen": samples_seen, "kind": "knn", "dataset": Path(self.cfg.knn_val).name,
                 "top1": result.top1, "top5": result.top5, "k": result.k, "temperature": result.temperature}
 
@@ -112,14 +107,9 @@ class PeriodicEvaluation:
 
     def _write_pictures(self, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
         """PNG files (main rank) and the record naming them, which image-aware sinks display."""
-        module = strategy.module
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad(), whole_encoder(module) as encoder, strategy.autocast():
-                pictures = self.feature_pictures(encoder, self._probe_images().to(self.dist.device))
-        finally:
-            module.train(was_training)
+        probe = self._probe_images().to(self.dist.device)
+        with eval_mode(strategy.module) as module, torch.no_grad(), whole_encoder(module) as encoder, strategy.autocast():
+            pictures = self.feature_pictures(encoder, probe)
         folder = self.output_dir / PICTURES_FOLDER
         paths = [folder / f"step_{step:09d}_{i}.png" for i in range(len(pictures))]
         if self.dist.is_main:

@@ -44,6 +44,17 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
     np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout, running teacher statistics), restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def lockstep_batches(
     loaders: Sequence[Iterable[Batch]], max_batches: int | None, stop_requested: Callable[[], bool], device: torch.device
 ) -> Iterator[Batch]:
@@ -95,17 +106,12 @@ class Validator:
     ) -> list[dict[str, Any]]:
         """Collective on every rank; returns one record per dataset seen plus the ``all`` record, or
         nothing when a stop signal abandoned it. ``strategy`` gives ``module``, ``forward``, ``autocast``."""
-        module = strategy.module
-        was_training = module.training
         start = time.perf_counter()
-        module.eval()
         try:
-            with preserved_rng(self.device), torch.no_grad():
+            with eval_mode(strategy.module), preserved_rng(self.device), torch.no_grad():
                 keys, sums, counts = self._accumulate(strategy, stop_requested)
         except ValidationAbandoned:
             return []
-        finally:
-            module.train(was_training)
         return self._records(keys, sums, counts, step, samples_seen, time.perf_counter() - start)
 
     def _accumulate(
