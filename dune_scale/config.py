@@ -183,7 +183,7 @@ class EvalConfig:
     every_steps: int | None = None
     # Per rank and validation loader: bounds the cost of one validation (unset: the whole split).
     max_batches: int | None = None
-    # Weighted k-NN probe on a small labelled set (ImageFolder folders), every knn_every_steps.
+    # Weighted k-NN probe on a small labelled set (ImageFolder trees or MDS shards with jpeg + label).
     knn_train: str | None = None
     knn_val: str | None = None
     knn_every_steps: int | None = None
@@ -528,10 +528,10 @@ def _check_eval_and_telemetry(config: Config) -> None:
     if e.knn_temperature <= 0:
         _fail("eval.knn_temperature", e.knn_temperature, "a positive temperature (DINO uses 0.07)")
     if e.knn_every_steps is not None and not (e.knn_train and e.knn_val):
-        _fail("eval.knn_every_steps", e.knn_every_steps, "it needs eval.knn_train and eval.knn_val (labelled ImageFolder folders)")
+        _fail("eval.knn_every_steps", e.knn_every_steps, "it needs eval.knn_train and eval.knn_val (labelled image folders)")
     for key, folder in (("eval.knn_train", e.knn_train), ("eval.knn_val", e.knn_val)):
         if folder and not Path(folder).is_dir():
-            _fail(key, folder, "an existing ImageFolder folder (one sub-folder of images per class)")
+            _fail(key, folder, "an existing folder: an ImageFolder tree (one sub-folder per class) or MDS shards with a label column")
     if config.run.tensorboard:
         import importlib.util
 

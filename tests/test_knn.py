@@ -96,3 +96,22 @@ def test_eval_program_names_bad_inputs(tmp_path: Path, labelled: tuple[Path, Pat
     assert main(["knn", "--checkpoint", str(tmp_path), "--train", str(tmp_path / "nope"), "--val", str(val_dir)]) == 2
     (tmp_path / "config.yaml").write_text("{}\n")
     assert main(["knn", "--checkpoint", str(tmp_path), "--train", str(train_dir), "--val", str(val_dir)]) == 2
+
+
+def test_mds_shards_with_labels_give_the_imagefolder_result(tmp_path: Path, labelled: tuple[Path, Path]) -> None:
+    from streaming import MDSWriter
+
+    def to_shards(folder: Path) -> Path:
+        out = tmp_path / f"{folder.name}_mds"
+        with MDSWriter(out=str(out), columns={"jpeg": "bytes", "label": "int"}) as writer:
+            for label, class_dir in enumerate(sorted(folder.iterdir())):
+                for image in sorted(class_dir.iterdir()):
+                    writer.write({"jpeg": image.read_bytes(), "label": label})
+        return out
+
+    train_dir, val_dir = labelled
+    torch.manual_seed(0)
+    encoder = build_encoder(load_config(TINY_CPU, ["data.remote_root=/nonexistent", "data.mixture=in1k"])).eval()
+    from_folders = knn_probe(class_token(encoder), train_dir, val_dir, 56, torch.device("cpu"), k=5)
+    from_shards = knn_probe(class_token(encoder), to_shards(train_dir), to_shards(val_dir), 56, torch.device("cpu"), k=5)
+    assert (from_shards.top1, from_shards.top5, from_shards.val_images) == (from_folders.top1, from_folders.top5, 32)

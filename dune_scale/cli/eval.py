@@ -1,9 +1,10 @@
 """``launch/eval.py``: evaluate a trained student's encoder.
 
-``knn``: the DINO weighted k-NN probe (k = 20, T = 0.07) on class tokens, between two ImageFolder
-trees; prints one line with ``top1`` and ``top5`` as fractions. ``--checkpoint`` is a run folder (its
-``student.safetensors``, else its latest checkpoint) or a weights file inside a run folder (the
-architecture comes from the run's ``config.yaml``).
+``knn``: the DINO weighted k-NN probe (k = 20, T = 0.07) on class tokens, between two labelled sets
+(ImageFolder trees, or MDS shards with ``jpeg`` and ``label``); prints one line with ``top1`` and
+``top5`` as fractions. ``--checkpoint`` is a run folder (its ``student.safetensors``, else its latest
+checkpoint) or a weights file inside a run folder (the architecture comes from the run's
+``config.yaml``).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     knn = commands.add_parser("knn", help="weighted k-NN probe on class tokens (DINO protocol)")
     knn.add_argument("--checkpoint", required=True, help="run folder, or a weights file inside one")
-    knn.add_argument("--train", required=True, help="ImageFolder tree: the labelled neighbours")
-    knn.add_argument("--val", required=True, help="ImageFolder tree with the same classes: the queries")
+    knn.add_argument("--train", required=True, help="labelled neighbours: ImageFolder tree or MDS shards (jpeg, label)")
+    knn.add_argument("--val", required=True, help="the queries, with the same classes, in either form")
     knn.add_argument("--k", type=int, default=DEFAULT_K)
     knn.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     knn.add_argument("--batch-size", type=int, default=64)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for name in ("train", "val"):
         if not Path(getattr(args, name)).is_dir():
-            print(f"error: --{name} {getattr(args, name)} is not a folder (an ImageFolder tree is expected)", file=sys.stderr)
+            print(f"error: --{name} {getattr(args, name)} is not a folder (an ImageFolder tree or MDS shards are expected)", file=sys.stderr)
             return 2
     if args.k < 1 or args.temperature <= 0 or args.batch_size < 1:
         print("error: --k and --batch-size must be at least 1, --temperature positive", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dune_scale.data.transforms import build_val_transform
+from dune_scale.data.transforms import build_val_transform, decode_image
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -35,17 +35,12 @@ class KnnResult:
 class LabelledImages(Dataset):
     """An ImageFolder tree (one sub-folder of images per class) with the validation transform."""
 
-    def __init__(self, root: str | Path, image_size: int, classes: list[str] | None = None) -> None:
+    def __init__(self, root: str | Path, image_size: int) -> None:
         from torchvision.datasets import ImageFolder
 
         self.folder = ImageFolder(str(root))
-        if classes is not None and self.folder.classes != classes:
-            raise ValueError(f"{root} has classes {self.folder.classes}, the training folder has {classes}")
+        self.classes = list(self.folder.classes)
         self.transform = build_val_transform(image_size)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.folder.classes)
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -55,6 +50,32 @@ class LabelledImages(Dataset):
 
         image, label = self.folder[index]
         return self.transform(TF.pil_to_tensor(image.convert("RGB"))), label
+
+
+class LabelledShards(Dataset):
+    """A local MDS folder whose samples hold ``jpeg`` bytes and an integer ``label``; every sample is
+    read on every rank (unlike a StreamingDataset, which splits them over ranks)."""
+
+    def __init__(self, root: str | Path, image_size: int) -> None:
+        from streaming.base.local import LocalDataset
+
+        self.samples = LocalDataset(str(root))
+        self.labels = [int(self.samples[i]["label"]) for i in range(len(self.samples))]
+        self.classes = [str(label) for label in range(max(self.labels, default=-1) + 1)]
+        self.transform = build_val_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(decode_image(self.samples[index]["jpeg"])), self.labels[index]
+
+
+def labelled_set(root: str | Path, image_size: int) -> LabelledImages | LabelledShards:
+    """MDS shards (a folder with ``index.json``) or an ImageFolder tree."""
+    if (Path(root) / "index.json").is_file():
+        return LabelledShards(root, image_size)
+    return LabelledImages(root, image_size)
 
 
 @torch.no_grad()
@@ -108,14 +129,17 @@ def knn_probe(
     temperature: float = DEFAULT_TEMPERATURE,
     batch_size: int = 64,
 ) -> KnnResult:
-    """The probe end to end on two ImageFolder trees; ``features`` maps images to class tokens."""
-    train = LabelledImages(train_dir, image_size)
-    val = LabelledImages(val_dir, image_size, classes=train.classes)
+    """The probe end to end on two labelled sets (ImageFolder trees or MDS shards with labels);
+    ``features`` maps images to class tokens."""
+    train, val = labelled_set(train_dir, image_size), labelled_set(val_dir, image_size)
+    if isinstance(train, LabelledImages) and isinstance(val, LabelledImages) and train.classes != val.classes:
+        raise ValueError(f"{val_dir} has classes {val.classes}, {train_dir} has {train.classes}")
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"k-NN needs images in both {train_dir} ({len(train)}) and {val_dir} ({len(val)})")
     train_feats, train_labels = extract_features(features, DataLoader(train, batch_size=batch_size), device)
     val_feats, val_labels = extract_features(features, DataLoader(val, batch_size=batch_size), device)
-    top1, top5 = weighted_knn(train_feats, train_labels, val_feats, val_labels, len(train.classes), k, temperature)
+    num_classes = max(len(train.classes), len(val.classes))
+    top1, top5 = weighted_knn(train_feats, train_labels, val_feats, val_labels, num_classes, k, temperature)
     return KnnResult(top1=top1, top5=top5, k=k, temperature=temperature, train_images=len(train), val_images=len(val))
 
 
