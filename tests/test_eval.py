@@ -249,3 +249,20 @@ def test_a_stop_signal_during_validation_abandons_it_and_saves_the_training_stat
     resumed = _run(out, demo_shards, *common)
     assert [r["loss"] for r in resumed if r["kind"] == "train"] == [r["loss"] for r in straight if r["kind"] == "train"]
     assert _val(resumed, timed=False) == [r for r in _val(straight, timed=False) if r["step"] == 6]
+
+
+@pytest.mark.distributed
+def test_ranks_with_uneven_validation_batches_stay_in_lockstep_and_stop_together(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from conftest import REPO, launch_command, launcher_env
+
+    command = launch_command("torchrun", 2, REPO / "tests" / "workers" / "lockstep.py", str(tmp_path))
+    result = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
+    for rank in ranks:
+        assert rank["uneven"] == [0, 1, 2, 0, 1, 2, 3]  # the shorter rank's count of each loader
+        assert rank["capped"] == [0, 1, 0, 1]
+        assert rank["seen"] == [0, 1] and rank["abandoned"]  # rank 1 was asked to stop before its third batch
