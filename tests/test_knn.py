@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CPU, tiny_overrides
 from PIL import Image, ImageDraw
 
-from conftest import TINY_CPU, tiny_overrides
 from dune_scale.config import load_config
 from dune_scale.engine.run import build_encoder, train
 from dune_scale.eval.knn import class_token, knn_probe, weighted_knn

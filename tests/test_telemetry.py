@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_CPU, tiny_overrides
+
 from dune_scale.config import ConfigError, load_config
 from dune_scale.engine.run import train
 from dune_scale.telemetry.metrics import scalar_tags
@@ -24,12 +24,11 @@ def test_scalar_tags_namespace_records_by_kind_and_dataset() -> None:
 def test_tensorboard_event_files_hold_training_and_validation_scalars(tmp_path: Path, demo_shards: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from test_eval import val_sets
 
     out = tmp_path / "run"
     cfg = load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=4", "eval.every_steps=2", "run.tensorboard=true"))
-    grey = lambda encoder, images: np.full((len(images), 8, 8, 3), 128, dtype=np.uint8)  # noqa: E731
+    grey = lambda encoder, images: np.full((len(images), 8, 8, 3), 128, dtype=np.uint8)
     train(cfg, val=val_sets(6), feature_pictures=grey)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()

@@ -41,7 +41,7 @@ def loss_terms(
     for name, token in term_keys(student_out, objective.teacher_names):
         mean, std = stats[name][token]
         args = (student_out[name][token], teacher_out[name][token], mean, std)
-        common = dict(eps=objective.norm_eps, beta=objective.beta)
+        common = {"eps": objective.norm_eps, "beta": objective.beta}
         cos = reference_distill_loss(*args, w_cos=objective.w_cos, w_sl1=0.0, **common)
         sl1 = reference_distill_loss(*args, w_cos=0.0, w_sl1=objective.w_sl1, **common)
         rows.append(torch.stack([cos, sl1]))

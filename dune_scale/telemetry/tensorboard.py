@@ -24,7 +24,8 @@ class TensorBoardSink:
     the feature pictures a ``pictures`` record names as images."""
 
     def __init__(self, output_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        # Needs the tensorboard package: run.tensorboard=true checks for it before any work.
+        from torch.utils.tensorboard import SummaryWriter
 
         self.output_dir = Path(output_dir)
         self.writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_FOLDER))

@@ -16,10 +16,9 @@ if __name__ == "__main__":
         loaders = [list(range(3 + 2 * info.rank)), list(range(4))]  # rank 0: 3 then 4, rank 1: 5 then 4
         uneven = list(lockstep_batches(loaders, None, lambda: False, info.device))
         capped = list(lockstep_batches(loaders, 2, lambda: False, info.device))
-        seen = []
+        seen: list[int] = []
         try:
-            for batch in lockstep_batches(loaders, None, lambda: info.rank == 1 and len(seen) == 2, info.device):
-                seen.append(batch)
+            seen.extend(lockstep_batches(loaders, None, lambda: info.rank == 1 and len(seen) == 2, info.device))
             abandoned = False
         except ValidationAbandoned:
             abandoned = True

@@ -6,9 +6,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the synthetic sets
 
-from test_eval import NAMES, val_batches  # noqa: E402
+from test_eval import NAMES, val_batches
 
-from dune_scale.engine.run import parse_args, train  # noqa: E402
+from dune_scale.engine.run import parse_args, train
 
 
 def rank_share(batches: list[dict], rank: int, world: int) -> list[dict]:
