@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ class RunConfig:
     # Write each rank's sample ids per step to samples/rank_<r>.jsonl (audits data order and resume).
     log_samples: bool = False
     wandb_project: str | None = None
+    # TensorBoard event files under <output_dir>/tensorboard: true, false, or unset = when installed.
+    tensorboard: bool | None = None
+    # "A:B": a torch.profiler trace of steps A..B (and a CUDA memory snapshot on GPU) under profiles/.
+    profile_steps: str | None = None
 
 
 @dataclass
@@ -196,6 +201,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Held-out validation every N optimizer steps and at the end (unset: no validation).
+    every_steps: int | None = None
+    # Per rank and validation loader: bounds the cost of one validation (unset: the whole split).
+    max_batches: int | None = None
+    # Weighted k-NN probe on a small labelled set (ImageFolder trees or MDS shards with jpeg + label).
+    knn_train: str | None = None
+    knn_val: str | None = None
+    knn_every_steps: int | None = None
+    knn_k: int = _at_least(20, 1)
+    knn_temperature: float = 0.07
+    knn_batch_size: int = _at_least(64, 1)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -208,6 +228,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -293,6 +314,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=100)")
+    if re.fullmatch(r"\d+:\d+", text.strip()):
+        return key.strip(), text.strip()  # a step range (run.profile_steps=10:20), not YAML's base-60 integer
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
@@ -519,4 +542,42 @@ def _check_ranges(config: Config) -> None:
         _fail("data.crop_scale", [lo, hi], "0 < min ≤ max ≤ 1")
 
 
-_RULES = (_check_image_size, _check_student, _check_teachers, _check_speed_switches, _check_ranges)
+def parse_step_range(text: str) -> tuple[int, int]:
+    """``"A:B"`` → (A, B), 1 ≤ A ≤ B; ValueError otherwise."""
+    first, sep, last = text.partition(":")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError(f"{text!r} is not A:B")
+    start, stop = int(first), int(last)
+    if not 1 <= start <= stop:
+        raise ValueError(f"{text!r}: steps must satisfy 1 <= A <= B")
+    return start, stop
+
+
+def _check_eval_and_telemetry(config: Config) -> None:
+    e = config.eval
+    for key, value in (("eval.every_steps", e.every_steps), ("eval.max_batches", e.max_batches),
+                       ("eval.knn_every_steps", e.knn_every_steps)):
+        if value is not None and value < 1:
+            _fail(key, value, "a positive number (or leave it unset to switch it off)")
+    if e.knn_temperature <= 0:
+        _fail("eval.knn_temperature", e.knn_temperature, "a positive temperature (DINO uses 0.07)")
+    if e.knn_every_steps is not None and not (e.knn_train and e.knn_val):
+        _fail("eval.knn_every_steps", e.knn_every_steps, "it needs eval.knn_train and eval.knn_val (labelled image folders)")
+    for key, folder in (("eval.knn_train", e.knn_train), ("eval.knn_val", e.knn_val)):
+        if folder and not Path(folder).is_dir():
+            _fail(key, folder, "an existing folder: an ImageFolder tree (one sub-folder per class) or MDS shards with a label column")
+    if config.run.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            _fail("run.tensorboard", True, "it needs the tensorboard package: pip install tensorboard (or leave it unset)")
+    if config.run.profile_steps is not None:
+        try:
+            parse_step_range(config.run.profile_steps)
+        except ValueError as err:
+            _fail("run.profile_steps", config.run.profile_steps, f"give A:B with 1 <= A <= B ({err})")
+
+
+_RULES = (
+    _check_image_size, _check_student, _check_teachers, _check_speed_switches, _check_ranges, _check_eval_and_telemetry,
+)

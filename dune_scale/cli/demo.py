@@ -35,7 +35,7 @@ def _demo(overrides: list[str]) -> int:
     )
     train(cfg)
     output = Path(cfg.run.output_dir)
-    records = read_metrics(output / "metrics.jsonl")
+    records = [r for r in read_metrics(output / "metrics.jsonl") if r.get("kind", "train") == "train"]
     first, last = mean(r["loss"] for r in records[:10]), mean(r["loss"] for r in records[-10:])
     print(f"\nloss, mean of the first 10 steps: {first:.4f}; of the last 10: {last:.4f}")
     print(f"shards:       {shards}")

@@ -11,17 +11,21 @@ from dune_scale.cli.common import run_program, setup_logging
 from dune_scale.config import Config, load_config, save_config
 from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.compat import check_resume_compatible
-from dune_scale.engine.compose import build_trainer, check_run
+from dune_scale.engine.compose import ValidationData, build_trainer, check_run
+from dune_scale.engine.export import STUDENT_WEIGHTS
 from dune_scale.engine.preemption import EXIT_PREEMPTED
+from dune_scale.eval.pca import feature_pictures as pca_feature_pictures
+from dune_scale.eval.periodic import FeaturePictures
 
 log = logging.getLogger("dune_scale")
 
-# Written at the end of a run: the student's full weights (stage 2 starts from this file).
-STUDENT_WEIGHTS = "student.safetensors"
 
 
-def train(cfg: Config) -> bool:
-    """Run (or resume) the training ``cfg`` describes; False when a stop signal ended it early."""
+def train(cfg: Config, val: ValidationData | None = None, feature_pictures: FeaturePictures | None = None) -> bool:
+    """Run (or resume) the training ``cfg`` describes; False when a stop signal ended it early.
+
+    With ``eval.every_steps``, ``val`` (dataset names, loaders) defaults to the validation splits of
+    the mixture's datasets (``<remote_root>/<name>/val``) and ``feature_pictures`` to the PCA maps."""
     dist = distributed.init_distributed(cfg.run.device)
     setup_logging(dist.is_main)
     output_dir = Path(cfg.run.output_dir)
@@ -40,7 +44,10 @@ def train(cfg: Config) -> bool:
             seed=cfg.run.seed,
             epoch_size=cfg.train.epoch_size,
         )
-        trainer = build_trainer(cfg, dist, plan, loader)
+        if cfg.eval.every_steps is not None and val is None:
+            val = validation_loaders(cfg, dist.world_size)
+            feature_pictures = feature_pictures or pca_feature_pictures
+        trainer = build_trainer(cfg, dist, plan, loader, val=val, feature_pictures=feature_pictures)
         resume_from = _resume_folder(cfg, trainer.checkpointer)
         if resume_from is not None:
             check_resume_compatible(cfg, resume_from, trainer.strategy.checkpoint_layout())
@@ -55,6 +62,22 @@ def train(cfg: Config) -> bool:
     finally:
         distributed.shutdown()
     return completed
+
+
+def validation_loaders(cfg: Config, world_size: int) -> ValidationData:
+    """One validation loader per dataset of the mixture that has a validation split; with
+    ``eval.max_batches`` each holds exactly that many batches per rank (a fixed subset), so every
+    pass reads the loader to its end."""
+    from dune_scale.data.loader import build_val_loader, validation_datasets
+
+    names = validation_datasets(cfg.data)
+    batch = cfg.train.batch_size_per_rank
+    max_samples = cfg.eval.max_batches * batch * world_size if cfg.eval.max_batches else None
+    loaders = [
+        build_val_loader(cfg.data, name, image_size=cfg.train.image_size, batch_size=batch, max_samples=max_samples)
+        for name in names
+    ]
+    return names, loaders
 
 
 def _resume_folder(cfg: Config, checkpointer: Checkpointer) -> Path | None:

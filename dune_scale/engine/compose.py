@@ -5,6 +5,7 @@ nothing here parses arguments or decides exit codes."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from dune_scale.engine.pretrained import load_pretrained_student
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategies import build_strategy
 from dune_scale.engine.trainer import Trainer
+from dune_scale.eval.periodic import FeaturePictures, PeriodicEvaluation
+from dune_scale.eval.validation import Validator
 from dune_scale.models import vit
 from dune_scale.teachers import TEACHER_SPECS, build_teacher_ensemble, get_teacher_spec
 from dune_scale.teachers.precision import compile_frozen_blocks, resolve_teacher_precision
@@ -150,15 +153,42 @@ def build_objective(cfg: Config, teacher_names: list[str], world_size: int) -> D
     )
 
 
+# Validation data: dataset names and re-iterable loaders of training-style batches.
+ValidationData = tuple[Sequence[str], Sequence[Iterable[Any]]]
+
+
+def build_evaluation(
+    cfg: Config,
+    dist: DistInfo,
+    teachers: Any,
+    objective: DistillObjective,
+    val: ValidationData | None,
+    feature_pictures: FeaturePictures | None,
+) -> PeriodicEvaluation | None:
+    """Validation, the k-NN probe and feature pictures, as the ``eval`` section asks; None when
+    nothing is asked for."""
+    if cfg.eval.every_steps is not None and val is None:
+        raise ConfigError("eval.every_steps is set but no validation data is connected to this run")
+    validator = None
+    if cfg.eval.every_steps is not None:
+        names, loaders = val
+        validator = Validator(loaders, names, teachers, objective, dist.device, cfg.eval.max_batches)
+    if validator is None and cfg.eval.knn_every_steps is None:
+        return None
+    return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, Path(cfg.run.output_dir), validator, feature_pictures)
+
+
 def build_trainer(
     cfg: Config,
     dist: DistInfo,
     plan: RunPlan,
     loader: Any,
     phases: NullPhaseTimer | None = None,
+    val: ValidationData | None = None,
+    feature_pictures: FeaturePictures | None = None,
 ) -> Trainer:
     """Teachers → student → strategy → objective → trainer, for training and for the benchmark;
-    ``plan`` comes from :func:`check_run`."""
+    ``plan`` comes from :func:`check_run`; ``val`` feeds ``eval.every_steps``."""
     torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
     precision = resolve_teacher_precision(cfg.teachers.dtype, cfg.teachers.residual, dist.device)
     teachers = build_teacher_ensemble(
@@ -179,8 +209,9 @@ def build_trainer(
     strategy = build_strategy(cfg, dist)
     strategy.setup(student, cfg.peak_lr(dist.world_size))
     output_dir = Path(cfg.run.output_dir)
+    objective = build_objective(cfg, list(teachers.tokens), dist.world_size)
     return Trainer(
-        cfg, dist, strategy, teachers, build_objective(cfg, list(teachers.tokens), dist.world_size), loader,
-        plan.mixture.domain_of, build_schedules(cfg, dist.world_size),
+        cfg, dist, strategy, teachers, objective, loader, plan.mixture.domain_of, build_schedules(cfg, dist.world_size),
         Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, dist), output_dir, phases,
+        build_evaluation(cfg, dist, teachers, objective, val, feature_pictures),
     )

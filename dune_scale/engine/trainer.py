@@ -18,15 +18,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from dune_scale.config import Config
+from dune_scale.config import Config, parse_step_range
 from dune_scale.distill.objective import DistillObjective
 from dune_scale.distributed import DistInfo, all_reduce_sum, rank_seed
 from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
+from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategies import Strategy
+from dune_scale.eval.periodic import PeriodicEvaluation
 from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, WandbSink, finite_or_none
 from dune_scale.telemetry.phases import NullPhaseTimer
+from dune_scale.telemetry.profiler import StepProfiler
+from dune_scale.telemetry.tensorboard import TensorBoardSink, tensorboard_available
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class Trainer:
         checkpointer: Checkpointer,
         output_dir: Path,
         phases: NullPhaseTimer | None = None,
+        evaluation: PeriodicEvaluation | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist
@@ -69,6 +74,10 @@ class Trainer:
         self.drop_generator.manual_seed(rank_seed(cfg.run.seed, dist.rank))
         self.phases = phases or NullPhaseTimer()
         self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
+        self.evaluation = evaluation
+        self.diagnostics = StepDiagnostics(objective, strategy.module)
+        profile_steps = parse_step_range(cfg.run.profile_steps) if cfg.run.profile_steps else None
+        self.profiler = StepProfiler(profile_steps, output_dir, dist.rank, dist.device)
 
     # ------------------------------------------------------------------ state
     def rank_state(self) -> dict[str, Any]:
@@ -158,6 +167,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.dist.device)
         teacher_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
+        drop_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
         phases = self.phases
         micro_batches, teacher_outs = [], []
         corrupt = 0
@@ -185,6 +195,11 @@ class Trainer:
                 self.strategy.backward(out.loss / accum)
             loss_sum += out.loss.detach()
             teacher_sum += out.per_teacher()
+            drop_sum += out.coefficients.sum(dim=1)
+        diagnostics: dict[str, torch.Tensor] = {}
+        if self._logs_at(step + 1):  # costly diagnostics only where they are read
+            diagnostics["loss_split"] = self.diagnostics.loss_split(student_out, teacher_out, stats)
+            diagnostics["group_grad_norms"] = self.diagnostics.grad_norms(self.strategy.module)
         with phases.phase("optimizer"):
             grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step))
         self.state.step += 1
@@ -194,7 +209,12 @@ class Trainer:
             "teachers": teacher_sum / accum,
             "grad_norm": grad_norm.detach().float(),
             "corrupt": torch.full((), float(corrupt), device=self.dist.device),  # no host→device sync
+            "drop_weights": drop_sum / accum,
+            **diagnostics,
         }
+
+    def _logs_at(self, step: int) -> bool:
+        return step % self.cfg.run.log_every == 0 or step == self.stop_step
 
     def fit(self) -> bool:
         """Train to ``stop_step``; returns False when a stop signal ended the run early (after saving)."""
@@ -205,6 +225,8 @@ class Trainer:
             self.metrics.truncate_after(self.state.step)
             if cfg.run.wandb_project:
                 sinks.append(WandbSink(cfg.run.wandb_project, self.metrics.path.parent, cfg.to_dict()))
+            if cfg.run.tensorboard or (cfg.run.tensorboard is None and tensorboard_available()):
+                sinks.append(TensorBoardSink(self.metrics.path.parent))
         if self.sample_log is not None:
             self.sample_log.path.parent.mkdir(parents=True, exist_ok=True)
             self.sample_log.truncate_after(self.state.step)
@@ -217,15 +239,18 @@ class Trainer:
         preemption.install()
         try:
             while self.state.step < self.stop_step:
-                pending.append(self.train_step(batches))
+                with self.profiler.around(self.state.step + 1):
+                    pending.append(self.train_step(batches))
                 step = self.state.step
-                if step % cfg.run.log_every == 0 or step == self.stop_step:
+                if self._logs_at(step):
                     record = self._log_record(pending, throughput.rate(self.state.samples_seen))
                     pending = []
                     if self.dist.is_main:
                         for sink in sinks:
                             sink.write(record)
                     console.update(record)
+                if self.evaluation is not None and self._evaluate(sinks, preemption):
+                    throughput.reset(self.state.samples_seen)  # img_per_s stays a training rate
                 saved = step % cfg.checkpoint.every_steps == 0 or step == self.stop_step
                 if saved:
                     self.save()
@@ -237,10 +262,23 @@ class Trainer:
                     return False
             return True
         finally:
+            self.profiler.finish()
             preemption.uninstall()
             console.close()
             for sink in sinks[1:]:
                 sink.close()
+
+    def _evaluate(self, sinks: list[Any], preemption: PreemptionWatcher) -> bool:
+        """Validation, k-NN, pictures when due after this step (all ranks); True when any ran."""
+        step = self.state.step
+        stop_requested = lambda: preemption.signalled is not None
+        ran = self.evaluation.due(step, step == self.stop_step)
+        if ran:
+            for record in self.evaluation.run(self.strategy, step, self.state.samples_seen, step == self.stop_step, stop_requested):
+                if self.dist.is_main:
+                    for sink in sinks:
+                        sink.write(record)
+        return ran
 
     def _log_record(self, pending: list[dict[str, torch.Tensor]], img_per_s: float) -> dict[str, Any]:
         """The one host sync of a logging interval: average what the interval accumulated, over
@@ -255,6 +293,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
+            "kind": "train",
             "loss": finite_or_none(loss),
         }
         for name, value in zip(self.objective.teacher_names, teachers):
@@ -268,4 +307,5 @@ class Trainer:
             # Undecodable images replaced (deterministically) since the previous record, all ranks.
             corrupt_samples=int(corrupt_samples),
         )
+        record.update(self.diagnostics.fields(pending, self.strategy.module, self.dist.world_size))
         return record

@@ -1,1 +1,1 @@
-"""Evaluation of trained students: feature visualisations (PCA maps)."""
+"""Seeing that the student learns: held-out validation, the k-NN probe, PCA feature maps."""

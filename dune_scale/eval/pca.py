@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dune_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 LABEL_HEIGHT = 16  # pixels of the header row naming each column
 
@@ -48,6 +48,16 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images.float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def feature_pictures(encoder: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    """Training-time pictures (``eval.every_steps``): each ImageNet-normalised probe image beside the
+    PCA map of the encoder's patch features (fitted jointly over the probe images), uint8 (B, H, 2W, 3)."""
+    patch = encoder.forward_features(images)["patch"].float().cpu()
+    grid = (images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size)
+    maps = F.interpolate(pca_maps(patch, grid), size=tuple(images.shape[-2:]), mode="nearest")
+    side_by_side = torch.cat([denormalize(images), maps.mul(255).round().to(torch.uint8)], dim=-1)
+    return side_by_side.permute(0, 2, 3, 1).numpy()
 
 
 def pca_grid(images: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> np.ndarray:

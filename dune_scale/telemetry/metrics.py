@@ -77,6 +77,19 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def scalar_tags(record: dict[str, Any]) -> dict[str, float]:
+    """A record's numbers for dashboards: training records under their own names (``loss``), the
+    others under ``<kind>/<dataset>/`` (``val/<dataset>/loss_<teacher>``, ``knn/<dataset>/top1``);
+    ``step``, text fields and missing (non-finite) values are left out."""
+    kind = record.get("kind", "train")
+    prefix = "" if kind == "train" else f"{kind}/{record['dataset']}/"
+    return {
+        f"{prefix}{key}": float(value)
+        for key, value in record.items()
+        if key not in ("step", "kind", "dataset") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 class Throughput:
     """Images per second between two logged steps (wall clock; the step syncs at log points)."""
 
@@ -105,13 +118,19 @@ class WandbSink:
             import wandb
         except ImportError:
             raise RuntimeError("run.wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from None
-        id_file = Path(output_dir) / "wandb_run_id"
+        self.output_dir = Path(output_dir)
+        id_file = self.output_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(output_dir), config=config)
 
     def write(self, record: dict[str, Any]) -> None:
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        data: dict[str, Any] = dict(scalar_tags(record))
+        if record.get("paths"):  # feature pictures (PNG files under the output folder)
+            import wandb
+
+            data[record["kind"]] = [wandb.Image(str(self.output_dir / path)) for path in record["paths"]]
+        self.run.log(data, step=record["step"])
 
     def close(self) -> None:
         self.run.finish()

@@ -1,0 +1,148 @@
+"""Weighted k-NN probe on class-token features (the DINO protocol: k = 20, T = 0.07, top-1 / top-5).
+
+Features are the encoder's final-normed class tokens, L2-normalised. Each validation image votes with
+its k most similar training images (cosine similarity), each vote weighted by exp(similarity / T);
+the classes ranked by their summed weight give top-1 and top-5 accuracy. No training, so the number
+reflects the frozen features alone and is cheap enough to watch during training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from dune_scale.data.transforms import build_val_transform, decode_image
+
+DEFAULT_K = 20
+DEFAULT_TEMPERATURE = 0.07
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    top1: float
+    top5: float
+    k: int
+    temperature: float
+    train_images: int
+    val_images: int
+
+
+class LabelledImages(Dataset):
+    """An ImageFolder tree (one sub-folder of images per class) with the validation transform."""
+
+    def __init__(self, root: str | Path, image_size: int) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root))
+        self.classes = list(self.folder.classes)
+        self.transform = build_val_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        import torchvision.transforms.v2.functional as TF
+
+        image, label = self.folder[index]
+        return self.transform(TF.pil_to_tensor(image.convert("RGB"))), label
+
+
+class LabelledShards(Dataset):
+    """A local MDS folder whose samples hold ``jpeg`` bytes and an integer ``label``; every sample is
+    read on every rank (unlike a StreamingDataset, which splits them over ranks)."""
+
+    def __init__(self, root: str | Path, image_size: int) -> None:
+        from streaming.base.local import LocalDataset
+
+        self.samples = LocalDataset(str(root))
+        self.labels = [int(self.samples[i]["label"]) for i in range(len(self.samples))]
+        self.classes = [str(label) for label in range(max(self.labels, default=-1) + 1)]
+        self.transform = build_val_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(decode_image(self.samples[index]["jpeg"])), self.labels[index]
+
+
+def labelled_set(root: str | Path, image_size: int) -> LabelledImages | LabelledShards:
+    """MDS shards (a folder with ``index.json``) or an ImageFolder tree."""
+    if (Path(root) / "index.json").is_file():
+        return LabelledShards(root, image_size)
+    return LabelledImages(root, image_size)
+
+
+@torch.no_grad()
+def extract_features(
+    features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2-normalised fp32 features [N, D], labels [N]) of every batch, on ``device``."""
+    feats, labels = [], []
+    for images, batch_labels in batches:
+        feats.append(F.normalize(features(images.to(device)).float(), dim=-1))
+        labels.append(batch_labels.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def weighted_knn(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    chunk: int = 256,
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (fractions) of the weighted k-NN vote; features already normalised."""
+    k = min(k, train_features.shape[0])
+    top_n = min(5, num_classes)
+    correct1 = correct5 = 0
+    for start in range(0, val_features.shape[0], chunk):
+        queries, truth = val_features[start : start + chunk], val_labels[start : start + chunk]
+        similarity, neighbours = (queries @ train_features.T).topk(k, dim=1)
+        weights = (similarity / temperature).exp()
+        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
+        votes.scatter_add_(1, train_labels[neighbours], weights)
+        ranked = votes.argsort(dim=1, descending=True)[:, :top_n]
+        hits = ranked == truth[:, None]
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(dim=1).sum())
+    total = val_features.shape[0]
+    return correct1 / total, correct5 / total
+
+
+def knn_probe(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    train_dir: str | Path,
+    val_dir: str | Path,
+    image_size: int,
+    device: torch.device,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    batch_size: int = 64,
+) -> KnnResult:
+    """The probe end to end on two labelled sets (ImageFolder trees or MDS shards with labels);
+    ``features`` maps images to class tokens."""
+    train, val = labelled_set(train_dir, image_size), labelled_set(val_dir, image_size)
+    if isinstance(train, LabelledImages) and isinstance(val, LabelledImages) and train.classes != val.classes:
+        raise ValueError(f"{val_dir} has classes {val.classes}, {train_dir} has {train.classes}")
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"k-NN needs images in both {train_dir} ({len(train)}) and {val_dir} ({len(val)})")
+    train_feats, train_labels = extract_features(features, DataLoader(train, batch_size=batch_size), device)
+    val_feats, val_labels = extract_features(features, DataLoader(val, batch_size=batch_size), device)
+    num_classes = max(len(train.classes), len(val.classes))
+    top1, top5 = weighted_knn(train_feats, train_labels, val_feats, val_labels, num_classes, k, temperature)
+    return KnnResult(top1=top1, top5=top5, k=k, temperature=temperature, train_images=len(train), val_images=len(val))
+
+
+def class_token(encoder: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The k-NN feature of a DINOv2-style encoder: its final-normed class token."""
+    return lambda images: encoder.forward_features(images)["cls"]

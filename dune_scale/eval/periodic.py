@@ -1,0 +1,122 @@
+"""What the trainer runs between steps to show that the student learns: held-out validation, the k-NN
+probe and feature pictures, each on its own schedule and at the end of training.
+
+The trainer calls :meth:`PeriodicEvaluation.run` after every step on every rank (the student's forward
+is collective under sharded strategies) and writes the records it returns to its metrics sinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dune_scale.distributed import DistInfo, all_reduce_max
+from dune_scale.eval.knn import class_token, knn_probe
+from dune_scale.eval.validation import Validator, eval_mode, preserved_rng
+
+log = logging.getLogger(__name__)
+
+# encoder, probe images (B, 3, H, W) → RGB pictures (B, h, w, 3) uint8, e.g. a PCA map of patch features.
+FeaturePictures = Callable[[nn.Module, torch.Tensor], np.ndarray]
+PICTURES_FOLDER = "pictures"
+PROBE_IMAGES = 4
+
+
+@contextlib.contextmanager
+def whole_encoder(module: nn.Module) -> Iterator[nn.Module]:
+    """The student's encoder, callable on its own: an FSDP2 root keeps the encoder's small leftovers
+    (patch embedding, tokens, norm) sharded until its own forward, so gather them around the call."""
+    unshard = getattr(module, "unshard", None)
+    if unshard is not None:
+        unshard()
+    try:
+        yield module.encoder
+    finally:
+        if unshard is not None:
+            module.reshard()
+
+
+class PeriodicEvaluation:
+    def __init__(
+        self,
+        eval_cfg: Any,
+        image_size: int,
+        dist: DistInfo,
+        output_dir: Path,
+        validator: Validator | None = None,
+        feature_pictures: FeaturePictures | None = None,
+    ) -> None:
+        self.cfg = eval_cfg
+        self.image_size = image_size
+        self.dist = dist
+        self.output_dir = Path(output_dir)
+        self.validator = validator
+        self.feature_pictures = feature_pictures
+        self._probe: torch.Tensor | None = None
+
+    @staticmethod
+    def _due(every: int | None, step: int, final: bool) -> bool:
+        return every is not None and (final or step % every == 0)
+
+    def due(self, step: int, final: bool) -> bool:
+        """Is anything to run after ``step``?"""
+        validates = self.validator is not None and self._due(self.cfg.every_steps, step, final)
+        return validates or self._due(self.cfg.knn_every_steps, step, final)
+
+    def run(
+        self, strategy: Any, step: int, samples_seen: int, final: bool, stop_requested: Callable[[], bool]
+    ) -> list[dict[str, Any]]:
+        """Records of what is due after ``step`` (nothing most steps); collective on every rank."""
+        records: list[dict[str, Any]] = []
+        if self.validator is not None and self._due(self.cfg.every_steps, step, final):
+            records += self.validator.run(strategy, step, samples_seen, stop_requested)
+            if self.feature_pictures is not None and not self._any_rank_stopping(stop_requested):
+                records.append(self._write_pictures(strategy, step, samples_seen))
+        if self._due(self.cfg.knn_every_steps, step, final) and not self._any_rank_stopping(stop_requested):
+            records.append(self._knn(strategy, step, samples_seen))
+        return records
+
+    def _any_rank_stopping(self, stop_requested: Callable[[], bool]) -> bool:
+        """Agreed by every rank, since what follows runs collective forwards."""
+        return bool(all_reduce_max(torch.tensor([float(stop_requested())], device=self.dist.device)).item())
+
+    def _knn(self, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
+        with eval_mode(strategy.module) as module, preserved_rng(self.dist.device), whole_encoder(module) as encoder, \
+                strategy.autocast():
+            result = knn_probe(
+                class_token(encoder), self.cfg.knn_train, self.cfg.knn_val, self.image_size, self.dist.device,
+                k=self.cfg.knn_k, temperature=self.cfg.knn_temperature, batch_size=self.cfg.knn_batch_size,
+            )
+        return {"step": step, "samples_seen": samples_seen, "kind": "knn", "dataset": Path(self.cfg.knn_val).name,
+                "top1": result.top1, "top5": result.top5, "k": result.k, "temperature": result.temperature}
+
+    def _probe_images(self) -> torch.Tensor:
+        """The first images of the first validation loader: the same pictures at every validation."""
+        if self._probe is None:
+            with preserved_rng(self.dist.device):
+                batch = next(iter(self.validator.loaders[0]))
+            self._probe = batch["images"][:PROBE_IMAGES].clone()
+        return self._probe
+
+    def _write_pictures(self, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
+        """PNG files (main rank) and the record naming them, which image-aware sinks display."""
+        probe = self._probe_images().to(self.dist.device)
+        with eval_mode(strategy.module) as module, torch.no_grad(), whole_encoder(module) as encoder, strategy.autocast():
+            pictures = self.feature_pictures(encoder, probe)
+        folder = self.output_dir / PICTURES_FOLDER
+        paths = [folder / f"step_{step:09d}_{i}.png" for i in range(len(pictures))]
+        if self.dist.is_main:
+            from PIL import Image
+
+            folder.mkdir(parents=True, exist_ok=True)
+            for path, picture in zip(paths, np.asarray(pictures, dtype=np.uint8)):
+                Image.fromarray(picture).save(path)
+        return {"step": step, "samples_seen": samples_seen, "kind": "pictures", "dataset": "probe",
+                "paths": [str(path.relative_to(self.output_dir)) for path in paths]}
