@@ -28,7 +28,10 @@ def test_tensorboard_event_files_hold_training_and_validation_scalars(tmp_path: 
 
     out = tmp_path / "run"
     cfg = load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=4", "eval.every_steps=2", "run.tensorboard=true"))
-    grey = lambda encoder, images: np.full((len(images), 8, 8, 3), 128, dtype=np.uint8)
+
+    def grey(encoder: object, images: object) -> np.ndarray:
+        return np.full((len(images), 8, 8, 3), 128, dtype=np.uint8)
+
     train(cfg, val=val_sets(6), feature_pictures=grey)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()

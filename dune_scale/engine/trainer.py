@@ -271,7 +271,10 @@ class Trainer:
     def _evaluate(self, sinks: list[Any], preemption: PreemptionWatcher) -> bool:
         """Validation, k-NN, pictures when due after this step (all ranks); True when any ran."""
         step = self.state.step
-        stop_requested = lambda: preemption.signalled is not None
+
+        def stop_requested() -> bool:
+            return preemption.signalled is not None
+
         ran = self.evaluation.due(step, step == self.stop_step)
         if ran:
             for record in self.evaluation.run(self.strategy, step, self.state.samples_seen, step == self.stop_step, stop_requested):
