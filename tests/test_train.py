@@ -124,3 +124,63 @@ def test_wandb_project_without_wandb_installed_is_named(tmp_path: Path, demo_sha
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ConfigError, match="run.wandb_project=dune needs the wandb package"):
         _run(tmp_path / "run", demo_shards, "train.max_steps=1", "run.wandb_project=dune")
+
+
+def _poison_teacher(monkeypatch: pytest.MonkeyPatch, teacher: str, bad_calls: set[int]) -> None:
+    """The teacher's patch features turn NaN on the given (1-based) forward calls."""
+    from dune_scale.teachers.ensemble import TeacherEnsemble
+
+    original, calls = TeacherEnsemble.forward, [0]
+
+    def forward(self, images):
+        outputs = original(self, images)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            outputs[teacher]["patch"] = torch.full_like(outputs[teacher]["patch"], float("nan"))
+        return outputs
+
+    monkeypatch.setattr(TeacherEnsemble, "forward", forward)
+
+
+def _checkpoint_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoints" / (out / "checkpoints" / LATEST).read_text().strip() / "model.pt", weights_only=True)
+
+
+def test_nonfinite_loss_stops_naming_step_and_teacher_and_saves_no_nan(
+    tmp_path: Path, demo_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dune_scale.engine.nonfinite import NonFiniteError
+
+    _poison_teacher(monkeypatch, "mast3r_vitlarge_16", {3})
+    out = tmp_path / "run"
+    # Logged every 2 steps: step 3 is found at the save of step 4 (checked before every save).
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss of teacher mast3r_vitlarge_16 is not finite"):
+        _run(out, demo_shards, "train.max_steps=6", "checkpoint.every_steps=2", "run.log_every=4", "run.console=plain")
+    assert (out / "checkpoints" / LATEST).read_text().strip() == "step_000000002"
+    assert all(torch.isfinite(v).all() for v in _checkpoint_weights(out).values())
+
+
+def test_nonfinite_skip_leaves_weights_and_moments_and_counts_consecutive_skips(
+    tmp_path: Path, demo_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dune_scale.engine.nonfinite import NonFiniteError
+
+    reference = _run(tmp_path / "clean", demo_shards, "train.max_steps=2")
+    _poison_teacher(monkeypatch, "dino2reg_vitlarge_14", {3})
+    out = tmp_path / "skip"
+    records = _run(out, demo_shards, "train.max_steps=3", "train.nonfinite=skip", "run.console=plain")
+    assert records[:2] == [{**r, "img_per_s": records[i]["img_per_s"]} for i, r in enumerate(reference)]
+    assert records[2]["loss"] is None and records[2]["nonfinite_skips"] == 1 and records[1]["nonfinite_skips"] == 0
+    # The skipped step changed nothing: weights, teacher-norm statistics and AdamW state are those of step 2.
+    clean_weights = _checkpoint_weights(tmp_path / "clean")
+    for key, value in _checkpoint_weights(out).items():
+        assert torch.equal(value, clean_weights[key]), key
+    folder = lambda run: run / "checkpoints" / (run / "checkpoints" / LATEST).read_text().strip()
+    skipped_optim = torch.load(folder(out) / "optimizer.pt", weights_only=True)["state"]
+    clean_optim = torch.load(folder(tmp_path / "clean") / "optimizer.pt", weights_only=True)["state"]
+    for index, state in clean_optim.items():
+        for name, value in state.items():
+            assert torch.equal(skipped_optim[index][name], value), (index, name)
+    _poison_teacher(monkeypatch, "dino2reg_vitlarge_14", set(range(1, 100)))
+    with pytest.raises(NonFiniteError, match=r"3 consecutive skipped updates, more than train.max_nonfinite_skips=2"):
+        _run(tmp_path / "limit", demo_shards, "train.max_steps=5", "train.nonfinite=skip", "train.max_nonfinite_skips=2")

@@ -19,6 +19,7 @@ from dune_scale.distill.objective import DistillObjective
 from dune_scale.distill.student import DuneStudent
 from dune_scale.engine.checkpointer import CheckpointError, Checkpointer
 from dune_scale.engine.compat import check_resume_compatible
+from dune_scale.engine.nonfinite import NonFiniteError
 from dune_scale.engine.parallelize import prepare_student, shard_frozen_module
 from dune_scale.engine.preemption import EXIT_PREEMPTED
 from dune_scale.engine.pretrained import PretrainedError, load_pretrained_student
@@ -205,4 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0 if completed else EXIT_PREEMPTED

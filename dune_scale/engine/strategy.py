@@ -18,7 +18,7 @@ from torch import nn
 
 from dune_scale.config import Config, ConfigError
 from dune_scale.distributed import DistInfo
-from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
+from dune_scale.engine.optim import build_adamw, clip_gradients_, param_groups, set_hyperparameters, skip_update
 
 
 class Strategy(ABC):
@@ -50,8 +50,10 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def step(self, lr: float, weight_decay: float) -> torch.Tensor:
-        """Clip gradients, update, zero gradients; returns the pre-clip global grad norm (no sync)."""
+    def step(self, lr: float, weight_decay: float, skip: torch.Tensor) -> torch.Tensor:
+        """Clip gradients (``optim.clip_mode``), update, zero gradients; returns the pre-clip global
+        grad norm (no sync). The update is skipped (on the device, every rank alike) where the
+        boolean ``skip`` is true or the grad norm is not finite."""
 
     @abstractmethod
     def save(self, directory: Path) -> None:
@@ -72,7 +74,7 @@ class SingleStrategy(Strategy):
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
         self._module = student.to(self.device)
-        self.optimizer = build_adamw(param_groups(self._module), self.cfg.optim, peak_lr)
+        self.optimizer = build_adamw(param_groups(self._module, self.cfg.optim.wd_groups), self.cfg.optim, peak_lr)
 
     @property
     def module(self) -> nn.Module:
@@ -81,9 +83,10 @@ class SingleStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, lr: float, weight_decay: float) -> torch.Tensor:
+    def step(self, lr: float, weight_decay: float, skip: torch.Tensor) -> torch.Tensor:
         set_hyperparameters(self.optimizer, lr, weight_decay)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._module.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = clip_gradients_(list(self._module.parameters()), self.cfg.optim)
+        skip_update(self.optimizer, skip | ~torch.isfinite(grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -114,6 +117,8 @@ def check_launch(cfg: Config, dist: DistInfo) -> None:
         raise ConfigError("strategy.name=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
     if cfg.strategy.deepspeed_config and name != "deepspeed":
         raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
+    if cfg.strategy.fsdp_param_dtype != "fp32" and name != "fsdp":
+        raise ConfigError(f"strategy.fsdp_param_dtype is set but strategy.name={name}; it only applies to fsdp")
     if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
     if cfg.teachers.shard and dist.world_size == 1:

@@ -22,6 +22,7 @@ from dune_scale.config import Config
 from dune_scale.distill.objective import DistillObjective
 from dune_scale.distributed import DistInfo, all_reduce_sum
 from dune_scale.engine.checkpointer import Checkpointer
+from dune_scale.engine.nonfinite import NonFiniteGuard, nonfinite_loss_flags
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategy import Strategy
@@ -69,6 +70,7 @@ class Trainer:
         self.drop_generator.manual_seed(cfg.run.seed * 1_000_003 + dist.rank)
         self.phases = phases or NullPhaseTimer()
         self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
+        self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips, objective.teacher_names)
 
     # ------------------------------------------------------------------ state
     def rank_state(self) -> dict[str, Any]:
@@ -107,6 +109,7 @@ class Trainer:
             # rank restores it, including ranks that did not exist at save time.
             "loader": self.loader.state_dict(),
             "config": self.cfg.to_dict(),
+            "nonfinite": self.nonfinite.state_dict(),
         }
 
     def restore(self, folder: Path) -> None:
@@ -114,6 +117,7 @@ class Trainer:
         self.state = TrainerState(step=int(trainer_state["step"]), samples_seen=int(trainer_state["samples_seen"]))
         self.load_rank_state(rank_state)
         self.loader.load_state_dict(trainer_state["loader"])
+        self.nonfinite.load_state_dict(trainer_state.get("nonfinite", {}))
         saved_batch = int(trainer_state.get("global_batch", self.global_batch))
         if saved_batch != self.global_batch:
             log.warning(
@@ -124,6 +128,7 @@ class Trainer:
         log.info("resumed from %s at step %d (%d samples seen)", folder, self.state.step, self.state.samples_seen)
 
     def save(self) -> Path:
+        self.nonfinite.check()  # never save past a step the policy refuses
         folder = self.checkpointer.save(self.state.step, self.strategy, self.trainer_state(), self.rank_state())
         log.info("saved checkpoint %s", folder)
         return folder
@@ -173,6 +178,8 @@ class Trainer:
             with phases.phase("teacher_forward"):
                 teacher_outs.append(self.teachers(images))
             micro_batches.append((images, [self.domain_of(name) for name in batch["dataset"]]))
+        norm_buffers = list(self.strategy.module.teacher_norms.buffers())
+        norm_before = [b.clone() for b in norm_buffers]
         with phases.phase("loss"):
             stats = self.objective.teacher_statistics(teacher_outs, self.strategy.module.teacher_norms, momentum)
         for (images, domains), teacher_out in zip(micro_batches, teacher_outs):
@@ -185,7 +192,13 @@ class Trainer:
             loss_sum += out.loss.detach()
             teacher_sum += out.per_teacher()
         with phases.phase("optimizer"):
-            grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step))
+            loss_flags = nonfinite_loss_flags(teacher_sum, loss_sum)
+            grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step), loss_flags.any())
+            skipped = loss_flags.any() | ~torch.isfinite(grad_norm.detach().float())
+            # A skipped step leaves the running teacher statistics as they were, too.
+            for buffer, before in zip(norm_buffers, norm_before):
+                buffer.copy_(torch.where(skipped, before, buffer))
+        self.nonfinite.record(step + 1, loss_flags, skipped)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         return {
@@ -219,7 +232,10 @@ class Trainer:
                 pending.append(self.train_step(batches))
                 step = self.state.step
                 if step % cfg.run.log_every == 0 or step == self.stop_step:
+                    self.nonfinite.check()
                     record = self._log_record(pending, throughput.rate(self.state.samples_seen))
+                    # Updates skipped for a non-finite loss or grad norm since the previous record.
+                    record["nonfinite_skips"] = self.nonfinite.take_skip_count()
                     pending = []
                     if self.dist.is_main:
                         for sink in sinks:
