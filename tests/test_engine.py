@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from dune_scale.config import load_config
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
-from dune_scale.engine.checkpointer import LATEST, Checkpointer, is_complete
+from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE, CheckpointError, Checkpointer, is_complete
 from dune_scale.engine.optim import clip_gradients_, clip_per_parameter_, param_groups
 from dune_scale.engine.pretrained import PretrainedError, load_pretrained_student
 from dune_scale.engine.strategy import SingleStrategy
@@ -122,10 +123,43 @@ def test_checkpoints_are_atomic_pruned_and_skip_incomplete(tmp_path: Path, caplo
     assert ckpt.find_latest().name == "step_000000002"
 
 
+def _overwrite_same_size(path: Path, offset: int = 200) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 8] = bytes(b ^ 0xFF for b in data[offset : offset + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_same_size_corruption_falls_back_and_no_usable_checkpoint_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy(tmp_path)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3, dist=DistInfo())
+    for step in (1, 2, 3):
+        ckpt.save(step, strategy, {"step": step}, {"rng": torch.tensor([step])})
+    manifest = json.loads((tmp_path / "ckpt" / "step_000000003" / MANIFEST).read_text())["files"]
+    assert set(manifest) == {"model.pt", "optimizer.pt", "rank_00000.pt", TRAINER_STATE}
+    assert all(len(entry["sha256"]) == 64 for entry in manifest.values())
+    _overwrite_same_size(tmp_path / "ckpt" / "step_000000003" / "model.pt")  # bit rot: size unchanged
+    (tmp_path / "ckpt" / "step_000000002" / TRAINER_STATE).write_bytes(b"\0" * (tmp_path / "ckpt" / "step_000000002" / TRAINER_STATE).stat().st_size)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.find_latest().name == "step_000000001"
+    assert "step_000000003/model.pt: content differs from its sha256" in caplog.text
+    assert f"step_000000002/{TRAINER_STATE}: content differs" in caplog.text
+    (tmp_path / "ckpt" / "step_000000001" / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.find_latest()
+    message = str(err.value)
+    assert "none can be resumed from" in message and "step_000000001/optimizer.pt is missing" in message
+    assert "step_000000003/model.pt" in message and "checkpoint.resume=never" in message
+    assert ckpt.resume_folder("never") is None
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume: .*/nowhere is not a checkpoint folder"):
+        ckpt.resume_folder(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume: .*step_000000003 cannot be resumed from"):
+        ckpt.resume_folder(str(tmp_path / "ckpt" / "step_000000003"))
+
+
 def test_strategy_save_load_round_trip(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path)
     strategy.module(torch.randn(2, 3, 42, 42))["t"]["patch"].sum().backward()
-    strategy.step(1e-3, 0.03)
+    strategy.step(1e-3, 0.03, skip=torch.tensor(False))
     (tmp_path / "a").mkdir()
     strategy.save(tmp_path / "a")
     other = _strategy(tmp_path)

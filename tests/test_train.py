@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY_CPU, tiny_overrides
 from dune_scale.config import ConfigError, load_config
-from dune_scale.engine.checkpointer import LATEST, MANIFEST
+from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE
 from dune_scale.engine.run import train
 from dune_scale.telemetry.metrics import read_metrics
 
@@ -184,3 +184,29 @@ def test_nonfinite_skip_leaves_weights_and_moments_and_counts_consecutive_skips(
     _poison_teacher(monkeypatch, "dino2reg_vitlarge_14", set(range(1, 100)))
     with pytest.raises(NonFiniteError, match=r"3 consecutive skipped updates, more than train.max_nonfinite_skips=2"):
         _run(tmp_path / "limit", demo_shards, "train.max_steps=5", "train.nonfinite=skip", "train.max_nonfinite_skips=2")
+
+
+def test_refused_resumes_and_bad_output_dirs_are_one_line_with_exit_code_2(
+    tmp_path: Path, demo_shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from dune_scale.engine.run import main
+
+    out = tmp_path / "run"
+    _run(out, demo_shards, "train.max_steps=2", "checkpoint.every_steps=1")
+    config_before = (out / "config.yaml").read_text()
+    for folder in (out / "checkpoints").glob("step_*"):
+        (folder / TRAINER_STATE).write_bytes(b"x" * (folder / TRAINER_STATE).stat().st_size)
+    argv = ["--config", str(TINY_CPU), *tiny_overrides(out, demo_shards, "train.max_steps=4", "train.nonfinite=skip")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "none can be resumed from" in err and "content differs from its sha256" in err and "Traceback" not in err
+    assert (out / "config.yaml").read_text() == config_before  # the refused run did not replace it
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]  # nor truncated the metrics
+    assert main([*argv, f"checkpoint.resume={tmp_path / 'missing'}"]) == 2
+    assert "is not a checkpoint folder" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["--config", str(TINY_CPU), *tiny_overrides(tmp_path / "a_file", demo_shards)]) == 2
+    assert "run.output_dir: " in capsys.readouterr().err
+    # checkpoint.resume=never starts over deliberately.
+    assert main([*argv, "checkpoint.resume=never"]) == 0
+    assert "nonfinite: skip" in (out / "config.yaml").read_text()

@@ -148,7 +148,6 @@ def train(cfg: Config) -> bool:
         check_launch(cfg, dist)  # before anything is written
         if dist.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, output_dir / "config.yaml")
         distributed.barrier()
         mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
         from dune_scale.data.loader import build_train_loader  # Streaming: only when real data is read
@@ -161,10 +160,12 @@ def train(cfg: Config) -> bool:
             epoch_size=cfg.train.epoch_size,
         )
         trainer = build_trainer(cfg, dist, loader, mixture.domain_of)
-        resume_from = _resume_folder(cfg, trainer.checkpointer)
+        resume_from = trainer.checkpointer.resume_folder(cfg.checkpoint.resume)
         if resume_from is not None:
             check_resume_compatible(cfg, resume_from)
             trainer.restore(resume_from)
+        if dist.is_main:  # only once the run is accepted: a refused resume leaves the old one
+            save_config(cfg, output_dir / "config.yaml")
         completed = trainer.fit()
         if completed:
             trainer.export_student(output_dir / STUDENT_WEIGHTS)
@@ -175,14 +176,6 @@ def train(cfg: Config) -> bool:
     finally:
         distributed.shutdown()
     return completed
-
-
-def _resume_folder(cfg: Config, checkpointer: Checkpointer) -> Path | None:
-    if cfg.checkpoint.resume == "never":
-        return None
-    if cfg.checkpoint.resume == "auto":
-        return checkpointer.find_latest()
-    return Path(cfg.checkpoint.resume)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -108,6 +108,9 @@ class SingleStrategy(Strategy):
 def check_launch(cfg: Config, dist: DistInfo) -> None:
     """Launch/option combinations that cannot work, named before any model is built."""
     name = cfg.strategy.name
+    output_dir = Path(cfg.run.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"run.output_dir: {output_dir} is a file; give a folder (it is created if missing)")
     if name == "single" and dist.world_size > 1:
         raise ConfigError(
             f"strategy.name=single runs one process, but {dist.world_size} were launched; "

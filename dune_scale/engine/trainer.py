@@ -248,6 +248,7 @@ class Trainer:
                 if preemption.should_stop():
                     if not saved:
                         self.save()
+                    preemption.mark_saved()
                     console.message(f"stopped by a signal after step {step}; checkpoint saved")
                     return False
             return True
