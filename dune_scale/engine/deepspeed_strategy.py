@@ -7,6 +7,11 @@ drifts by an ulp after a reload). Gradient accumulation is left to the trainer
 (``managed_gradient_accumulation: false``): each ``backward`` accumulates locally and ``step`` is
 the boundary that reduces, clips and updates. bf16 uses DeepSpeed's torch-autocast mode, which
 keeps fp32 parameters and teacher-norm buffers, like the other strategies.
+
+DeepSpeed only clips by the global norm (``optim.clip_mode=global``). Per-parameter clipping (the
+default) runs in a step pre-hook of our AdamW: ZeRO steps it once per flat fp32 partition, after
+reducing the gradients into it, and the hook scales each parameter's piece of that partition by the
+coefficient of the whole parameter (squared piece norms all-reduced over the data-parallel group).
 """
 
 from __future__ import annotations
@@ -63,6 +68,13 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
     return generated
 
 
+def _position(flat: torch.Tensor, partitions: list[torch.Tensor]) -> int:
+    for index, partition in enumerate(partitions):
+        if partition is flat:
+            return index
+    raise RuntimeError("ZeRO stepped a tensor that is none of its fp32 partitions; per-parameter clipping cannot place it")
+
+
 def zero_partition_pieces(zero: Any, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[int], int, Any]:
     """Where each parameter's gradient lies in the flat fp32 partition ``flat`` that ZeRO is about to
     step: (gradient pieces, index of each piece's parameter in its group, parameters in the group,
@@ -71,7 +83,7 @@ def zero_partition_pieces(zero: Any, flat: torch.Tensor) -> tuple[list[torch.Ten
     if flat.grad is None:
         raise RuntimeError("ZeRO stepped a partition without gradients; per-parameter clipping cannot run")
     if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        sub_group = next(i for i, f in enumerate(zero.fp32_partitioned_groups_flat) if f is flat)
+        sub_group = _position(flat, zero.fp32_partitioned_groups_flat)
         process_group = zero._get_sub_group_process_group(sub_group)
         rank = torch.distributed.get_rank(group=process_group)
         pieces, owners = [], []
@@ -84,7 +96,7 @@ def zero_partition_pieces(zero: Any, flat: torch.Tensor) -> tuple[list[torch.Ten
                 pieces.append(flat.grad.narrow(0, offset, real))
                 owners.append(index)
         return pieces, owners, len(params), process_group
-    group = next(i for i, f in enumerate(zero.single_partition_of_fp32_groups) if f is flat)  # ZeRO-1/2
+    group = _position(flat, zero.single_partition_of_fp32_groups)  # ZeRO-1/2
     pieces, owners = [], []
     params = zero.bit16_groups[group]
     for index, param in enumerate(params):
@@ -107,7 +119,7 @@ class DeepSpeedStrategy(Strategy):
             model=student, optimizer=optimizer, config=deepspeed_config(self.cfg, self.dist.world_size)
         )
         self.client_optimizer = optimizer  # our AdamW, which ZeRO steps on its flat partitions
-        if self.cfg.optim.clip_mode == "per_param":
+        if self.cfg.optim.clip_mode == "per_param" and self.cfg.optim.grad_clip is not None:
             # ZeRO reduces the gradients into flat fp32 partitions, then steps our AdamW on them one
             # partition at a time: clip there, just before each of those steps.
             optimizer.register_step_pre_hook(self._clip_partition_per_parameter)
