@@ -116,3 +116,31 @@ def test_fsdp_in_bf16_keeps_fp32_parameters_like_single(tmp_path: Path, demo_sha
     fsdp = losses(run_training("fsdp", tmp_path / "fsdp", demo_shards, *bf16))
     assert fsdp[0] == pytest.approx(single[0], rel=1e-6)
     assert fsdp == pytest.approx(single, rel=1e-4)
+
+
+def test_nonfinite_teacher_loss_on_two_ranks_skips_then_stops_every_rank(tmp_path: Path, demo_shards: Path) -> None:
+    """A teacher whose features are NaN (a corrupt checkpoint): both ranks skip the same updates,
+    save only finite states, and stop together once the consecutive-skip limit is passed."""
+    from dune_scale.engine.checkpointer import is_complete
+    from dune_scale.teachers import build_teacher
+
+    teacher = build_teacher("dino2reg_vitlarge_14", embed_dim=64, depth=2, num_heads=4, img_size=70)
+    weights = teacher.state_dict()
+    weights["norm.weight"] = torch.full_like(weights["norm.weight"], float("nan"))
+    torch.save(weights, tmp_path / "nan_teacher.pth")
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, demo_shards, "strategy.name=fsdp", "train.batch_size_per_rank=6", "train.max_steps=4",
+                               "checkpoint.every_steps=1", "train.nonfinite=skip", "train.max_nonfinite_skips=1",
+                               f"teachers.models.0.checkpoint={tmp_path / 'nan_teacher.pth'}", "teachers.models.0.random_init=false")
+    command = launch_command("torchrun", 2, TRAIN, "--config", str(TINY_CPU), *overrides)
+    result = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode != 0
+    assert "step 1: the loss of teacher dino2reg_vitlarge_14 is not finite; update skipped" in result.stderr
+    assert result.stderr.count("step 2: the loss of teacher dino2reg_vitlarge_14 is not finite; that is 2 consecutive") == 2
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000000001"]
+    assert is_complete(out / "checkpoints" / "step_000000001")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(out / "checkpoints" / "step_000000001" / "fsdp", tmp_path / "step1.pt")
+    saved = torch.load(tmp_path / "step1.pt", weights_only=True)["model"]
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())
