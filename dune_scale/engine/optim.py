@@ -78,20 +78,25 @@ def clip_per_parameter_(
     norms are summed per parameter over the ranks first, so each piece is scaled by the coefficient
     of the full parameter. Collective over ``group`` (every rank calls it, also with no piece).
     """
+    owners = list(owners)
     device = pieces[0].device if pieces else torch.device("cpu")
-    piece_norms = torch.stack(torch._foreach_norm(list(pieces))).float() if pieces else torch.zeros(0, device=device)
-    index = torch.tensor(list(owners), dtype=torch.long, device=device)
-    if group is None and list(owners) == list(range(num_params)):
-        norms = piece_norms
+    piece_norms = [norm.float() for norm in torch._foreach_norm(list(pieces))] if pieces else []
+    if group is None and owners == list(range(num_params)):
+        norms = torch.stack(piece_norms) if pieces else torch.zeros(0, device=device)
     else:
-        squared = torch.zeros(num_params, device=device).index_add_(0, index, piece_norms.square())
+        # Python-side grouping: an index tensor would be a host→device copy, which waits for the GPU.
+        squared: dict[int, torch.Tensor] = {}
+        for owner, norm in zip(owners, piece_norms):
+            squared[owner] = squared[owner] + norm.square() if owner in squared else norm.square()
+        zero = torch.zeros((), device=device)
+        total = torch.stack([squared.get(index, zero) for index in range(num_params)]) if num_params else zero.reshape(0)
         if group is not None:
-            dist.all_reduce(squared, group=group)
-        norms = squared.sqrt()
-    if max_norm is not None and pieces:
-        coefficients = (max_norm / (norms + _CLIP_EPS)).clamp(max=1.0)[index]
-        for piece, coefficient in zip(pieces, coefficients):
-            piece.mul_(coefficient.to(piece.dtype))
+            dist.all_reduce(total, group=group)
+        norms = total.sqrt()
+    if max_norm is not None:
+        coefficients = (max_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+        for piece, owner in zip(pieces, owners):
+            piece.mul_(coefficients[owner].to(piece.dtype))
     return norms
 
 
