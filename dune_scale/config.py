@@ -142,7 +142,13 @@ class OptimConfig:
     weight_decay_end: float | None = None
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
-    grad_clip: float = 1.0
+    # Gradient-norm limit (> 0), or none (no clipping).
+    grad_clip: float | None = 1.0
+    # per_param: each parameter's gradient clipped to grad_clip on its own (official DUNE);
+    # global: one coefficient from the norm of all gradients.
+    clip_mode: str = _choice("per_param", "per_param", "global")
+    # official: only biases and 1-D tensors skip weight decay; dune_scale: tokens and pos-embed skip it too.
+    wd_groups: str = _choice("official", "official", "dune_scale")
 
 
 @dataclass
@@ -162,6 +168,10 @@ class TrainConfig:
     # as one graph (fusion across blocks; single and deepspeed strategies: FSDP2 compiles per block).
     compile_scope: str = _choice("blocks", "blocks", "model")
     activation_checkpointing: bool = False
+    # A step whose loss or grad norm is not finite is never applied; then stop (the official code
+    # exits) or skip it and go on, up to max_nonfinite_skips consecutive skipped steps.
+    nonfinite: str = _choice("stop", "stop", "skip")
+    max_nonfinite_skips: int = _at_least(10, 0)
 
 
 @dataclass
@@ -191,6 +201,9 @@ class StrategyConfig:
     zero_stage: int = _choice(2, 1, 2, 3)
     deepspeed_config: str | None = None
     reshard_after_forward: bool = True
+    # FSDP compute copy of the parameters under train.precision=bf16: fp32 + autocast (as single and
+    # DeepSpeed), or bf16 (cheaper all-gathers, bf16 residual stream).
+    fsdp_param_dtype: str = _choice("fp32", "fp32", "bf16")
 
 
 @dataclass
@@ -372,6 +385,9 @@ def _coerce(hint: Any, value: Any, key: str, fld: dataclasses.Field | None = Non
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        # "none" spells an unset number (e.g. optim.grad_clip=none), YAML's null being awkward on a command line.
+        if isinstance(value, str) and value.lower() == "none" and type(None) in args and str not in args:
+            return None
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(option, value, key)
@@ -530,8 +546,20 @@ def _check_ranges(config: Config) -> None:
         _fail("distill.teacher_drop_p", d.teacher_drop_p, "a probability in [0, 1]")
     if not 0.0 <= o.warmup_fraction < 1.0:
         _fail("optim.warmup_fraction", o.warmup_fraction, "a fraction in [0, 1)")
-    if o.base_lr <= 0 or o.min_lr < 0 or o.min_lr > o.base_lr:
-        _fail("optim.min_lr", o.min_lr, f"0 ≤ min_lr ≤ base_lr={o.base_lr} and base_lr > 0")
+    if not (math.isfinite(o.base_lr) and o.base_lr > 0):
+        _fail("optim.base_lr", o.base_lr, "a finite learning rate > 0")
+    if not (math.isfinite(o.min_lr) and 0 <= o.min_lr <= o.base_lr):
+        _fail("optim.min_lr", o.min_lr, f"a finite learning rate with 0 ≤ min_lr ≤ base_lr={o.base_lr}")
+    if o.grad_clip is not None and not (math.isfinite(o.grad_clip) and o.grad_clip > 0):
+        _fail("optim.grad_clip", o.grad_clip, "a finite gradient-norm limit > 0, or none for no clipping")
+    for i, beta in enumerate(o.betas):
+        if not 0.0 <= beta < 1.0:
+            _fail(f"optim.betas.{i}", beta, "each beta must be in [0, 1)")
+    if not (math.isfinite(o.eps) and o.eps > 0):
+        _fail("optim.eps", o.eps, "a finite epsilon > 0")
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.weight_decay_end", o.weight_decay_end)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            _fail(key, value, "a finite weight decay ≥ 0")
     if t.epochs <= 0:
         _fail("train.epochs", t.epochs, "a positive number of epochs")
     for key, value in (("train.max_steps", t.max_steps), ("train.total_steps", t.total_steps)):

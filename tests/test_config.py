@@ -68,6 +68,22 @@ def test_overrides_types_and_list_indices() -> None:
         ("teachers.models.0.checkpoint=null", "teachers.models.0.checkpoint: None is not allowed; give the teacher's checkpoint path"),
         ("student.embed_dim=64", "student.embed_dim: 64 is not allowed; only student.arch=custom takes it"),
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+        ("optim.betas=[0.9,1.0]", "optim.betas.1: 1.0 is not allowed; each beta must be in [0, 1)"),
+        ("optim.betas=[-0.1,0.99]", "optim.betas.0: -0.1 is not allowed"),
+        ("optim.grad_clip=0", "optim.grad_clip: 0.0 is not allowed; a finite gradient-norm limit > 0, or none"),
+        ("optim.grad_clip=-1", "optim.grad_clip: -1.0 is not allowed"),
+        ("optim.grad_clip=.inf", "optim.grad_clip: inf is not allowed"),
+        ("optim.base_lr=-1e-4", "optim.base_lr: -0.0001 is not allowed; a finite learning rate > 0"),
+        ("optim.base_lr=.inf", "optim.base_lr: inf is not allowed"),
+        ("optim.base_lr=.nan", "optim.base_lr: nan is not allowed"),
+        ("optim.min_lr=1.0", "optim.min_lr: 1.0 is not allowed; a finite learning rate with 0 ≤ min_lr ≤ base_lr"),
+        ("optim.eps=0", "optim.eps: 0.0 is not allowed; a finite epsilon > 0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay: -0.1 is not allowed; a finite weight decay ≥ 0"),
+        ("optim.weight_decay_end=.nan", "optim.weight_decay_end: nan is not allowed"),
+        ("optim.clip_mode=norm", "optim.clip_mode: 'norm' is not allowed; choose one of per_param | global"),
+        ("optim.wd_groups=all", "optim.wd_groups: 'all' is not allowed; choose one of official | dune_scale"),
+        ("train.nonfinite=ignore", "train.nonfinite: 'ignore' is not allowed; choose one of stop | skip"),
+        ("strategy.fsdp_param_dtype=fp16", "strategy.fsdp_param_dtype: 'fp16' is not allowed; choose one of fp32 | bf16"),
         ("train.max_steps", "must look like key=value"),
         ("teachers.shard=nodes", "teachers.shard: 'nodes' is not allowed; choose one of none | world | node"),
     ],
@@ -76,6 +92,13 @@ def test_bad_values_name_key_and_allowed(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs" / "vitb14_336.yaml", [override])
     assert needle in str(err.value)
+
+
+def test_numeric_defaults_are_the_official_ones_and_clipping_can_be_turned_off() -> None:
+    cfg = load_config(REPO / "configs" / "vitb14_336.yaml")
+    assert (cfg.optim.clip_mode, cfg.optim.wd_groups, cfg.strategy.fsdp_param_dtype) == ("per_param", "official", "fp32")
+    assert cfg.train.nonfinite == "stop"
+    assert load_config(REPO / "configs" / "vitb14_336.yaml", ["optim.grad_clip=none"]).optim.grad_clip is None
 
 
 def test_batch_that_the_mixture_cannot_split() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from conftest import TINY_CPU
 from dune_scale.config import load_config
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
-from dune_scale.engine.checkpointer import LATEST, Checkpointer, is_complete
-from dune_scale.engine.optim import param_groups
+from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE, Checkpointer, CheckpointError, is_complete
+from dune_scale.engine.optim import clip_gradients_, clip_per_parameter_, param_groups
 from dune_scale.engine.pretrained import PretrainedError, load_pretrained_student
 from dune_scale.engine.strategies.single import SingleStrategy
 from dune_scale.models.vit import VisionTransformer
@@ -25,18 +26,72 @@ def _student(img_size: int = 42, seed: int = 0) -> DuneStudent:
     return DuneStudent(encoder, {"t": 16}, {"t": ("cls", "patch")})
 
 
-def test_no_weight_decay_on_biases_norms_tokens_pos_embed_gammas() -> None:
-    student = _student()
-    decay, no_decay = param_groups(student)
+def _groups_by_name(student: DuneStudent, wd_groups: str) -> tuple[set[str], set[str], dict]:
+    decay, no_decay = param_groups(student, wd_groups)
     names = {id(p): n for n, p in student.named_parameters()}
-    no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    decay_names = {names[id(p)] for p in decay["params"]}
-    assert {"encoder.cls_token", "encoder.register_tokens", "encoder.pos_embed"} <= no_decay_names
+    return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}, no_decay
+
+
+def test_official_weight_decay_groups_skip_only_biases_and_1d_tensors() -> None:
+    student = _student()
+    decay_names, no_decay_names, no_decay = _groups_by_name(student, "official")
+    # naver/dune get_params_groups: learned tokens and the positional embedding ARE decayed.
+    assert {"encoder.cls_token", "encoder.register_tokens", "encoder.pos_embed"} <= decay_names
     assert "encoder.blocks.0.ls1.gamma" in no_decay_names and "encoder.blocks.0.attn.qkv.bias" in no_decay_names
     assert "encoder.blocks.0.norm1.weight" in no_decay_names and "projectors.t.head.bias" in no_decay_names
-    assert decay_names == {n for n in names.values() if n.endswith("weight") and "norm" not in n}
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert decay_names == {n for n, p in student.named_parameters() if n in trained and p.ndim > 1}
     assert "encoder.norm.weight" not in decay_names | no_decay_names  # frozen: never trained
     assert no_decay["weight_decay"] == 0.0
+
+
+def test_dune_scale_weight_decay_groups_also_skip_tokens_and_pos_embed() -> None:
+    student = _student()
+    decay_names, no_decay_names, _ = _groups_by_name(student, "dune_scale")
+    assert {"encoder.cls_token", "encoder.register_tokens", "encoder.pos_embed"} <= no_decay_names
+    assert decay_names == {n for n, _ in student.named_parameters() if n.endswith("weight") and "norm" not in n}
+
+
+def _official_clip(grads: list[torch.Tensor], clip: float) -> None:
+    """naver/dune utils/optim.py clip_gradients, re-written."""
+    for grad in grads:
+        norm = grad.norm(p=2)
+        coefficient = clip / (norm + 1e-6)
+        if coefficient < 1:
+            grad.mul_(coefficient)
+
+
+def test_per_parameter_clip_equals_the_official_one_and_split_pieces_agree() -> None:
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3) * 3, torch.randn(7) * 0.01, torch.randn(2, 2, 2)]
+    expected = [g.clone() for g in grads]
+    _official_clip(expected, 1.0)
+    clipped = [g.clone() for g in grads]
+    norms = clip_per_parameter_(clipped, range(3), 3, 1.0)
+    assert torch.allclose(norms, torch.stack([g.norm() for g in grads]))
+    for mine, reference in zip(clipped, expected):
+        assert torch.allclose(mine, reference, rtol=1e-6, atol=0)
+    assert torch.equal(clipped[1], grads[1])  # under the limit: untouched
+    # The same parameters cut into pieces (as ZeRO partitions and FSDP shards hold them): same result.
+    flats = [g.clone().flatten() for g in grads]
+    pieces = [flats[0][:4], flats[0][4:], flats[1], flats[2][:3], flats[2][3:]]
+    clip_per_parameter_(pieces, [0, 0, 1, 2, 2], 3, 1.0)
+    for flat, reference in zip(flats, expected):
+        assert torch.allclose(flat, reference.flatten(), rtol=1e-6, atol=0)
+
+
+def test_global_clip_and_no_clip(tmp_path: Path) -> None:
+    cfg = load_config(TINY_CPU, [f"data.remote_root={tmp_path}", "optim.clip_mode=global"]).optim
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad, params[1].grad = torch.full((3,), 3.0), torch.full((4,), 0.1)
+    total = torch.cat([p.grad for p in params]).norm()
+    assert clip_gradients_(params, cfg) == pytest.approx(total.item())
+    assert torch.cat([p.grad for p in params]).norm() == pytest.approx(1.0, rel=1e-5)
+    params[0].grad = torch.full((3,), 3.0)
+    unclipped = load_config(TINY_CPU, [f"data.remote_root={tmp_path}", "optim.grad_clip=none"]).optim
+    assert unclipped.grad_clip is None
+    clip_gradients_(params, unclipped)
+    assert torch.equal(params[0].grad, torch.full((3,), 3.0))
 
 
 def _strategy(tmp_path: Path) -> SingleStrategy:
@@ -67,10 +122,43 @@ def test_checkpoints_are_atomic_pruned_and_skip_incomplete(tmp_path: Path, caplo
     assert ckpt.find_latest().name == "step_000000002"
 
 
+def _overwrite_same_size(path: Path, offset: int = 200) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 8] = bytes(b ^ 0xFF for b in data[offset : offset + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_same_size_corruption_falls_back_and_no_usable_checkpoint_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy(tmp_path)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3, dist=DistInfo())
+    for step in (1, 2, 3):
+        ckpt.save(step, strategy, {"step": step}, {"rng": torch.tensor([step])})
+    manifest = json.loads((tmp_path / "ckpt" / "step_000000003" / MANIFEST).read_text())["files"]
+    assert set(manifest) == {"model.pt", "optimizer.pt", "rank_00000.pt", TRAINER_STATE}
+    assert all(len(entry["sha256"]) == 64 for entry in manifest.values())
+    _overwrite_same_size(tmp_path / "ckpt" / "step_000000003" / "model.pt")  # bit rot: size unchanged
+    (tmp_path / "ckpt" / "step_000000002" / TRAINER_STATE).write_bytes(b"\0" * (tmp_path / "ckpt" / "step_000000002" / TRAINER_STATE).stat().st_size)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.find_latest().name == "step_000000001"
+    assert "step_000000003/model.pt: content differs from its sha256" in caplog.text
+    assert f"step_000000002/{TRAINER_STATE}: content differs" in caplog.text
+    (tmp_path / "ckpt" / "step_000000001" / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.find_latest()
+    message = str(err.value)
+    assert "none can be resumed from" in message and "step_000000001/optimizer.pt is missing" in message
+    assert "step_000000003/model.pt" in message and "checkpoint.resume=never" in message
+    assert ckpt.resume_folder("never") is None
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume: .*/nowhere is not a checkpoint folder"):
+        ckpt.resume_folder(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume: .*step_000000003 cannot be resumed from"):
+        ckpt.resume_folder(str(tmp_path / "ckpt" / "step_000000003"))
+
+
 def test_strategy_save_load_round_trip(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path)
     strategy.module(torch.randn(2, 3, 42, 42))["t"]["patch"].sum().backward()
-    strategy.step(1e-3, 0.03)
+    strategy.step(1e-3, 0.03, skip=torch.tensor(False))
     (tmp_path / "a").mkdir()
     strategy.save(tmp_path / "a")
     other = _strategy(tmp_path)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
+from dune_scale.engine.checkpointer import is_complete
 from dune_scale.engine.preemption import EXIT_PREEMPTED
 from dune_scale.telemetry.metrics import read_metrics
 
@@ -94,6 +95,27 @@ def test_sigterm_at_a_random_step_then_same_command_resumes_bitwise(strategy: st
     assert logged_steps(out) < STEPS
     run(cmd, out)
     assert_same_training(out, straight)
+
+
+def test_repeated_signals_never_lose_the_save_and_exit_with_the_requeue_code(tmp_path: Path, demo_shards: Path) -> None:
+    """SIGTERM then a volley of further signals until the process ends: later signals arriving
+    during the step, the save or the teardown never skip the save nor turn the code into 143."""
+    out = tmp_path / "signalled"
+    cmd = command("single", out, demo_shards, "run.log_every=1")
+    proc = subprocess.Popen(cmd, env=launcher_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while logged_steps(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "already stopping" in output
+    steps = logged_steps(out)
+    assert steps < STEPS
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == f"step_{steps:09d}" and is_complete(latest)
 
 
 def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, demo_shards: Path) -> None:

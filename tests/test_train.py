@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_CPU, tiny_overrides
 from dune_scale.cli.train import train
 from dune_scale.config import ConfigError, load_config
-from dune_scale.engine.checkpointer import LATEST, MANIFEST
+from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE
 from dune_scale.telemetry.metrics import read_metrics
 
 
@@ -124,3 +124,92 @@ def test_wandb_project_without_wandb_installed_is_named(tmp_path: Path, demo_sha
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ConfigError, match="run.wandb_project=dune needs the wandb package"):
         _run(tmp_path / "run", demo_shards, "train.max_steps=1", "run.wandb_project=dune")
+
+
+def _poison_teacher(monkeypatch: pytest.MonkeyPatch, teacher: str, bad_calls: set[int]) -> None:
+    """The teacher's patch features turn NaN on the given (1-based) forward calls."""
+    from dune_scale.teachers.ensemble import TeacherEnsemble
+
+    original, calls = TeacherEnsemble.forward, [0]
+
+    def forward(self, images):
+        outputs = original(self, images)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            outputs[teacher]["patch"] = torch.full_like(outputs[teacher]["patch"], float("nan"))
+        return outputs
+
+    monkeypatch.setattr(TeacherEnsemble, "forward", forward)
+
+
+def _checkpoint_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoints" / (out / "checkpoints" / LATEST).read_text().strip() / "model.pt", weights_only=True)
+
+
+def test_nonfinite_loss_stops_naming_step_and_teacher_and_saves_no_nan(
+    tmp_path: Path, demo_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dune_scale.engine.nonfinite import NonFiniteError
+
+    _poison_teacher(monkeypatch, "mast3r_vitlarge_16", {3})
+    out = tmp_path / "run"
+    # Logged every 2 steps: step 3 is found at the save of step 4 (checked before every save).
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss of teacher mast3r_vitlarge_16 is not finite"):
+        _run(out, demo_shards, "train.max_steps=6", "checkpoint.every_steps=2", "run.log_every=4", "run.console=plain")
+    assert (out / "checkpoints" / LATEST).read_text().strip() == "step_000000002"
+    assert all(torch.isfinite(v).all() for v in _checkpoint_weights(out).values())
+
+
+def test_nonfinite_skip_leaves_weights_and_moments_and_counts_consecutive_skips(
+    tmp_path: Path, demo_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dune_scale.engine.nonfinite import NonFiniteError
+
+    reference = _run(tmp_path / "clean", demo_shards, "train.max_steps=2")
+    _poison_teacher(monkeypatch, "dino2reg_vitlarge_14", {3})
+    out = tmp_path / "skip"
+    records = _run(out, demo_shards, "train.max_steps=3", "train.nonfinite=skip", "run.console=plain")
+    assert records[:2] == [{**r, "img_per_s": records[i]["img_per_s"]} for i, r in enumerate(reference)]
+    assert records[2]["loss"] is None and records[2]["nonfinite_skips"] == 1 and records[1]["nonfinite_skips"] == 0
+    # The skipped step changed nothing: weights, teacher-norm statistics and AdamW state are those of step 2.
+    clean_weights = _checkpoint_weights(tmp_path / "clean")
+    for key, value in _checkpoint_weights(out).items():
+        assert torch.equal(value, clean_weights[key]), key
+
+    def folder(run: Path) -> Path:
+        return run / "checkpoints" / (run / "checkpoints" / LATEST).read_text().strip()
+
+    skipped_optim = torch.load(folder(out) / "optimizer.pt", weights_only=True)["state"]
+    clean_optim = torch.load(folder(tmp_path / "clean") / "optimizer.pt", weights_only=True)["state"]
+    for index, state in clean_optim.items():
+        for name, value in state.items():
+            assert torch.equal(skipped_optim[index][name], value), (index, name)
+    _poison_teacher(monkeypatch, "dino2reg_vitlarge_14", set(range(1, 100)))
+    with pytest.raises(NonFiniteError, match=r"3 consecutive skipped updates, more than train.max_nonfinite_skips=2"):
+        _run(tmp_path / "limit", demo_shards, "train.max_steps=5", "train.nonfinite=skip", "train.max_nonfinite_skips=2")
+
+
+def test_refused_resumes_and_bad_output_dirs_are_one_line_with_exit_code_2(
+    tmp_path: Path, demo_shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from dune_scale.cli.train import main
+
+    out = tmp_path / "run"
+    _run(out, demo_shards, "train.max_steps=2", "checkpoint.every_steps=1")
+    config_before = (out / "config.yaml").read_text()
+    for folder in (out / "checkpoints").glob("step_*"):
+        (folder / TRAINER_STATE).write_bytes(b"x" * (folder / TRAINER_STATE).stat().st_size)
+    argv = ["--config", str(TINY_CPU), *tiny_overrides(out, demo_shards, "train.max_steps=4", "train.nonfinite=skip")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "none can be resumed from" in err and "content differs from its sha256" in err and "Traceback" not in err
+    assert (out / "config.yaml").read_text() == config_before  # the refused run did not replace it
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]  # nor truncated the metrics
+    assert main([*argv, f"checkpoint.resume={tmp_path / 'missing'}"]) == 2
+    assert "is not a checkpoint folder" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["--config", str(TINY_CPU), *tiny_overrides(tmp_path / "a_file", demo_shards)]) == 2
+    assert "run.output_dir: " in capsys.readouterr().err
+    # checkpoint.resume=never starts over deliberately.
+    assert main([*argv, "checkpoint.resume=never"]) == 0
+    assert "nonfinite: skip" in (out / "config.yaml").read_text()

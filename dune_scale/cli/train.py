@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from dune_scale import distributed
 from dune_scale.cli.common import run_program, setup_logging
 from dune_scale.config import Config, load_config, save_config
-from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.compat import check_resume_compatible
 from dune_scale.engine.compose import ValidationData, build_trainer, check_run
 from dune_scale.engine.export import STUDENT_WEIGHTS
+from dune_scale.engine.nonfinite import NonFiniteError
 from dune_scale.engine.preemption import EXIT_PREEMPTED
 from dune_scale.eval.pca import feature_pictures as pca_feature_pictures
 from dune_scale.eval.periodic import FeaturePictures
@@ -33,7 +34,6 @@ def train(cfg: Config, val: ValidationData | None = None, feature_pictures: Feat
         plan = check_run(cfg, dist)  # before anything is written
         if dist.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, output_dir / "config.yaml")
         distributed.barrier()
         from dune_scale.data.loader import build_train_loader  # Streaming: only when real data is read
 
@@ -48,10 +48,12 @@ def train(cfg: Config, val: ValidationData | None = None, feature_pictures: Feat
             val = validation_loaders(cfg, dist.world_size)
             feature_pictures = feature_pictures or pca_feature_pictures
         trainer = build_trainer(cfg, dist, plan, loader, val=val, feature_pictures=feature_pictures)
-        resume_from = _resume_folder(cfg, trainer.checkpointer)
+        resume_from = trainer.checkpointer.resume_folder(cfg.checkpoint.resume)
         if resume_from is not None:
             check_resume_compatible(cfg, resume_from, trainer.strategy.checkpoint_layout())
             trainer.restore(resume_from)
+        if dist.is_main:  # only once the run is accepted: a refused resume leaves the old one
+            save_config(cfg, output_dir / "config.yaml")
         completed = trainer.fit()
         if completed:
             trainer.export_student(output_dir / STUDENT_WEIGHTS)
@@ -80,14 +82,6 @@ def validation_loaders(cfg: Config, world_size: int) -> ValidationData:
     return names, loaders
 
 
-def _resume_folder(cfg: Config, checkpointer: Checkpointer) -> Path | None:
-    if cfg.checkpoint.resume == "never":
-        return None
-    if cfg.checkpoint.resume == "auto":
-        return checkpointer.find_latest()
-    return Path(cfg.checkpoint.resume)
-
-
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description="DUNE multi-teacher distillation (python / torchrun / deepspeed)")
     parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
@@ -100,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     def program() -> int:
-        return 0 if train(parse_args(argv)) else EXIT_PREEMPTED
+        try:
+            return 0 if train(parse_args(argv)) else EXIT_PREEMPTED
+        except NonFiniteError as err:  # the run's own numbers, not the user's input: exit 1, one line
+            print(f"error: {err}", file=sys.stderr)
+            return 1
 
     return run_program(program)

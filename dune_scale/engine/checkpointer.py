@@ -1,13 +1,18 @@
 """Checkpoints: one folder per save, written atomically, with a ``latest`` pointer.
 
-A save goes to a hidden temporary folder; every rank writes its part; rank 0 then writes a
-manifest (``COMPLETE``: every file and its size), fsyncs, renames the folder into place and only
-then moves ``latest``. A folder without a matching manifest is never resumed from, so a job killed
-in the middle of a save falls back to the previous complete checkpoint.
+A save goes to a hidden temporary folder; every rank writes its part, then the ranks hash the
+written files (sha256, split between them); rank 0 writes a manifest (``COMPLETE``: every file,
+its size and hash), fsyncs, renames the folder into place and only then moves ``latest``.
+
+On resume a folder is used only if its manifest matches every file's size and content hash; else
+the previous one is tried (a job killed in the middle of a save, a truncated or overwritten file).
+When checkpoints exist but none is usable the run is refused, never restarted from zero behind the
+user's back (``checkpoint.resume=never`` starts over deliberately).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from dune_scale.distributed import DistInfo, barrier
 from dune_scale.engine.strategies import Strategy
@@ -49,21 +55,75 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
-def _manifest(folder: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _my_share(names: list[str], dist_info: DistInfo) -> list[str]:
+    """The files this rank hashes: the ranks split the work, each reads 1/world of the bytes."""
+    return names[dist_info.rank :: dist_info.world_size]
+
+
+def _gather_dicts(local: dict[str, Any], dist_info: DistInfo) -> dict[str, Any]:
+    if dist_info.world_size == 1 or not dist.is_initialized():
+        return local
+    parts: list[dict[str, Any]] = [{} for _ in range(dist_info.world_size)]
+    dist.all_gather_object(parts, local)
+    return {key: value for part in parts for key, value in part.items()}
+
+
+def _listing(folder: Path) -> list[str]:
+    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder.name}: no {MANIFEST} manifest (a save that did not finish)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder.name}: unreadable {MANIFEST} manifest ({err})") from None
+
+
+def size_problems(folder: Path) -> list[str]:
+    """Cheap check (no reading): every listed file is there with its recorded size."""
+    try:
+        listed = _read_manifest(folder)
+    except CheckpointError as err:
+        return [str(err)]
+    problems = []
+    for name, entry in listed.items():
+        path = folder / name
+        size = entry["size"] if isinstance(entry, dict) else entry
+        if not path.is_file():
+            problems.append(f"{folder.name}/{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{folder.name}/{name} has {path.stat().st_size} bytes, the manifest says {size}")
+    return problems
 
 
 def is_complete(folder: Path) -> bool:
     """The manifest exists and every file it lists is there with its recorded size."""
-    try:
-        listed = json.loads((folder / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in listed.items())
+    return not size_problems(folder)
+
+
+def verify(folder: Path, dist_info: DistInfo) -> list[str]:
+    """Sizes, then content hashes (split between the ranks; collective): what is wrong, [] if usable.
+    Every rank gets the same answer."""
+    problems = size_problems(folder)
+    if not problems:
+        listed = _read_manifest(folder)
+        hashed = [name for name, entry in listed.items() if isinstance(entry, dict)]
+        for name in _my_share(hashed, dist_info):
+            if _sha256(folder / name) != listed[name]["sha256"]:
+                problems.append(f"{folder.name}/{name}: content differs from its sha256 in the manifest (corrupt)")
+    # Agree on the verdict (the size check saw the same files everywhere; hashes were split).
+    found = _gather_dicts({str(dist_info.rank): problems}, dist_info)
+    return [problem for rank in sorted(found, key=int) for problem in found[rank]]
 
 
 class Checkpointer:
@@ -89,11 +149,15 @@ class Checkpointer:
         if self.dist.is_main:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         barrier()
+        names = _listing(tmp)
+        files = _gather_dicts(
+            {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in _my_share(names, self.dist)},
+            self.dist,
+        )
         if self.dist.is_main:
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    _fsync_path(path)
-            _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": _manifest(tmp)}, indent=1))
+            for name in names:
+                _fsync_path(tmp / name)
+            _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -115,18 +179,43 @@ class Checkpointer:
         return [p for p in sorted(self.root.glob("step_*")) if p.is_dir() and is_complete(p)]
 
     def find_latest(self) -> Path | None:
-        """The folder ``latest`` names if complete, else the newest complete one (with a warning)."""
+        """The folder ``latest`` names if intact, else the newest intact one (with a warning naming
+        what is wrong with each one skipped); None when there is no checkpoint at all. Raises
+        :class:`CheckpointError` listing the problems when checkpoints exist but none is usable.
+        Collective (the ranks share the hashing)."""
+        folders = sorted(self.root.glob("step_*"), reverse=True) if self.root.is_dir() else []
         pointer = self.root / LATEST
         if pointer.is_file():
             named = self.root / pointer.read_text().strip()
-            if is_complete(named):
-                return named
-            log.warning("checkpoint %s named by %s is incomplete or corrupt; looking for an older one", named, pointer)
-        for folder in sorted(self.root.glob("step_*"), reverse=True) if self.root.is_dir() else []:
-            if is_complete(folder):
+            folders = [named] + [f for f in folders if f != named] if named.is_dir() else folders
+        problems: list[str] = []
+        for folder in folders:
+            found = verify(folder, self.dist)
+            if not found:
                 return folder
-            log.warning("skipping incomplete or corrupt checkpoint %s", folder)
+            log.warning("checkpoint %s is incomplete or corrupt, looking for an older one: %s", folder, "; ".join(found))
+            problems += found
+        if folders:
+            raise CheckpointError(
+                f"checkpoints exist in {self.root} but none can be resumed from:\n  " + "\n  ".join(problems)
+                + "\nuse checkpoint.resume=never to start over (overwriting them), or a new run.output_dir"
+            )
         return None
+
+    def resume_folder(self, resume: str) -> Path | None:
+        """What ``checkpoint.resume`` names: ``auto`` (the latest intact one, or None for a new run),
+        ``never`` (None) or a checkpoint folder, which must exist and be intact."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.find_latest()
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise CheckpointError(f"checkpoint.resume: {folder} is not a checkpoint folder (no such directory)")
+        problems = verify(folder, self.dist)
+        if problems:
+            raise CheckpointError(f"checkpoint.resume: {folder} cannot be resumed from: " + "; ".join(problems))
+        return folder
 
     def load(self, folder: Path, strategy: Strategy) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore the strategy; returns (trainer state, this rank's state)."""

@@ -43,6 +43,9 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
     """Everything that can be refused before a model is built or a file written: launch/option
     combinations and the data mixture against the batch size. Raises :class:`ConfigError`."""
     name = cfg.strategy.name
+    output_dir = Path(cfg.run.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"run.output_dir: {output_dir} is a file; give a folder (it is created if missing)")
     if name == "single" and dist.world_size > 1:
         raise ConfigError(
             f"strategy.name=single runs one process, but {dist.world_size} were launched; "
@@ -52,6 +55,8 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
         raise ConfigError("strategy.name=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
     if cfg.strategy.deepspeed_config and name != "deepspeed":
         raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
+    if cfg.strategy.fsdp_param_dtype != "fp32" and name != "fsdp":
+        raise ConfigError(f"strategy.fsdp_param_dtype is set but strategy.name={name}; it only applies to fsdp")
     if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
     _check_teacher_sharding(cfg.teachers.shard, dist)

@@ -2,7 +2,9 @@
 
 The handler only sets a flag. At each step boundary the ranks agree on it (max over ranks, on a
 CPU "gloo" group so the GPU stream is never synchronised), so all ranks stop after the same step
-even when the scheduler signalled only some of them. A second signal exits at once.
+even when the scheduler signalled only some of them. Further signals never cost the saved state:
+before the stop checkpoint is complete they are noted and the run still saves; once it is complete
+any signal (also during teardown) exits at once with the requeue code.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ log = logging.getLogger(__name__)
 
 # Exit code of a run that stopped on a signal after saving: the SLURM script requeues on it.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
-EXIT_SECOND_SIGNAL = 143
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionWatcher:
     def __init__(self) -> None:
         self.signalled: int | None = None
+        self.saved = False  # the checkpoint of the stop is complete
         self._previous: dict[int, object] = {}
         self._group = None
 
@@ -36,16 +38,28 @@ class PreemptionWatcher:
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
     def uninstall(self) -> None:
+        """Restore the previous handlers; after a stop's save ours stay, so that a signal during the
+        teardown that follows still exits with the requeue code."""
+        if self.saved:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.saved:
+            log.warning("%s after the checkpoint was saved: exiting now", name)
+            os._exit(EXIT_PREEMPTED)
         if self.signalled is not None:
-            log.warning("second signal %s: exiting now without saving", signal.Signals(signum).name)
-            os._exit(EXIT_SECOND_SIGNAL)
+            log.warning("%s again: already stopping; the checkpoint is saved first, then the run exits", name)
+            return
         self.signalled = signum
-        log.warning("received %s: will save and exit after the current step", signal.Signals(signum).name)
+        log.warning("received %s: will save and exit after the current step", name)
+
+    def mark_saved(self) -> None:
+        """The stop's checkpoint is complete: from now on a signal may end the process at once."""
+        self.saved = True
 
     def should_stop(self) -> bool:
         """Collective on every rank: did any rank receive a stop signal?"""

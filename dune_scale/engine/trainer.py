@@ -22,6 +22,7 @@ from dune_scale.config import Config, parse_step_range
 from dune_scale.distill.objective import DistillObjective
 from dune_scale.distributed import DistInfo, all_reduce_sum, rank_seed
 from dune_scale.engine.checkpointer import Checkpointer
+from dune_scale.engine.nonfinite import NonFiniteGuard, nonfinite_loss_flags
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.step_metrics import StepDiagnostics
@@ -78,6 +79,7 @@ class Trainer:
         self.diagnostics = StepDiagnostics(objective, strategy.module)
         profile_steps = parse_step_range(cfg.run.profile_steps) if cfg.run.profile_steps else None
         self.profiler = StepProfiler(profile_steps, output_dir, dist.rank, dist.device)
+        self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips, objective.teacher_names)
 
     # ------------------------------------------------------------------ state
     def rank_state(self) -> dict[str, Any]:
@@ -117,6 +119,7 @@ class Trainer:
             # rank restores it, including ranks that did not exist at save time.
             "loader": self.loader.state_dict(),
             "config": self.cfg.to_dict(),
+            "nonfinite": self.nonfinite.state_dict(),
         }
 
     def restore(self, folder: Path) -> None:
@@ -124,6 +127,7 @@ class Trainer:
         self.state = TrainerState(step=int(trainer_state["step"]), samples_seen=int(trainer_state["samples_seen"]))
         self.load_rank_state(rank_state)
         self.loader.load_state_dict(trainer_state["loader"])
+        self.nonfinite.load_state_dict(trainer_state.get("nonfinite", {}))
         saved_batch = int(trainer_state.get("global_batch", self.global_batch))
         if saved_batch != self.global_batch:
             log.warning(
@@ -134,6 +138,7 @@ class Trainer:
         log.info("resumed from %s at step %d (%d samples seen)", folder, self.state.step, self.state.samples_seen)
 
     def save(self) -> Path:
+        self.nonfinite.check()  # never save past a step the policy refuses
         folder = self.checkpointer.save(self.state.step, self.strategy, self.trainer_state(), self.rank_state())
         log.info("saved checkpoint %s", folder)
         return folder
@@ -184,6 +189,8 @@ class Trainer:
             with phases.phase("teacher_forward"):
                 teacher_outs.append(self.teachers(images))
             micro_batches.append((images, [self.domain_of(name) for name in batch["dataset"]]))
+        norm_buffers = list(self.strategy.module.teacher_norms.buffers())
+        norm_before = [b.clone() for b in norm_buffers]
         with phases.phase("loss"):
             stats = self.objective.teacher_statistics(teacher_outs, self.strategy.module.teacher_norms, momentum)
         for (images, domains), teacher_out in zip(micro_batches, teacher_outs):
@@ -201,7 +208,13 @@ class Trainer:
             diagnostics["loss_split"] = self.diagnostics.loss_split(student_out, teacher_out, stats)
             diagnostics["group_grad_norms"] = self.diagnostics.grad_norms(self.strategy.module)
         with phases.phase("optimizer"):
-            grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step))
+            loss_flags = nonfinite_loss_flags(teacher_sum, loss_sum)
+            grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step), loss_flags.any())
+            skipped = loss_flags.any() | ~torch.isfinite(grad_norm.detach().float())
+            # A skipped step leaves the running teacher statistics as they were, too.
+            for buffer, before in zip(norm_buffers, norm_before):
+                buffer.copy_(torch.where(skipped, before, buffer))
+        self.nonfinite.record(step + 1, loss_flags, skipped)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         return {
@@ -243,7 +256,10 @@ class Trainer:
                     pending.append(self.train_step(batches))
                 step = self.state.step
                 if self._logs_at(step):
+                    self.nonfinite.check()
                     record = self._log_record(pending, throughput.rate(self.state.samples_seen))
+                    # Updates skipped for a non-finite loss or grad norm since the previous record.
+                    record["nonfinite_skips"] = self.nonfinite.take_skip_count()
                     pending = []
                     if self.dist.is_main:
                         for sink in sinks:
@@ -258,6 +274,7 @@ class Trainer:
                 if preemption.should_stop():
                     if not saved:
                         self.save()
+                    preemption.mark_saved()
                     console.message(f"stopped by a signal after step {step}; checkpoint saved")
                     return False
             return True

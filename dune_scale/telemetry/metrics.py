@@ -58,7 +58,8 @@ class ConsoleReporter:
             self.progress.start()
 
     def update(self, record: dict[str, Any]) -> None:
-        status = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['img_per_s']:.1f} img/s"
+        loss = "nan" if record["loss"] is None else f"{record['loss']:.4f}"  # None: not finite
+        status = f"loss {loss}  lr {record['lr']:.2e}  {record['img_per_s']:.1f} img/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], status=status)
         elif self.mode == "plain":

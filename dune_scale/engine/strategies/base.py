@@ -43,8 +43,10 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def step(self, lr: float, weight_decay: float) -> torch.Tensor:
-        """Clip gradients, update, zero gradients; returns the pre-clip global grad norm (no sync)."""
+    def step(self, lr: float, weight_decay: float, skip: torch.Tensor) -> torch.Tensor:
+        """Clip gradients (``optim.clip_mode``), update, zero gradients; returns the pre-clip global
+        grad norm (no sync). The update is skipped (on the device, every rank alike) where the
+        boolean ``skip`` is true or the grad norm is not finite."""
 
     @abstractmethod
     def save(self, directory: Path) -> None:

@@ -7,6 +7,11 @@ drifts by an ulp after a reload). Gradient accumulation is left to the trainer
 (``managed_gradient_accumulation: false``): each ``backward`` accumulates locally and ``step`` is
 the boundary that reduces, clips and updates. bf16 uses DeepSpeed's torch-autocast mode, which
 keeps fp32 parameters and teacher-norm buffers, like the other strategies.
+
+DeepSpeed only clips by the global norm (``optim.clip_mode=global``). Per-parameter clipping (the
+default) runs in a step pre-hook of our AdamW: ZeRO steps it once per flat fp32 partition, after
+reducing the gradients into it, and the hook scales each parameter's piece of that partition by the
+coefficient of the whole parameter (squared piece norms all-reduced over the data-parallel group).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 
 from dune_scale.config import ConfigError, deep_merge
-from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
+from dune_scale.engine.optim import build_adamw, clip_per_parameter_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
 
 _TAG = "deepspeed"
@@ -33,7 +38,8 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.batch_size_per_rank * t.grad_accum_steps * world_size,
         "managed_gradient_accumulation": False,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # Per-parameter clipping is done by DeepSpeedStrategy on ZeRO's partitions, not by DeepSpeed.
+        "gradient_clipping": cfg.optim.grad_clip if cfg.optim.clip_mode == "global" and cfg.optim.grad_clip else 0.0,
         # Stage 1 with trainer-owned accumulation reduces in step(): nothing for overlap_comm to overlap.
         "zero_optimization": {
             "stage": cfg.strategy.zero_stage,
@@ -56,6 +62,45 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
     return generated
 
 
+def _position(flat: torch.Tensor, partitions: list[torch.Tensor]) -> int:
+    for index, partition in enumerate(partitions):
+        if partition is flat:
+            return index
+    raise RuntimeError("ZeRO stepped a tensor that is none of its fp32 partitions; per-parameter clipping cannot place it")
+
+
+def zero_partition_pieces(zero: Any, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[int], int, Any]:
+    """Where each parameter's gradient lies in the flat fp32 partition ``flat`` that ZeRO is about to
+    step: (gradient pieces, index of each piece's parameter in its group, parameters in the group,
+    the group's data-parallel process group). Every rank holds a piece of each parameter under
+    ZeRO-3, and of the parameters crossing its partition under ZeRO-1/2."""
+    if flat.grad is None:
+        raise RuntimeError("ZeRO stepped a partition without gradients; per-parameter clipping cannot run")
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        sub_group = _position(flat, zero.fp32_partitioned_groups_flat)
+        process_group = zero._get_sub_group_process_group(sub_group)
+        rank = torch.distributed.get_rank(group=process_group)
+        pieces, owners = [], []
+        params = zero.fp16_groups[sub_group]
+        for index, param in enumerate(params):
+            _, offset, partition_numel = zero.grad_position[zero.get_param_id(param)]
+            # The last ranks' partitions are padded past the parameter's end.
+            real = min(partition_numel, max(0, param.ds_numel - rank * partition_numel))
+            if real:
+                pieces.append(flat.grad.narrow(0, offset, real))
+                owners.append(index)
+        return pieces, owners, len(params), process_group
+    group = _position(flat, zero.single_partition_of_fp32_groups)  # ZeRO-1/2
+    pieces, owners = [], []
+    params = zero.bit16_groups[group]
+    for index, param in enumerate(params):
+        if param._hp_mapping is not None:
+            address = param._hp_mapping.get_hp_fragment_address()
+            pieces.append(flat.grad.narrow(0, address.start, address.numel))
+            owners.append(index)
+    return pieces, owners, len(params), zero.real_dp_process_group[group]
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -63,10 +108,21 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         student.to(self.device)
-        optimizer = build_adamw(param_groups(student), self.cfg.optim, peak_lr)
+        optimizer = build_adamw(param_groups(student, self.cfg.optim.wd_groups), self.cfg.optim, peak_lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=optimizer, config=deepspeed_config(self.cfg, self.dist.world_size)
         )
+        self.client_optimizer = optimizer  # our AdamW, which ZeRO steps on its flat partitions
+        if self.cfg.optim.clip_mode == "per_param" and self.cfg.optim.grad_clip is not None:
+            # ZeRO reduces the gradients into flat fp32 partitions, then steps our AdamW on them one
+            # partition at a time: clip there, just before each of those steps.
+            optimizer.register_step_pre_hook(self._clip_partition_per_parameter)
+
+    def _clip_partition_per_parameter(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for flat in group["params"]:
+                pieces, owners, num_params, process_group = zero_partition_pieces(self.optimizer, flat)
+                clip_per_parameter_(pieces, owners, num_params, self.cfg.optim.grad_clip, process_group)
 
     @property
     def module(self) -> nn.Module:
@@ -78,8 +134,11 @@ class DeepSpeedStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, lr: float, weight_decay: float) -> torch.Tensor:
+    def step(self, lr: float, weight_decay: float, skip: torch.Tensor) -> torch.Tensor:
         set_hyperparameters(self.optimizer, lr, weight_decay)
+        # ZeRO itself skips the whole step when the gradient norm is not finite; ``skip`` reaches
+        # the partitions' AdamW steps through the flag the fused kernel reads.
+        skip_update(self.client_optimizer, skip)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm if norm is not None else "nan"))

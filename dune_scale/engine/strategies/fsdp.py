@@ -1,7 +1,10 @@
 """FSDP2: ``fully_shard`` per transformer block and per projector, then the whole student.
 
-Parameters are sharded across ranks (fp32 master copy), gathered per block in bf16 for compute
-(``MixedPrecisionPolicy``) and gradients reduce-scattered in fp32. Checkpoints go through
+Parameters are sharded across ranks (fp32 master copy) and gradients reduce-scattered in fp32. By
+default the parameters are also gathered in fp32 and bf16 comes from autocast, as under ``single``,
+DeepSpeed and the official code (fp32 norms, layer-scales and residual stream);
+``strategy.fsdp_param_dtype=bf16`` gathers them in bf16 instead (half the all-gather traffic, but
+every op, the residual stream included, then runs in bf16). Checkpoints go through
 torch.distributed.checkpoint: each rank writes its own shards, and a run may resume on another
 number of ranks.
 """
@@ -20,7 +23,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from dune_scale.engine.optim import build_adamw, param_groups
 from dune_scale.engine.strategies.single import SingleStrategy
@@ -34,8 +36,8 @@ class FSDPStrategy(SingleStrategy):
     name = "fsdp"
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
-        bf16 = self.cfg.train.precision == "bf16"
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        bf16_params = self.cfg.train.precision == "bf16" and self.cfg.strategy.fsdp_param_dtype == "bf16"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16_params else None, reduce_dtype=torch.float32)
         reshard = self.cfg.strategy.reshard_after_forward
         student.to(self.device)
         for block in student.encoder.blocks:
@@ -46,11 +48,7 @@ class FSDPStrategy(SingleStrategy):
         # since backward needs them right away.
         fully_shard(student, mp_policy=policy, reshard_after_forward=False)
         self._module = student
-        self.optimizer = build_adamw(param_groups(student), self.cfg.optim, peak_lr)
-
-    def step(self, lr: float, weight_decay: float) -> torch.Tensor:
-        grad_norm = super().step(lr, weight_decay)
-        return grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        self.optimizer = build_adamw(param_groups(student, self.cfg.optim.wd_groups), self.cfg.optim, peak_lr)
 
     def save(self, directory: Path) -> None:
         model, optim = get_state_dict(self._module, self.optimizer)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dune_scale.engine.optim import build_adamw, param_groups, set_hyperparameters
+from dune_scale.engine.optim import build_adamw, clip_gradients_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
 
 
@@ -18,7 +18,7 @@ class SingleStrategy(Strategy):
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
         self._module = student.to(self.device)
-        self.optimizer = build_adamw(param_groups(self._module), self.cfg.optim, peak_lr)
+        self.optimizer = build_adamw(param_groups(self._module, self.cfg.optim.wd_groups), self.cfg.optim, peak_lr)
 
     @property
     def module(self) -> nn.Module:
@@ -27,9 +27,10 @@ class SingleStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, lr: float, weight_decay: float) -> torch.Tensor:
+    def step(self, lr: float, weight_decay: float, skip: torch.Tensor) -> torch.Tensor:
         set_hyperparameters(self.optimizer, lr, weight_decay)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._module.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = clip_gradients_(list(self._module.parameters()), self.cfg.optim)
+        skip_update(self.optimizer, skip | ~torch.isfinite(grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
