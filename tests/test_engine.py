@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -101,12 +103,35 @@ def _strategy(tmp_path: Path) -> SingleStrategy:
     return strategy
 
 
+@dataclasses.dataclass
+class _Box:
+    """A minimal Stateful component."""
+
+    value: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["value"]
+
+
+def _save_steps(ckpt: Checkpointer, strategy: SingleStrategy, steps: tuple[int, ...]) -> None:
+    for step in steps:
+        ckpt.save(step, strategy, {"progress": _Box(step)}, {"rng": _Box(torch.tensor([step]))})
+
+
 def test_checkpoints_are_atomic_pruned_and_skip_incomplete(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     strategy = _strategy(tmp_path)
-    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=2, dist=DistInfo())
-    for step in (1, 2, 3):
-        ckpt.save(step, strategy, {"step": step}, {"rng": torch.tensor([step])})
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=2, every_steps=2, dist=DistInfo())
+    assert [ckpt.due(step, final=False) for step in (1, 2, 3, 4)] == [False, True, False, True] and ckpt.due(3, final=True)
+    _save_steps(ckpt, strategy, (1, 2, 3))
     assert [p.name for p in ckpt.completed()] == ["step_000000002", "step_000000003"]
+    # Every component comes back, global and per rank, with the strategy's weights.
+    progress, rng, other = _Box(), _Box(), _strategy(tmp_path)
+    ckpt.load(ckpt.find_latest(), other, {"progress": progress}, {"rng": rng})
+    assert progress.value == 3 and torch.equal(rng.value, torch.tensor([3]))
+    assert all(torch.equal(a, b) for a, b in zip(strategy.module.state_dict().values(), other.module.state_dict().values()))
     assert not list((tmp_path / "ckpt").glob(".tmp*"))
     # A save killed half-way leaves a temporary folder; it is never a candidate.
     (tmp_path / "ckpt" / ".tmp_step_000000004").mkdir()
@@ -130,9 +155,8 @@ def _overwrite_same_size(path: Path, offset: int = 200) -> None:
 
 def test_same_size_corruption_falls_back_and_no_usable_checkpoint_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     strategy = _strategy(tmp_path)
-    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3, dist=DistInfo())
-    for step in (1, 2, 3):
-        ckpt.save(step, strategy, {"step": step}, {"rng": torch.tensor([step])})
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3, every_steps=1, dist=DistInfo())
+    _save_steps(ckpt, strategy, (1, 2, 3))
     manifest = json.loads((tmp_path / "ckpt" / "step_000000003" / MANIFEST).read_text())["files"]
     assert set(manifest) == {"model.pt", "optimizer.pt", "rank_00000.pt", TRAINER_STATE}
     assert all(len(entry["sha256"]) == 64 for entry in manifest.values())

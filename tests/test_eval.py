@@ -134,7 +134,7 @@ def _tiny_models() -> tuple[torch.nn.Module, torch.nn.Module, object]:
     cfg = load_config(TINY_CPU, ["data.remote_root=/nonexistent", "data.mixture=in1k"])
     teachers = build_teacher_ensemble(cfg.teachers.models, cfg.student.patch_size, torch.device("cpu"), torch.float32)
     student = build_student(cfg, teachers.embed_dims, teachers.tokens)
-    return student, teachers, build_objective(cfg, list(teachers.tokens))
+    return student, teachers, build_objective(cfg, list(teachers.tokens), world_size=1)
 
 
 @pytest.mark.parametrize(
@@ -152,10 +152,21 @@ def test_bad_eval_settings_are_named(override: str, message: str, demo_shards: P
         load_config(TINY_CPU, [f"data.remote_root={demo_shards}", override])
 
 
-def test_every_steps_without_validation_data_is_refused(tmp_path: Path, demo_shards: Path) -> None:
-    cfg = load_config(TINY_CPU, tiny_overrides(tmp_path / "run", demo_shards, "train.max_steps=1", "eval.every_steps=1"))
+def test_every_steps_validates_the_mixtures_val_splits_by_default(tmp_path: Path, demo_shards: Path) -> None:
+    """launch/train.py connects <remote_root>/<name>/val of every dataset with a val_size, and the
+    PCA pictures; a trainer assembled without validation data is refused instead of skipping it."""
+    from dune_scale.distributed import DistInfo
+    from dune_scale.engine.compose import build_trainer, check_run
+
+    out = tmp_path / "run"
+    cfg = load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=1", "eval.every_steps=1", "eval.max_batches=1"))
+    train(cfg)
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "val"]
+    assert sorted(r["dataset"] for r in records) == ["all", "synth_dino2", "synth_mast3r", "synth_multihmr"]
+    assert all(r["images"] == 12 for r in records if r["dataset"] != "all")
+    assert any((out / "pictures").glob("step_000000001_*.png"))
     with pytest.raises(ConfigError, match="no validation data"):
-        train(cfg)
+        build_trainer(cfg, DistInfo(), check_run(cfg, DistInfo()), loader=None)
 
 
 def test_training_records_carry_the_loss_split_drop_weights_grad_norms_and_norm_stats(tmp_path: Path, demo_shards: Path) -> None:

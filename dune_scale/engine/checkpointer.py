@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -126,17 +127,38 @@ def verify(folder: Path, dist_info: DistInfo) -> list[str]:
     return [problem for rank in sorted(found, key=int) for problem in found[rank]]
 
 
+class Stateful(Protocol):
+    """What a checkpoint holds besides the strategy's model and optimizer files."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class Checkpointer:
-    def __init__(self, root: Path, keep_last: int, dist: DistInfo) -> None:
+    """The one place that decides when a checkpoint is written (``due``) and what it holds: the
+    strategy's files plus the ``state_dict()`` of every named component, global (written by rank 0)
+    and per rank."""
+
+    def __init__(self, root: Path, keep_last: int, every_steps: int, dist: DistInfo) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        self.every_steps = every_steps
         self.dist = dist
+
+    def due(self, step: int, final: bool) -> bool:
+        """A periodic save after ``step`` (every ``checkpoint.every_steps``), or the run's last step."""
+        return final or step % self.every_steps == 0
 
     def folder_for(self, step: int) -> Path:
         return self.root / f"step_{step:09d}"
 
-    def save(self, step: int, strategy: Strategy, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, strategy: Strategy, components: Mapping[str, Stateful], rank_components: Mapping[str, Stateful]
+    ) -> Path:
         """Collective save; returns the final folder."""
+        trainer_state = {name: component.state_dict() for name, component in components.items()}
+        rank_state = {name: component.state_dict() for name, component in rank_components.items()}
         final = self.folder_for(step)
         tmp = self.root / f".tmp_step_{step:09d}"
         if self.dist.is_main:
@@ -217,13 +239,24 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint.resume: {folder} cannot be resumed from: " + "; ".join(problems))
         return folder
 
-    def load(self, folder: Path, strategy: Strategy) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore the strategy; returns (trainer state, this rank's state)."""
+    def load(
+        self, folder: Path, strategy: Strategy, components: Mapping[str, Stateful], rank_components: Mapping[str, Stateful]
+    ) -> None:
+        """Restore the strategy and every component from ``folder``."""
         if not is_complete(folder):
             raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt (its {MANIFEST} manifest does not match)")
-        trainer_state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+        trainer_state = read_trainer_state(folder)
         rank_file = folder / f"rank_{self.dist.rank:05d}.pt"
-        # A rank that did not exist at save time (resumed on more ranks) starts from fresh RNG streams.
+        # A rank that did not exist at save time (resumed on more ranks) gets empty states (fresh RNG streams).
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else {}
         strategy.load(folder)
-        return trainer_state, rank_state
+        for name, component in components.items():
+            component.load_state_dict(trainer_state[name])
+        for name, component in rank_components.items():
+            component.load_state_dict(rank_state.get(name, {}))
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """The global components' states of a checkpoint folder (``{component: state}``), for resuming
+    and for tools that read a run's step and config (resume checks, export)."""
+    return torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)

@@ -6,10 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dune_scale.config import Config, ConfigError
-from dune_scale.engine.checkpointer import TRAINER_STATE
+from dune_scale.engine.checkpointer import read_trainer_state
 
 # Settings that decide the shapes and meaning of the saved weights.
 _MODEL_KEYS = ("student", "projector", "train.image_size")
@@ -67,11 +65,11 @@ def layout_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None
 def check_resume_compatible(cfg: Config, folder: Path, layout: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` when ``folder`` (a checkpoint) cannot be resumed by this run, whose
     strategy writes the checkpoint ``layout``."""
-    state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-    problem = layout_problem(state.get("layout", {}), layout)
+    record = read_trainer_state(folder)["run"]
+    problem = layout_problem(record["layout"], layout)
     if problem:
         raise ConfigError(f"cannot resume from {folder}: {problem}")
-    saved = state.get("config", {})
+    saved = record["config"]
     differences = config_differences(saved, cfg.to_dict())
     if differences:
         raise ConfigError(

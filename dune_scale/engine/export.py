@@ -31,7 +31,7 @@ from torch import nn
 from dune_scale.data.transforms import ValTransform
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
-from dune_scale.engine.checkpointer import LATEST, MANIFEST, TRAINER_STATE, Checkpointer, is_complete
+from dune_scale.engine.checkpointer import LATEST, MANIFEST, Checkpointer, is_complete, read_trainer_state
 from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import VisionTransformer
 from dune_scale.teachers.checkpoints import UnreadableCheckpoint, load_allow_listed
@@ -333,8 +333,8 @@ def _read_checkpoint_folder(folder: Path) -> tuple[dict[str, torch.Tensor], int 
     """(state, step, config) of one checkpoint folder, whatever strategy wrote it."""
     if not is_complete(folder):
         raise StudentFileError(f"{folder}: checkpoint is incomplete or corrupt (its {MANIFEST} manifest does not match)")
-    trainer = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-    step, config = trainer.get("step"), trainer.get("config")
+    trainer = read_trainer_state(folder)
+    step, config = trainer["progress"]["step"], trainer["run"]["config"]
     if (folder / "model.pt").is_file():
         state = _check_tensors(folder / "model.pt", torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     elif (folder / "fsdp").is_dir():
@@ -422,7 +422,7 @@ def read_student(source: str | Path) -> StudentWeights:
 
 
 def _latest_complete(root: Path) -> Path | None:
-    return Checkpointer(root, keep_last=1, dist=DistInfo()).find_latest()
+    return Checkpointer(root, keep_last=1, every_steps=1, dist=DistInfo()).find_latest()
 
 
 def _read_exported_folder(folder: Path) -> StudentWeights:

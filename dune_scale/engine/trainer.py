@@ -1,29 +1,29 @@
-"""The training loop: batch → teacher features → student → loss → strategy step → metrics/checkpoints.
+"""The training loop: batch → teacher pass → student pass → update → logging → saving.
 
 The loop syncs with the host only at log steps (metrics are accumulated on the device) and at
-checkpoint steps. Everything that determines the future of the run is in ``state`` (global) and
-``rank_state`` (per rank), which the checkpointer writes and restores.
+checkpoint steps. Everything that determines the future of the run is a Stateful component the
+checkpointer writes and restores: ``progress`` (step, samples), the loader's position, the
+non-finite guard and, per rank, every RNG stream. The schedules are pure functions of the step.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from dune_scale.config import Config, parse_step_range
-from dune_scale.distill.objective import DistillObjective
-from dune_scale.distributed import DistInfo, all_reduce_sum, rank_seed
-from dune_scale.engine.checkpointer import Checkpointer
+from dune_scale.distill.objective import DistillObjective, Stats
+from dune_scale.distributed import DistInfo, all_reduce_sum
+from dune_scale.engine.checkpointer import Checkpointer, Stateful
 from dune_scale.engine.nonfinite import NonFiniteGuard, nonfinite_loss_flags
 from dune_scale.engine.preemption import PreemptionWatcher
+from dune_scale.engine.rng import RankRandomState
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategies import Strategy
@@ -37,9 +37,60 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainerState:
+class TrainProgress:
+    """Where the run is: optimizer steps taken and samples consumed by all ranks."""
+
+    global_batch: int
     step: int = 0
     samples_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "samples_seen": self.samples_seen, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        saved_batch = int(state["global_batch"])
+        if saved_batch != self.global_batch:
+            log.warning(
+                "the global batch changed from %d to %d: training continues from sample %d with the new batch "
+                "(the schedules are recomputed for it; the data order from here on differs from an unchanged run)",
+                saved_batch, self.global_batch, self.samples_seen,
+            )
+
+
+@dataclass
+class TeacherPass:
+    """One step's micro-batches on the device with their sample domains, and the teachers' features."""
+
+    inputs: list[tuple[torch.Tensor, list[str]]] = field(default_factory=list)
+    features: list[dict[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+    corrupt: int = 0  # undecodable images the loader replaced
+
+
+@dataclass
+class StudentPass:
+    """Device-side sums over a step's micro-batches, and the last student output (diagnostics)."""
+
+    loss_sum: torch.Tensor
+    teacher_sum: torch.Tensor
+    drop_sum: torch.Tensor
+    last_output: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    """What wrote the checkpoint (resolved config, strategy layout, rank count): read by the resume
+    checks before anything is restored and by export; restoring it changes nothing."""
+
+    config: dict[str, Any]
+    layout: dict[str, Any]
+    world_size: int
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "layout": self.layout, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checked by ``compat.check_resume_compatible`` before the restore; nothing to take over."""
 
 
 class Trainer:
@@ -69,10 +120,8 @@ class Trainer:
         self.checkpointer = checkpointer
         self.metrics = MetricsFile(output_dir / "metrics.jsonl")
         self.sample_log = MetricsFile(output_dir / "samples" / f"rank_{dist.rank:05d}.jsonl") if cfg.run.log_samples else None
-        self.state = TrainerState()
-        self.global_batch = cfg.global_batch_size(dist.world_size)
-        self.drop_generator = torch.Generator(device=dist.device)
-        self.drop_generator.manual_seed(rank_seed(cfg.run.seed, dist.rank))
+        self.state = TrainProgress(cfg.global_batch_size(dist.world_size))
+        self.rng = RankRandomState(cfg.run.seed, dist)
         self.phases = phases or NullPhaseTimer()
         self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
         self.evaluation = evaluation
@@ -82,64 +131,23 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips, objective.teacher_names)
 
     # ------------------------------------------------------------------ state
-    def rank_state(self) -> dict[str, Any]:
-        numpy_state = np.random.get_state(legacy=False)
-        state: dict[str, Any] = {
-            "python_rng": list(random.getstate()[1]),
-            "numpy_rng": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            "numpy_rng_pos": int(numpy_state["state"]["pos"]),
-            "torch_rng": torch.get_rng_state(),
-            "drop_rng": self.drop_generator.get_state(),
-        }
-        if self.dist.device.type == "cuda":  # a CPU run on a GPU machine has no CUDA device to ask
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.dist.device)
-        return state
+    def components(self) -> dict[str, Stateful]:
+        """The global Stateful parts of the run (rank 0 writes them; every rank restores them)."""
+        record = RunRecord(self.cfg.to_dict(), self.strategy.checkpoint_layout(), self.dist.world_size)
+        # The loader's position is global (samples of the epoch consumed by all ranks), so every
+        # rank restores it, including ranks that did not exist at save time.
+        return {"progress": self.state, "run": record, "loader": self.loader, "nonfinite": self.nonfinite}
 
-    def load_rank_state(self, state: dict[str, Any]) -> None:
-        if not state:
-            log.warning("rank %d has no saved RNG state (more ranks than at save time): fresh RNG streams", self.dist.rank)
-            return
-        random.setstate((3, tuple(state["python_rng"]), None))
-        numpy_state = np.random.get_state(legacy=False)
-        numpy_state["state"] = {"key": state["numpy_rng"].numpy().astype(np.uint64), "pos": state["numpy_rng_pos"]}
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(state["torch_rng"])
-        self.drop_generator.set_state(state["drop_rng"])
-        if "cuda_rng" in state and self.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.dist.device)
-
-    def trainer_state(self) -> dict[str, Any]:
-        return {
-            "step": self.state.step,
-            "samples_seen": self.state.samples_seen,
-            "global_batch": self.global_batch,
-            "world_size": self.dist.world_size,
-            "layout": self.strategy.checkpoint_layout(),
-            # The loader's position is global (samples of the epoch consumed by all ranks), so every
-            # rank restores it, including ranks that did not exist at save time.
-            "loader": self.loader.state_dict(),
-            "config": self.cfg.to_dict(),
-            "nonfinite": self.nonfinite.state_dict(),
-        }
+    def rank_components(self) -> dict[str, Stateful]:
+        return {"rng": self.rng}
 
     def restore(self, folder: Path) -> None:
-        trainer_state, rank_state = self.checkpointer.load(folder, self.strategy)
-        self.state = TrainerState(step=int(trainer_state["step"]), samples_seen=int(trainer_state["samples_seen"]))
-        self.load_rank_state(rank_state)
-        self.loader.load_state_dict(trainer_state["loader"])
-        self.nonfinite.load_state_dict(trainer_state.get("nonfinite", {}))
-        saved_batch = int(trainer_state.get("global_batch", self.global_batch))
-        if saved_batch != self.global_batch:
-            log.warning(
-                "the global batch changed from %d to %d: training continues from sample %d with the new batch "
-                "(the schedules are recomputed for it; the data order from here on differs from an unchanged run)",
-                saved_batch, self.global_batch, self.state.samples_seen,
-            )
+        self.checkpointer.load(folder, self.strategy, self.components(), self.rank_components())
         log.info("resumed from %s at step %d (%d samples seen)", folder, self.state.step, self.state.samples_seen)
 
     def save(self) -> Path:
         self.nonfinite.check()  # never save past a step the policy refuses
-        folder = self.checkpointer.save(self.state.step, self.strategy, self.trainer_state(), self.rank_state())
+        folder = self.checkpointer.save(self.state.step, self.strategy, self.components(), self.rank_components())
         log.info("saved checkpoint %s", folder)
         return folder
 
@@ -168,81 +176,92 @@ class Trainer:
     def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns device-side metrics."""
         step = self.state.step
-        momentum = self.schedules.norm_momentum(step)
-        accum = self.cfg.train.grad_accum_steps
-        loss_sum = torch.zeros((), device=self.dist.device)
-        teacher_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
-        drop_sum = torch.zeros(len(self.objective.teacher_names), device=self.dist.device)
-        phases = self.phases
-        micro_batches, teacher_outs = [], []
-        corrupt = 0
-        # Teachers first, for every micro-batch: the standardisation statistics are those of the
-        # whole step (as one large batch would have), at the cost of holding accum× teacher features.
-        for _ in range(accum):
-            with phases.phase("data"):
+        teachers = self._teacher_pass(batches, step)
+        # The running teacher statistics as they were, in case the update is skipped (non-finite).
+        norm_buffers = list(self.strategy.module.teacher_norms.buffers())
+        norm_before = [buffer.clone() for buffer in norm_buffers]
+        with self.phases.phase("loss"):
+            stats = self.objective.teacher_statistics(
+                teachers.features, self.strategy.module.teacher_norms, self.schedules.norm_momentum(step)
+            )
+        student = self._student_pass(teachers, stats)
+        diagnostics: dict[str, torch.Tensor] = {}
+        if self._logs_at(step + 1):  # costly diagnostics only where they are read
+            diagnostics["loss_split"] = self.diagnostics.loss_split(student.last_output, teachers.features[-1], stats)
+            diagnostics["group_grad_norms"] = self.diagnostics.grad_norms(self.strategy.module)
+        grad_norm = self._update(step, student, list(zip(norm_buffers, norm_before)))
+        self.state.step += 1
+        self.state.samples_seen += self.state.global_batch
+        accum = len(teachers.features)
+        return {
+            "loss": student.loss_sum / accum,
+            "teachers": student.teacher_sum / accum,
+            "grad_norm": grad_norm.detach().float(),
+            "corrupt": torch.full((), float(teachers.corrupt), device=self.dist.device),  # no host→device sync
+            "drop_weights": student.drop_sum / accum,
+            **diagnostics,
+        }
+
+    def _teacher_pass(self, batches: Iterator[dict[str, Any]], step: int) -> TeacherPass:
+        """Teachers first, for every micro-batch: the standardisation statistics are those of the
+        whole step (as one large batch would have), at the cost of holding accum× teacher features."""
+        done = TeacherPass()
+        for _ in range(self.cfg.train.grad_accum_steps):
+            with self.phases.phase("data"):
                 batch = next(batches)
                 images = batch["images"].to(self.dist.device, non_blocking=True)
-                corrupt += int(batch.get("corrupt", 0))
+                done.corrupt += int(batch.get("corrupt", 0))
             if self.sample_log is not None:
                 ids = [f"{name}/{index}" for name, index in zip(batch["dataset"], batch["index"].tolist())]
                 self.sample_log.write({"step": step + 1, "samples": ids})
-            with phases.phase("teacher_forward"):
-                teacher_outs.append(self.teachers(images))
-            micro_batches.append((images, [self.domain_of(name) for name in batch["dataset"]]))
-        norm_buffers = list(self.strategy.module.teacher_norms.buffers())
-        norm_before = [b.clone() for b in norm_buffers]
-        with phases.phase("loss"):
-            stats = self.objective.teacher_statistics(teacher_outs, self.strategy.module.teacher_norms, momentum)
-        for (images, domains), teacher_out in zip(micro_batches, teacher_outs):
-            with phases.phase("student_forward"), self.strategy.autocast():
-                student_out = self.strategy.forward(images)
-            with phases.phase("loss"):
-                out = self.objective(student_out, teacher_out, stats, domains, self.drop_generator)
-            with phases.phase("backward"):
+            with self.phases.phase("teacher_forward"):
+                done.features.append(self.teachers(images))
+            done.inputs.append((images, [self.domain_of(name) for name in batch["dataset"]]))
+        return done
+
+    def _student_pass(self, teachers: TeacherPass, stats: Stats) -> StudentPass:
+        """Student forward, loss and backward of every micro-batch (gradients accumulate)."""
+        accum = len(teachers.features)
+        names = self.objective.teacher_names
+        done = StudentPass(
+            loss_sum=torch.zeros((), device=self.dist.device),
+            teacher_sum=torch.zeros(len(names), device=self.dist.device),
+            drop_sum=torch.zeros(len(names), device=self.dist.device),
+        )
+        for (images, domains), teacher_out in zip(teachers.inputs, teachers.features):
+            with self.phases.phase("student_forward"), self.strategy.autocast():
+                done.last_output = self.strategy.forward(images)
+            with self.phases.phase("loss"):
+                out = self.objective(done.last_output, teacher_out, stats, domains, self.rng.drop_generator)
+            with self.phases.phase("backward"):
                 self.strategy.backward(out.loss / accum)
-            loss_sum += out.loss.detach()
-            teacher_sum += out.per_teacher()
-            drop_sum += out.coefficients.sum(dim=1)
-        diagnostics: dict[str, torch.Tensor] = {}
-        if self._logs_at(step + 1):  # costly diagnostics only where they are read
-            diagnostics["loss_split"] = self.diagnostics.loss_split(student_out, teacher_out, stats)
-            diagnostics["group_grad_norms"] = self.diagnostics.grad_norms(self.strategy.module)
-        with phases.phase("optimizer"):
-            loss_flags = nonfinite_loss_flags(teacher_sum, loss_sum)
+            done.loss_sum += out.loss.detach()
+            done.teacher_sum += out.per_teacher()
+            done.drop_sum += out.coefficients.sum(dim=1)
+        return done
+
+    def _update(
+        self, step: int, student: StudentPass, norm_buffers: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Clip and apply the accumulated gradients, unless the loss or the gradient norm is not
+        finite (decided on the device); a skipped step leaves the running teacher statistics as
+        they were, too. Returns the pre-clip gradient norm."""
+        with self.phases.phase("optimizer"):
+            loss_flags = nonfinite_loss_flags(student.teacher_sum, student.loss_sum)
             grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step), loss_flags.any())
             skipped = loss_flags.any() | ~torch.isfinite(grad_norm.detach().float())
-            # A skipped step leaves the running teacher statistics as they were, too.
-            for buffer, before in zip(norm_buffers, norm_before):
+            for buffer, before in norm_buffers:
                 buffer.copy_(torch.where(skipped, before, buffer))
         self.nonfinite.record(step + 1, loss_flags, skipped)
-        self.state.step += 1
-        self.state.samples_seen += self.global_batch
-        return {
-            "loss": loss_sum / accum,
-            "teachers": teacher_sum / accum,
-            "grad_norm": grad_norm.detach().float(),
-            "corrupt": torch.full((), float(corrupt), device=self.dist.device),  # no host→device sync
-            "drop_weights": drop_sum / accum,
-            **diagnostics,
-        }
+        return grad_norm
 
     def _logs_at(self, step: int) -> bool:
         return step % self.cfg.run.log_every == 0 or step == self.stop_step
 
     def fit(self) -> bool:
         """Train to ``stop_step``; returns False when a stop signal ended the run early (after saving)."""
-        cfg = self.cfg
-        console = ConsoleReporter(cfg.run.console if self.dist.is_main else "none", self.stop_step, self.state.step)
-        sinks = [self.metrics]
-        if self.dist.is_main:
-            self.metrics.truncate_after(self.state.step)
-            if cfg.run.wandb_project:
-                sinks.append(WandbSink(cfg.run.wandb_project, self.metrics.path.parent, cfg.to_dict()))
-            if cfg.run.tensorboard or (cfg.run.tensorboard is None and tensorboard_available()):
-                sinks.append(TensorBoardSink(self.metrics.path.parent))
-        if self.sample_log is not None:
-            self.sample_log.path.parent.mkdir(parents=True, exist_ok=True)
-            self.sample_log.truncate_after(self.state.step)
+        console = ConsoleReporter(self.cfg.run.console if self.dist.is_main else "none", self.stop_step, self.state.step)
+        sinks = self._open_sinks()
         throughput = Throughput()
         throughput.reset(self.state.samples_seen)
         pending: list[dict[str, torch.Tensor]] = []
@@ -256,18 +275,11 @@ class Trainer:
                     pending.append(self.train_step(batches))
                 step = self.state.step
                 if self._logs_at(step):
-                    self.nonfinite.check()
-                    record = self._log_record(pending, throughput.rate(self.state.samples_seen))
-                    # Updates skipped for a non-finite loss or grad norm since the previous record.
-                    record["nonfinite_skips"] = self.nonfinite.take_skip_count()
+                    self._log(pending, throughput.rate(self.state.samples_seen), sinks, console)
                     pending = []
-                    if self.dist.is_main:
-                        for sink in sinks:
-                            sink.write(record)
-                    console.update(record)
                 if self.evaluation is not None and self._evaluate(sinks, preemption):
                     throughput.reset(self.state.samples_seen)  # img_per_s stays a training rate
-                saved = step % cfg.checkpoint.every_steps == 0 or step == self.stop_step
+                saved = self.checkpointer.due(step, final=step == self.stop_step)
                 if saved:
                     self.save()
                     throughput.reset(self.state.samples_seen)
@@ -284,6 +296,32 @@ class Trainer:
             console.close()
             for sink in sinks[1:]:
                 sink.close()
+
+    def _open_sinks(self) -> list[Any]:
+        """metrics.jsonl (cut back to the resumed step) and, on the main rank, W&B and TensorBoard."""
+        cfg = self.cfg
+        sinks: list[Any] = [self.metrics]
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.state.step)
+            if cfg.run.wandb_project:
+                sinks.append(WandbSink(cfg.run.wandb_project, self.metrics.path.parent, cfg.to_dict()))
+            if cfg.run.tensorboard or (cfg.run.tensorboard is None and tensorboard_available()):
+                sinks.append(TensorBoardSink(self.metrics.path.parent))
+        if self.sample_log is not None:
+            self.sample_log.path.parent.mkdir(parents=True, exist_ok=True)
+            self.sample_log.truncate_after(self.state.step)
+        return sinks
+
+    def _log(self, pending: list[dict[str, torch.Tensor]], img_per_s: float, sinks: list[Any], console: ConsoleReporter) -> None:
+        """A log step: the non-finite policy first, then one record for the interval to every sink."""
+        self.nonfinite.check()
+        record = self._log_record(pending, img_per_s)
+        # Updates skipped for a non-finite loss or grad norm since the previous record.
+        record["nonfinite_skips"] = self.nonfinite.take_skip_count()
+        if self.dist.is_main:
+            for sink in sinks:
+                sink.write(record)
+        console.update(record)
 
     def _evaluate(self, sinks: list[Any], preemption: PreemptionWatcher) -> bool:
         """Validation, k-NN, pictures when due after this step (all ranks); True when any ran."""
