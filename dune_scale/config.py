@@ -591,14 +591,6 @@ def _check_eval_and_telemetry(config: Config) -> None:
         _fail("eval.knn_temperature", e.knn_temperature, "a positive temperature (DINO uses 0.07)")
     if e.knn_every_steps is not None and not (e.knn_train and e.knn_val):
         _fail("eval.knn_every_steps", e.knn_every_steps, "it needs eval.knn_train and eval.knn_val (labelled image folders)")
-    for key, folder in (("eval.knn_train", e.knn_train), ("eval.knn_val", e.knn_val)):
-        if folder and not Path(folder).is_dir():
-            _fail(key, folder, "an existing folder: an ImageFolder tree (one sub-folder per class) or MDS shards with a label column")
-    if config.run.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            _fail("run.tensorboard", True, "it needs the tensorboard package: pip install tensorboard (or leave it unset)")
     if config.run.profile_steps is not None:
         try:
             parse_step_range(config.run.profile_steps)

@@ -2,7 +2,7 @@
 
 import sys
 
-from dune_scale.data.convert import main
+from dune_scale.cli.convert_data import main
 
 if __name__ == "__main__":
     sys.exit(main())

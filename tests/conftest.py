@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +104,23 @@ def global_batches(out: Path) -> list[list[str]]:
         for record in read_metrics(path):
             steps.setdefault(record["step"], []).extend(record["samples"])
     return [sorted(steps[s]) for s in sorted(steps)]
+
+
+@pytest.fixture(autouse=True)
+def release_streaming_shared_memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close the shared memory of every dataset a test builds in this process, as training does at
+    its end: Streaming keeps it until exit and each new dataset re-opens all earlier ones, which
+    would take the suite past the file-descriptor limit."""
+    from dune_scale.data.dataset import MixtureDataset
+
+    built: list[MixtureDataset] = []
+    original = MixtureDataset.__init__
+
+    def tracked(self: MixtureDataset, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(MixtureDataset, "__init__", tracked)
+    yield
+    for dataset in built:
+        dataset.release_shared_memory()

@@ -525,7 +525,8 @@ def test_bedlam_closeup_images_are_rotated_like_the_official_loader(tmp_path: Pa
 
 
 def test_oversized_images_are_downscaled_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dune_scale.data.convert import REPORT_NAME, main
+    from dune_scale.cli.convert_data import main
+    from dune_scale.data.convert import REPORT_NAME
 
     _save(tmp_path / "src" / "big.jpg", 150, 200)
     _save(tmp_path / "src" / "big.png", 150, 200, seed=1)
@@ -605,8 +606,8 @@ def test_s3_endpoint_that_never_answers_is_bounded_by_its_timeout(
     botocore's minutes of retries."""
     import time
 
+    from dune_scale.cli.convert_data import main as convert_main
     from dune_scale.data import DataError
-    from dune_scale.data.convert import main as convert_main
     from dune_scale.data.remote import check_access
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
@@ -769,3 +770,31 @@ def test_workers_die_with_a_killed_parent(long_demo: Path, tmp_path: Path) -> No
         if process.poll() is None:
             process.kill()
     _assert_no_process_left(marker)
+
+
+def test_closing_a_loader_frees_its_shared_memory(demo: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Streaming would hold a loader's shared-memory segments (and a file descriptor each) until the
+    process exits, and every later loader opens them again: closing one frees them for good."""
+    import os
+
+    from dune_scale.data import close_loader
+
+    def segments() -> set[str]:
+        """The shared-memory files this process holds open."""
+        names = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # closed meanwhile (e.g. the listing's own descriptor)
+                continue
+        return {name for name in names if name.startswith("/dev/shm/")}
+
+    root, mixture = demo
+    before = segments()
+    loader = build_train_loader(DataCfg(str(root), mixture, num_workers=0), image_size=16, batch_size=6, seed=0)
+    batches_of(loader, 2)
+    held = segments() - before
+    assert any(name.endswith("_locals") for name in held)
+    close_loader(loader)
+    assert not (segments() - before), sorted(segments() - before)
+    assert not [name for name in held if os.path.exists(name)]  # unlinked: later loaders do not open them

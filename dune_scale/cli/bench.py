@@ -50,7 +50,7 @@ from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, load_config
 from dune_scale.data.mixture import Mixture
 from dune_scale.distributed import DistInfo, rank_seed
-from dune_scale.engine.compose import build_encoder, build_trainer, check_run
+from dune_scale.engine.compose import RunPlan, build_encoder, build_trainer, check_run
 from dune_scale.telemetry.flops import dune_step_flops
 from dune_scale.telemetry.phases import PhaseTimer
 from dune_scale.telemetry.reference_step import (
@@ -233,6 +233,20 @@ def measure(cfg: Config, options: BenchOptions, result: VariantResult, dist: Dis
         )
     else:
         loader = synthetic_batches(cfg, mixture, device, dist.rank)
+    try:
+        _time_steps(cfg, options, result, dist, plan, loader)
+    finally:
+        if options.real_data:
+            from dune_scale.data import close_loader
+
+            close_loader(loader)
+
+
+def _time_steps(
+    cfg: Config, options: BenchOptions, result: VariantResult, dist: DistInfo, plan: RunPlan, loader: Any
+) -> None:
+    """Warm up, time ``options.steps`` training steps on ``loader`` and fill ``result``."""
+    device = dist.device
     phases = PhaseTimer(device)
     trainer = build_trainer(cfg, dist, plan, loader, phases)
     flops = dune_step_flops(trainer.strategy.module, trainer.teachers.teachers, cfg.train.image_size)

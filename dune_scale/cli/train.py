@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from dune_scale import distributed
 from dune_scale.cli.common import run_program, setup_logging
@@ -30,6 +31,7 @@ def train(cfg: Config, val: ValidationData | None = None, feature_pictures: Feat
     dist = distributed.init_distributed(cfg.run.device)
     setup_logging(dist.is_main)
     output_dir = Path(cfg.run.output_dir)
+    built: list[Any] = []  # loaders made here, whose shared memory is freed at the end
     try:
         plan = check_run(cfg, dist)  # before anything is written
         if dist.is_main:
@@ -44,8 +46,10 @@ def train(cfg: Config, val: ValidationData | None = None, feature_pictures: Feat
             seed=cfg.run.seed,
             epoch_size=cfg.train.epoch_size,
         )
+        built.append(loader)
         if cfg.eval.every_steps is not None and val is None:
             val = validation_loaders(cfg, dist.world_size)
+            built += val[1]
             feature_pictures = feature_pictures or pca_feature_pictures
         trainer = build_trainer(cfg, dist, plan, loader, val=val, feature_pictures=feature_pictures)
         resume_from = trainer.checkpointer.resume_folder(cfg.checkpoint.resume)
@@ -62,6 +66,11 @@ def train(cfg: Config, val: ValidationData | None = None, feature_pictures: Feat
         del trainer  # sharded modules go while their process group still exists
         distributed.barrier()  # nobody tears the process group down while a peer still uses it
     finally:
+        if built:
+            from dune_scale.data.loader import close_loader
+
+            for made in built:
+                close_loader(made)
         distributed.shutdown()
     return completed
 

@@ -6,6 +6,7 @@ On top of Streaming it adds grouped batching (``batching.py``), per-sample augme
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from concurrent.futures import Future
@@ -14,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
+from streaming.base.shared.memory import SharedMemory
 
 from dune_scale.data.batching import GROUPED, register_grouped_batching, samples_per_epoch, worker_positions
 from dune_scale.data.errors import DataError
@@ -60,6 +62,18 @@ class MixtureDataset(StreamingDataset):
         self._positions = np.zeros(0, np.int64)
         self._position: int | None = None
         self._background_error: BaseException | None = None
+
+    def release_shared_memory(self) -> None:
+        """Close (and, where this process created them, unlink) the dataset's shared-memory segments.
+
+        Streaming keeps every segment alive until the interpreter exits, and each new dataset in the
+        same process opens all earlier ones while choosing its prefix: a process that builds loaders
+        again and again (benchmark variants, validation sets, tests) would run out of file
+        descriptors. Call it once the loader is done with; the dataset cannot be iterated after.
+        """
+        for segment in _shared_memory_of(self):
+            segment.cleanup()  # idempotent: a second call finds nothing left to unlink
+            atexit.unregister(segment.cleanup)
 
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         """Streaming's resume state, with a finished epoch saved as the start of the next one.
@@ -168,3 +182,15 @@ class MixtureDataset(StreamingDataset):
             raise
         except Exception as err:
             raise self._shard_error(self.spanner[sample_id][0], err) from None
+
+
+def _shared_memory_of(holder: object) -> list[SharedMemory]:
+    """Streaming's segments held by ``holder`` (a dataset) and, recursively, by its shared-state
+    helpers (SharedArray, SharedScalar, SharedBarrier hold theirs one or two levels down)."""
+    found: list[SharedMemory] = []
+    for value in vars(holder).values():
+        if isinstance(value, SharedMemory):
+            found.append(value)
+        elif type(value).__module__.startswith("streaming.base.shared"):
+            found += _shared_memory_of(value)
+    return found

@@ -111,6 +111,14 @@ def build_train_loader(
     return _build_loader(data_cfg, mixture, None, transform, batch_size, seed, epoch_size, data_cfg.shuffle)
 
 
+def close_loader(loader: Any) -> None:
+    """Free what a loader built here holds until interpreter exit otherwise (Streaming's shared
+    memory); it cannot be iterated afterwards. Loaders without such state pass through."""
+    release = getattr(getattr(loader, "dataset", None), "release_shared_memory", None)
+    if release is not None:
+        release()
+
+
 def validation_datasets(data_cfg: Any) -> list[str]:
     """The mixture's datasets that have a validation split (a ``val_size`` in the mixture spec), in
     mixture order; as in the official code, in19k and cuffs have none."""

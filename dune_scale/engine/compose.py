@@ -57,6 +57,14 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
         raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
     if cfg.strategy.fsdp_param_dtype != "fp32" and name != "fsdp":
         raise ConfigError(f"strategy.fsdp_param_dtype is set but strategy.name={name}; it only applies to fsdp")
+    for key, folder in (("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)):
+        if folder and not Path(folder).is_dir():
+            raise ConfigError(
+                f"{key}: {folder!r} is not an existing folder; give an ImageFolder tree (one sub-folder per "
+                "class) or MDS shards with a label column"
+            )
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install tensorboard (or leave it unset)")
     if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"run.wandb_project={cfg.run.wandb_project} needs the wandb package: pip install -e '.[wandb]'")
     _check_teacher_sharding(cfg.teachers.shard, dist)
