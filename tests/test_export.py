@@ -214,14 +214,15 @@ def test_official_files_load_in_every_form(vits_file, tmp_path: Path, prefix: st
 
 @torch.no_grad()
 def test_stage_two_starts_from_a_released_dune_file_at_a_new_resolution(vits_file, tmp_path: Path) -> None:
-    from dune_scale.engine.pretrained import load_pretrained_student, resample_pos_embed
+    from dune_scale.engine.pretrained import load_pretrained_student
+    from dune_scale.models.vit import resample_pos_embed
 
     _, student = vits_file
     path = _official_file(student, tmp_path / "released.pth", "module.")
     stage2 = vit_small_student(seed=5, image_size=42)
     load_pretrained_student(stage2, path)
     loaded, original = stage2.state_dict(), student.state_dict()
-    assert torch.equal(loaded["encoder.pos_embed"], resample_pos_embed(original["encoder.pos_embed"], 3))
+    assert torch.equal(loaded["encoder.pos_embed"], resample_pos_embed(original["encoder.pos_embed"], 3, 3))
     for key in ("encoder.blocks.11.mlp.fc2.weight", "projectors.dino2reg_vitlarge_14.head.bias",
                 "teacher_norms.multihmr_vitlarge_14_672.patch.running_mean", "encoder.register_tokens"):
         assert torch.equal(loaded[key], original[key])

@@ -14,10 +14,10 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dune_scale.engine.export import StudentFileError, read_student
+from dune_scale.models.vit import resample_pos_embed
 
 
 class PretrainedError(ValueError):
@@ -33,23 +33,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise PretrainedError(f"student.pretrained: {err}") from None
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, 1+M*M, D) → (1, 1+grid*grid, D): bicubic over the patch grid, class position kept."""
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    side = math.isqrt(patch_pos.shape[1])
-    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)
-    return torch.cat([cls_pos, patch_pos], dim=1)
-
-
 def load_pretrained_student(student: nn.Module, path: Path) -> None:
     """Encoder weights strictly; projectors and teacher norms where the checkpoint has them."""
     state = read_state_dict(path)
     own = student.state_dict()
     key = "encoder.pos_embed"
     if key in state and state[key].shape != own[key].shape:
-        state[key] = resample_pos_embed(state[key], math.isqrt(own[key].shape[1] - 1))
+        # The table the stage-1 encoder itself would use at the new resolution (DINOv2's rule).
+        grid = math.isqrt(own[key].shape[1] - 1)
+        encoder = student.encoder
+        state[key] = resample_pos_embed(state[key], grid, grid, encoder.interpolate_offset, encoder.interpolate_antialias)
     missing = [k for k in own if k.startswith("encoder.") and k not in state]
     if missing:
         raise PretrainedError(f"student.pretrained: {path} lacks encoder weights, e.g. {missing[0]}")

@@ -124,6 +124,28 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+def resample_pos_embed(
+    pos_embed: torch.Tensor, rows: int, cols: int, offset: float = 0.1, antialias: bool = False
+) -> torch.Tensor:
+    """(1, 1+M², D) table → (1, 1+rows·cols, D) by DINOv2's rule (bicubic; with an ``offset`` the
+    scale factors (rows + offset)/M, (cols + offset)/M decide the source coordinates, else the target
+    size); the class position is kept. The one resampling of the project: forward passes at another
+    resolution and stage-2 initialisation from a lower-resolution checkpoint both use it."""
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    pos = pos_embed.float()
+    grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if offset:
+        # Scale factors (not a target size) decide the source coordinates: (i + 0.5) / s − 0.5.
+        scale = ((rows + offset) / side, (cols + offset) / side)
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=antialias)
+    else:
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=antialias)
+    if grid.shape[-2:] != (rows, cols):
+        raise RuntimeError(f"positional embedding resampled to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+    return torch.cat([pos[:, :1], grid], dim=1).to(pos_embed.dtype)
+
+
 def init_linear_trunc_normal(module: nn.Module) -> None:
     """DINOv2/timm init for training from scratch: trunc-normal(0.02) weights, zero biases."""
     if isinstance(module, nn.Linear):
@@ -212,21 +234,8 @@ class VisionTransformer(nn.Module):
         )
 
     def _resample_pos_embed(self, height: int, width: int) -> torch.Tensor:
-        stored = self.pos_embed.shape[1] - 1
-        side = int(math.sqrt(stored))
         rows, cols = height // self.patch_size, width // self.patch_size
-        pos = self.pos_embed.float()
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        if self.interpolate_offset:
-            # Scale factors (not a target size) decide the source coordinates: (i + 0.5) / s − 0.5.
-            scale = ((rows + self.interpolate_offset) / side, (cols + self.interpolate_offset) / side)
-            grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=self.interpolate_antialias)
-        else:
-            grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=self.interpolate_antialias)
-        if grid.shape[-2:] != (rows, cols):
-            raise RuntimeError(f"positional embedding resampled to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
-        grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
-        return torch.cat([pos[:, :1], grid], dim=1).to(self.pos_embed.dtype)
+        return resample_pos_embed(self.pos_embed, rows, cols, self.interpolate_offset, self.interpolate_antialias)
 
     def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[cls, registers, patches]; registers are inserted after the positional embedding."""
