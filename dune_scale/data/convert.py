@@ -41,6 +41,7 @@ from streaming.base.storage import CloudDownloader, CloudUploader
 
 from dune_scale.data.remote import bounded_s3_client, check_bucket, storage_error
 from dune_scale.data.synthetic import MDS_COLUMNS, MDS_HASHES
+from dune_scale.files import atomic_write
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Formats stored byte for byte; anything else is re-encoded.
@@ -251,10 +252,8 @@ class _Output:
 
 
 def _write_json(output: _Output, basename: str, obj: Any) -> None:
-    path = os.path.join(output.local, basename)
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_write(Path(output.local) / basename) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     output.store(basename)
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from dune_scale.distributed import DistInfo, barrier
 from dune_scale.engine.strategies import Strategy
+from dune_scale.files import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +39,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (named in the message)."""
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _sha256(path: Path) -> str:
@@ -178,12 +166,12 @@ class Checkpointer:
         )
         if self.dist.is_main:
             for name in names:
-                _fsync_path(tmp / name)
+                fsync_path(tmp / name)
             _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
             _write_atomic(self.root / LATEST, final.name + "\n")
             self._prune()
         barrier()

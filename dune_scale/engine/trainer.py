@@ -28,6 +28,7 @@ from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategies import Strategy
 from dune_scale.eval.periodic import PeriodicEvaluation
+from dune_scale.files import atomic_write
 from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, WandbSink, finite_or_none
 from dune_scale.telemetry.phases import NullPhaseTimer
 from dune_scale.telemetry.profiler import StepProfiler
@@ -158,9 +159,8 @@ class Trainer:
         if self.dist.is_main:
             from safetensors.torch import save_file
 
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-            tmp.replace(path)
+            with atomic_write(path) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
     # ------------------------------------------------------------------ loop
     def batches(self) -> Iterator[dict[str, Any]]:
