@@ -1,4 +1,4 @@
-"""Images on disk → one MDS folder per dataset (columns of ``synthetic.MDS_COLUMNS``), local or remote.
+"""Images on disk → one MDS folder per dataset (columns of ``schema.MDS_COLUMNS``), local or remote.
 
 Layout: the training split of dataset ``NAME`` goes to ``<root>/NAME``, its validation split
 (``--split val``) to ``<root>/NAME/val`` (Streaming's ``split`` subfolder), so a dataset's folder
@@ -40,7 +40,7 @@ from streaming import MDSWriter
 from streaming.base.storage import CloudDownloader, CloudUploader
 
 from dune_scale.data.remote import bounded_s3_client, check_bucket, storage_error
-from dune_scale.data.synthetic import MDS_COLUMNS, MDS_HASHES
+from dune_scale.data.schema import MDS_COLUMNS, MDS_HASHES
 from dune_scale.files import atomic_write
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

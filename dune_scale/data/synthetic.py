@@ -15,10 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from streaming import MDSWriter
 
-# ``image``: the stored bytes, ``format`` their format (jpeg | png | webp), ``rotate`` degrees
-# counter-clockwise applied at load. Shards of earlier versions hold ``jpeg`` instead of these three.
-MDS_COLUMNS = {"image": "bytes", "format": "str", "rotate": "int", "dataset": "str", "index": "int"}
-MDS_HASHES = ["sha1", "xxh64"]
+from dune_scale.data.schema import MDS_COLUMNS, MDS_HASHES
+
 # Garbage written in place of an image when a test asks for corrupt samples.
 CORRUPT_BYTES = b"\xff\xd8\xff\xe0 this is not a JPEG"
 

@@ -41,7 +41,7 @@ def decode_image(data: bytes, rotate: int = 0) -> torch.Tensor:
 
 
 def decode_stored_image(sample: dict[str, Any]) -> torch.Tensor:
-    """An MDS sample's image: the ``image`` column (any format, see ``synthetic.MDS_COLUMNS``) with its
+    """An MDS sample's image: the ``image`` column (any format, see ``schema.MDS_COLUMNS``) with its
     ``rotate`` angle, or the ``jpeg`` column of shards written before formats were kept."""
     data = sample["image"] if "image" in sample else sample["jpeg"]
     return decode_image(data, int(sample.get("rotate", 0)))
