@@ -47,7 +47,9 @@ def single_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> t
     return out, run_training("single", out, demo_shards, "train.max_steps=5")
 
 
-@pytest.mark.parametrize("strategy, stage", [("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)])
+# ZeRO-1 shares DeepSpeed's stage-1/2 optimizer with ZeRO-2; bitwise resume after a stop signal is
+# test_preemption's (single, FSDP, ZeRO-2), kept out of here to hold the suite's time.
+@pytest.mark.parametrize("strategy, stage", [("fsdp", 0), ("deepspeed", 2), ("deepspeed", 3)])
 def test_strategy_trains_checkpoints_resumes_and_matches_single(
     strategy: str, stage: int, tmp_path: Path, demo_shards: Path, single_run: tuple[Path, list[dict]]
 ) -> None:
@@ -64,16 +66,6 @@ def test_strategy_trains_checkpoints_resumes_and_matches_single(
     assert [r["step"] for r in resumed] == list(range(1, 8))
     assert losses(resumed)[:5] == losses(first)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000007"
-
-
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(strategy: str, tmp_path: Path, demo_shards: Path) -> None:
-    straight = run_training(strategy, tmp_path / "straight", demo_shards, "train.max_steps=6")
-    out = tmp_path / "resumed"
-    run_training(strategy, out, demo_shards, "train.max_steps=3", "checkpoint.every_steps=3")
-    resumed = run_training(strategy, out, demo_shards, "train.max_steps=6", "checkpoint.every_steps=3")
-    assert losses(resumed) == losses(straight)
-    assert global_batches(out) == global_batches(tmp_path / "straight")
 
 
 def test_sharded_teachers_give_the_replicated_features(tmp_path: Path) -> None:
@@ -95,7 +87,7 @@ def test_unsupported_launch_is_named_before_any_work(tmp_path: Path, demo_shards
     assert not (out / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("strategy", ["fsdp"])  # accumulation is the trainer's, whatever the strategy
 def test_gradient_accumulation_under_sharding_matches_single(strategy: str, tmp_path: Path, demo_shards: Path) -> None:
     """2 ranks × 6 images × 2 micro-batches == 1 rank × 12 × 2 (same loader batches, same statistics)."""
     accum = ("train.grad_accum_steps=2", "train.max_steps=3", "optim.lr_reference_batch=24")

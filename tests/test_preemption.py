@@ -156,7 +156,9 @@ def test_a_save_cut_short_is_skipped_for_the_previous_checkpoint(tmp_path: Path,
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+# 2 → 1: the loader's global position survives losing a rank (1 → 2, the same restore with fresh
+# RNG streams for the new rank, is left out to hold the suite's time).
+@pytest.mark.parametrize("before, after", [(2, 1)])
 def test_resumed_on_another_rank_count_sees_the_same_global_batches(before: int, after: int, tmp_path: Path, demo_shards: Path) -> None:
     reference = tmp_path / "reference"
     run(command("fsdp", reference, demo_shards, nproc=before), reference)
