@@ -45,8 +45,12 @@ def test_tensorboard_event_files_hold_training_and_validation_scalars(tmp_path: 
 
 def test_tensorboard_requested_but_missing_is_named(demo_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)
-    with pytest.raises(ConfigError, match="run.tensorboard: True is not allowed; it needs the tensorboard package"):
-        load_config(TINY_CPU, [f"data.remote_root={demo_shards}", "run.tensorboard=true"])
+    from dune_scale.distributed import DistInfo
+    from dune_scale.engine.compose import check_run
+
+    cfg = load_config(TINY_CPU, [f"data.remote_root={demo_shards}", "run.tensorboard=true"])
+    with pytest.raises(ConfigError, match="run.tensorboard=true needs the tensorboard package"):
+        check_run(cfg, DistInfo())
 
 
 def test_profile_steps_write_a_chrome_trace_of_those_steps(tmp_path: Path, demo_shards: Path) -> None:
