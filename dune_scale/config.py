@@ -228,6 +228,27 @@ class EvalConfig:
     knn_batch_size: int = _at_least(64, 1)
 
 
+# The sections a ``students:`` entry may set; the rest (data, teachers, train, strategy, ...) is the
+# run's: one teacher pass, one batch, one strategy for every student.
+STUDENT_SECTIONS = ("student", "projector", "distill", "loss", "optim")
+# Teacher-feature standardisation is the teachers' property, computed once per step for all students.
+SHARED_DISTILL_KEYS = ("norm_eps", "norm_momentum_start", "norm_momentum_end")
+STUDENTS_FOLDER = "students"
+
+
+@dataclass
+class StudentEntry:
+    """One of several students trained on one teacher pass. A section left out inherits the
+    top-level one; a section given is merged over it key by key (``student: {arch: vit_small}``)."""
+
+    name: str = ""
+    student: dict[str, Any] = field(default_factory=dict)
+    projector: dict[str, Any] = field(default_factory=dict)
+    distill: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -242,6 +263,8 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Several students from one teacher pass (empty: the one student the sections above describe).
+    students: list[StudentEntry] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -258,6 +281,37 @@ class Config:
 
     def peak_lr(self, world_size: int) -> float:
         return self.optim.base_lr * self.global_batch_size(world_size) / self.optim.lr_reference_batch
+
+
+def resolve_student_dicts(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, the configuration that student trains under) for each entry of a resolved config's
+    ``students`` list, as plain dicts; ``[("", raw)]`` without the list. Reads saved configs too."""
+    entries = raw.get("students") or []
+    if not entries:
+        return [("", raw)]
+    shared = {key: value for key, value in raw.items() if key != "students"}
+    resolved = []
+    for entry in entries:
+        merged = dict(shared)
+        for section in STUDENT_SECTIONS:
+            if entry.get(section):
+                merged[section] = deep_merge(shared.get(section, {}), entry[section])
+        resolved.append((entry["name"], merged))
+    return resolved
+
+
+def student_configs(config: Config) -> list[tuple[str, Config]]:
+    """(name, configuration) of every student the run trains: ``[("", config)]`` for a config without
+    ``students:``, else each entry's sections merged over the top level (validated at load)."""
+    if not config.students:
+        return [("", config)]
+    return [(name, _build(Config, raw, "")) for name, raw in resolve_student_dicts(config.to_dict())]
+
+
+def student_subdir(name: str) -> str:
+    """Where a student's outputs go, inside the run folder and inside each checkpoint folder: the
+    folder itself for the one student of a config without ``students:``, else ``students/<name>``."""
+    return f"{STUDENTS_FOLDER}/{name}" if name else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,6 +652,35 @@ def _check_eval_and_telemetry(config: Config) -> None:
             _fail("run.profile_steps", config.run.profile_steps, f"give A:B with 1 <= A <= B ({err})")
 
 
+def _check_students(config: Config) -> None:
+    """Names usable as folder names, once each; every student's merged configuration valid; the
+    teacher standardisation settings left to the top level (one computation shared by all)."""
+    names = [entry.name for entry in config.students]
+    for i, entry in enumerate(config.students):
+        key = f"students.{i}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", entry.name or ""):
+            _fail(f"{key}.name", entry.name, "name each student with letters, digits, '_', '.' or '-' (it names its folder)")
+        if names.index(entry.name) != i:
+            _fail(f"{key}.name", entry.name, "each student name may appear once")
+        shared = sorted(set(entry.distill) & set(SHARED_DISTILL_KEYS))
+        if shared:
+            _fail(f"{key}.distill.{shared[0]}", entry.distill[shared[0]],
+                  "teacher standardisation is computed once for all students: set it at the top level (distill.*)")
+    if not config.students:
+        return
+    raw = config.to_dict()
+    for i, (name, merged) in enumerate(resolve_student_dicts(raw)):
+        try:
+            student = _build(Config, merged, "")
+            _check_fields(student, "")
+            for rule in _RULES:
+                if rule is not _check_students:
+                    rule(student)
+        except ConfigError as err:
+            raise ConfigError(f"students.{i} ({name}): {err}") from None
+
+
 _RULES = (
     _check_image_size, _check_student, _check_teachers, _check_speed_switches, _check_ranges, _check_eval_and_telemetry,
+    _check_students,
 )

@@ -118,7 +118,7 @@ class _Box:
 
 def _save_steps(ckpt: Checkpointer, strategy: SingleStrategy, steps: tuple[int, ...]) -> None:
     for step in steps:
-        ckpt.save(step, strategy, {"progress": _Box(step)}, {"rng": _Box(torch.tensor([step]))})
+        ckpt.save(step, {"": strategy}, {"progress": _Box(step)}, {"rng": _Box(torch.tensor([step]))})
 
 
 def test_checkpoints_are_atomic_pruned_and_skip_incomplete(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -129,7 +129,7 @@ def test_checkpoints_are_atomic_pruned_and_skip_incomplete(tmp_path: Path, caplo
     assert [p.name for p in ckpt.completed()] == ["step_000000002", "step_000000003"]
     # Every component comes back, global and per rank, with the strategy's weights.
     progress, rng, other = _Box(), _Box(), _strategy(tmp_path)
-    ckpt.load(ckpt.find_latest(), other, {"progress": progress}, {"rng": rng})
+    ckpt.load(ckpt.find_latest(), {"": other}, {"progress": progress}, {"rng": rng})
     assert progress.value == 3 and torch.equal(rng.value, torch.tensor([3]))
     assert all(torch.equal(a, b) for a, b in zip(strategy.module.state_dict().values(), other.module.state_dict().values()))
     assert not list((tmp_path / "ckpt").glob(".tmp*"))

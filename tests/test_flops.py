@@ -54,7 +54,7 @@ def tiny_trainer():
 def test_hand_count_for_tiny_cpu(tiny_trainer) -> None:
     assert STUDENT_FORWARD == 6_694_848  # the sums above, spelled out once
     assert sum(TEACHERS.values()) == 15_102_976
-    flops = dune_step_flops(tiny_trainer.strategy.module, tiny_trainer.teachers.teachers, 56)
+    flops = dune_step_flops(tiny_trainer.students[0].strategy.module, tiny_trainer.teachers.teachers, 56)
     assert flops.student_forward == STUDENT_FORWARD
     assert flops.teachers_forward == sum(TEACHERS.values())
     # Teachers run forward only; the student and its projectors forward + backward (= 2× forward).
@@ -69,7 +69,7 @@ def test_torch_flop_counter_agrees(tiny_trainer) -> None:
             teacher(align_images(images, teacher.patch_size, 14))
         assert counter.get_total_flops() == 2 * TEACHERS[name], name
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        tiny_trainer.strategy.module(images)
+        tiny_trainer.students[0].strategy.module(images)
     assert counter.get_total_flops() == 2 * STUDENT_FORWARD
 
 

@@ -29,11 +29,12 @@ def _step(tmp_path: Path, fused: bool) -> tuple[dict[str, torch.Tensor], dict[st
     if fused:
         from kernels.distill_loss import triton_distill_loss
 
-        trainer.objective = dataclasses.replace(trainer.objective, loss_fn=triton_distill_loss)
+        student = trainer.students[0]
+        student.objective = dataclasses.replace(student.objective, loss_fn=triton_distill_loss)
     trainer.state.step = 20  # past warm-up: a non-zero learning rate
     images = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    metrics = trainer.train_step(_batches(images, ["synth_dino2", "synth_mast3r", "synth_multihmr"]))
-    return metrics, {k: v.detach().clone() for k, v in trainer.strategy.module.state_dict().items()}
+    metrics = trainer.train_step(_batches(images, ["synth_dino2", "synth_mast3r", "synth_multihmr"]))[""]
+    return metrics, {k: v.detach().clone() for k, v in trainer.students[0].strategy.module.state_dict().items()}
 
 
 def test_fused_kernels_in_a_training_step_equal_the_reference(tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def _tiny_cuda_trainer_run(
         trainer.restore(resume)
     stream, losses, saved = trainer.batches(), [], None
     while trainer.state.step < steps:
-        losses.append(float(trainer.train_step(stream)["loss"]))
+        losses.append(float(trainer.train_step(stream)[""]["loss"]))
         if trainer.state.step == save_at:
             saved = trainer.save()
     return losses, saved

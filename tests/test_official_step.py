@@ -79,29 +79,30 @@ def _check_against_official(tmp_path: Path, *extra: str) -> None:
     assert (cfg.optim.clip_mode, cfg.optim.wd_groups, cfg.optim.betas, cfg.optim.eps) == ("per_param", "official", (0.9, 0.99), 1e-15)
     trainer = build_trainer(cfg, DistInfo(), check_run(cfg, DistInfo()), loader=None)
     trainer.state.step = 20  # past warm-up: a non-zero learning rate
-    reference = copy.deepcopy(trainer.strategy.module)
+    student = trainer.students[0]
+    reference = copy.deepcopy(student.strategy.module)
     optimizer = torch.optim.AdamW(_official_param_groups(reference), lr=0, betas=(0.9, 0.99), eps=1e-15)
     generator = torch.Generator().manual_seed(0)
     batches = [{"images": torch.randn(12, 3, 56, 56, generator=generator), "dataset": ["synth_dino2"] * 12, "index": torch.arange(12)}
                for _ in range(STEPS)]
     ours = iter(batches)
     for step, batch in enumerate(batches, start=20):
-        loss = trainer.train_step(ours)["loss"]
+        loss = trainer.train_step(ours)[""]["loss"]
         for index, group in enumerate(optimizer.param_groups):
-            group["lr"] = trainer.schedules.lr(step)
+            group["lr"] = student.schedules.lr(step)
             if index == 0:
-                group["weight_decay"] = trainer.schedules.weight_decay_at(step)
+                group["weight_decay"] = student.schedules.weight_decay_at(step)
         with torch.no_grad():
             teacher_out = trainer.teachers(batch["images"])
         norms = {name: {token: dict(norm.named_buffers()) for token, norm in tokens.items()} for name, tokens in reference.teacher_norms.items()}
-        with trainer.strategy.autocast():
+        with student.strategy.autocast():
             student_out = reference(batch["images"])
-        official = _official_loss(student_out, teacher_out, norms, trainer.schedules.norm_momentum(step))
+        official = _official_loss(student_out, teacher_out, norms, student.schedules.norm_momentum(step))
         official.backward()
         _official_clip(reference, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.testing.assert_close(loss, official.detach(), rtol=1e-5, atol=0)
-    mine = trainer.strategy.module.state_dict()
+    mine = student.strategy.module.state_dict()
     for key, value in reference.state_dict().items():  # includes the teacher norms' running statistics
-        _compare(mine[key], value, key, trainer.schedules.peak_lr)
+        _compare(mine[key], value, key, student.schedules.peak_lr)

@@ -28,8 +28,8 @@ def _one_step(tmp_path: Path, batch: int, accum: int, *extra: str) -> tuple[dict
     trainer = build_trainer(cfg, DistInfo(), check_run(cfg, DistInfo()), loader=None)
     images = torch.randn(24, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     trainer.state.step = 20  # past warm-up: a non-zero learning rate
-    metrics = trainer.train_step(_batches(images, ["synth_dino2"] * 24, batch))
-    return metrics, {k: v.detach().clone() for k, v in trainer.strategy.module.state_dict().items()}
+    metrics = trainer.train_step(_batches(images, ["synth_dino2"] * 24, batch))[""]
+    return metrics, {k: v.detach().clone() for k, v in trainer.students[0].strategy.module.state_dict().items()}
 
 
 def test_accumulated_micro_batches_equal_one_large_batch(tmp_path: Path) -> None:

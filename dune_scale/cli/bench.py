@@ -51,7 +51,7 @@ from dune_scale.config import Config, ConfigError, load_config
 from dune_scale.data.mixture import Mixture
 from dune_scale.distributed import DistInfo, rank_seed
 from dune_scale.engine.compose import RunPlan, build_encoder, build_trainer, check_run
-from dune_scale.telemetry.flops import dune_step_flops
+from dune_scale.telemetry.flops import StepFlops, dune_step_flops
 from dune_scale.telemetry.phases import PhaseTimer
 from dune_scale.telemetry.reference_step import (
     REFERENCE_VARIANTS,
@@ -127,6 +127,9 @@ class VariantResult:
     peak_memory_gib: list[float] = field(default_factory=list)  # per rank
     final_loss: float | None = None
     ratio_to_reference: dict[str, float] = field(default_factory=dict)  # reference variant → this img/s ÷ its img/s
+    # Several students on one teacher pass: per student (see ``_per_student``); the img/s above are
+    # the images every student trained on per second.
+    students: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def device_name(device: torch.device) -> str:
@@ -249,9 +252,12 @@ def _time_steps(
     device = dist.device
     phases = PhaseTimer(device)
     trainer = build_trainer(cfg, dist, plan, loader, phases)
-    flops = dune_step_flops(trainer.strategy.module, trainer.teachers.teachers, cfg.train.image_size)
+    each = [dune_step_flops(s.strategy.module, trainer.teachers.teachers, cfg.train.image_size) for s in trainer.students]
+    # One teacher pass for every student: the teachers' FLOPs once, each student's on top.
+    flops = StepFlops(each[0].teachers_forward, sum(f.student_forward for f in each))
     batches: Iterator[dict[str, Any]] = trainer.batches()  # the loop training runs: endless, epoch after epoch
-    trainer.strategy.module.train()
+    for student in trainer.students:
+        student.strategy.module.train()
 
     for _ in range(options.warmup):
         trainer.train_step(batches)
@@ -263,7 +269,7 @@ def _time_steps(
         clock.mark()
     local_steps = clock.intervals()
     phases.collect()
-    final_loss = float(metrics["loss"])
+    final_loss = float(next(iter(metrics.values()))["loss"])
 
     step_times = _rank_rows(local_steps, dist).max(dim=0).values.tolist()  # the slowest rank sets the pace
     names = list(phases.totals)
@@ -296,6 +302,27 @@ def _time_steps(
     result.phases = {n: {"seconds": s, "percent": 100.0 * s / mean_step} for n, s in breakdown.items()}
     result.peak_memory_gib = memory
     result.final_loss = final_loss
+    if len(trainer.students) > 1:
+        result.students = _per_student(trainer, breakdown, mean_step, result.global_batch_size / dist.world_size, metrics)
+
+
+def _per_student(
+    trainer: Any, breakdown: dict[str, float], mean_step: float, images_per_rank: int, metrics: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Each student of a shared teacher pass: its own seconds per step (its phases), the step it
+    would take alone (the shared part — data, teachers, statistics, host — plus its own) and the
+    img/s per rank that gives; against the combined step, the saving of sharing the teachers."""
+    own = {s.name: sum(t for phase, t in breakdown.items() if phase.startswith(f"{s.subdir}/")) for s in trainer.students}
+    shared = mean_step - sum(own.values())
+    return {
+        name: {
+            "own_seconds": seconds,
+            "alone_step_time_s": shared + seconds,
+            "img_per_s_per_rank_alone": images_per_rank / (shared + seconds),
+            "final_loss": float(metrics[name]["loss"]),
+        }
+        for name, seconds in own.items()
+    }
 
 
 def run_variant(
@@ -437,6 +464,9 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{ok[0]['steps']} steps after {ok[0]['warmup_steps']} warm-up",
             highlight=False,
         )
+    for r in ok:
+        if r.get("students"):
+            _render_students(r, console)
     if report.get("reference"):
         _render_reference(report["reference"], results, console)
     for r in results:
@@ -448,6 +478,22 @@ def render(report: dict[str, Any], console: Console) -> None:
                 f"{1e3 * r['step_time_max_s']:.1f} ms): something else used the device or host, or warm-up was too short",
                 highlight=False,
             )
+
+
+def _render_students(result: dict[str, Any], console: Console) -> None:
+    """Per student of one teacher pass, and what sharing the teachers saves against separate runs."""
+    table = Table(title=f"{result['name']}: students on one teacher pass")
+    for column in ("student", "own ms", "alone ms (est.)", "img/s/rank alone (est.)", "loss"):
+        table.add_column(column, justify="left" if column == "student" else "right")
+    for name, s in result["students"].items():
+        table.add_row(name, _fmt(1e3 * s["own_seconds"], ".1f"), _fmt(1e3 * s["alone_step_time_s"], ".1f"),
+                      _fmt(s["img_per_s_per_rank_alone"], ".1f"), _fmt(s["final_loss"], ".4f"))
+    console.print(table)
+    separate = sum(s["alone_step_time_s"] for s in result["students"].values())
+    console.print(
+        f"combined {result['img_per_s_per_rank']:.1f} img/s/rank for all students; separate runs would take "
+        f"{separate / result['step_time_s']:.2f}× the time", highlight=False,
+    )
 
 
 def _render_reference(reference: dict[str, Any], results: list[dict[str, Any]], console: Console) -> None:

@@ -13,14 +13,12 @@ from dune_scale.cli.common import run_program, setup_logging
 from dune_scale.config import Config, load_config, save_config
 from dune_scale.engine.compat import check_resume_compatible
 from dune_scale.engine.compose import ValidationData, build_trainer, check_run
-from dune_scale.engine.export import STUDENT_WEIGHTS
 from dune_scale.engine.nonfinite import NonFiniteError
 from dune_scale.engine.preemption import EXIT_PREEMPTED
 from dune_scale.eval.pca import feature_pictures as pca_feature_pictures
 from dune_scale.eval.periodic import FeaturePictures
 
 log = logging.getLogger("dune_scale")
-
 
 
 def train(cfg: Config, val: ValidationData | None = None, feature_pictures: FeaturePictures | None = None) -> bool:
@@ -54,13 +52,13 @@ def train(cfg: Config, val: ValidationData | None = None, feature_pictures: Feat
         trainer = build_trainer(cfg, dist, plan, loader, val=val, feature_pictures=feature_pictures)
         resume_from = trainer.checkpointer.resume_folder(cfg.checkpoint.resume)
         if resume_from is not None:
-            check_resume_compatible(cfg, resume_from, trainer.strategy.checkpoint_layout())
+            check_resume_compatible(cfg, resume_from, trainer.students[0].strategy.checkpoint_layout())
             trainer.restore(resume_from)
         if dist.is_main:  # only once the run is accepted: a refused resume leaves the old one
             save_config(cfg, output_dir / "config.yaml")
         completed = trainer.fit()
         if completed:
-            trainer.export_student(output_dir / STUDENT_WEIGHTS)
+            trainer.export_students()
         if dist.is_main:
             log.info("%s at step %d; outputs in %s", "done" if completed else "preempted", trainer.state.step, output_dir)
         del trainer  # sharded modules go while their process group still exists

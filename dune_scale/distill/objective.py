@@ -9,11 +9,30 @@ import torch
 from torch import nn
 
 from dune_scale.distill.dropping import drop_coefficients
+from dune_scale.distill.teacher_norm import global_mean_std
 
 # teacher → token type → (mean, std) used to standardise that teacher's features this step.
 Stats = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 # (student, teacher, mean, std, eps=, w_cos=, w_sl1=, beta=) → per-image loss (B,): DESIGN §4's signature.
 LossFn = Callable[..., torch.Tensor]
+
+
+def batch_statistics(teacher_outs: Sequence[Mapping[str, Mapping[str, torch.Tensor]]]) -> Stats:
+    """The standardisation statistics of one optimizer step: over all its micro-batches (and ranks),
+    so gradient accumulation standardises exactly like one large batch. They are the teachers'
+    property: computed once per step and shared by every student trained on that teacher pass."""
+    return {
+        name: {token: global_mean_std([out[name][token] for out in teacher_outs]) for token in tokens}
+        for name, tokens in teacher_outs[0].items()
+    }
+
+
+@torch.no_grad()
+def update_running_statistics(teacher_norms: nn.ModuleDict, stats: Stats, momentum: float) -> None:
+    """Move one student's running statistics (kept for evaluation and export) towards ``stats``."""
+    for name, tokens in stats.items():
+        for token, (mean, std) in tokens.items():
+            teacher_norms[name][token].update(mean, std, momentum)
 
 
 @dataclass

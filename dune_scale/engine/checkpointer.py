@@ -124,9 +124,9 @@ class Stateful(Protocol):
 
 
 class Checkpointer:
-    """The one place that decides when a checkpoint is written (``due``) and what it holds: the
-    strategy's files plus the ``state_dict()`` of every named component, global (written by rank 0)
-    and per rank."""
+    """The one place that decides when a checkpoint is written (``due``) and what it holds: each
+    student strategy's files (in the sub-folder its key names; "" = the folder itself) plus the
+    ``state_dict()`` of every named component, global (written by rank 0) and per rank."""
 
     def __init__(self, root: Path, keep_last: int, every_steps: int, dist: DistInfo) -> None:
         self.root = Path(root)
@@ -142,7 +142,11 @@ class Checkpointer:
         return self.root / f"step_{step:09d}"
 
     def save(
-        self, step: int, strategy: Strategy, components: Mapping[str, Stateful], rank_components: Mapping[str, Stateful]
+        self,
+        step: int,
+        strategies: Mapping[str, Strategy],
+        components: Mapping[str, Stateful],
+        rank_components: Mapping[str, Stateful],
     ) -> Path:
         """Collective save; returns the final folder."""
         trainer_state = {name: component.state_dict() for name, component in components.items()}
@@ -153,8 +157,11 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+            for subdir in strategies:
+                (tmp / subdir).mkdir(parents=True, exist_ok=True)
         barrier()
-        strategy.save(tmp)
+        for subdir, strategy in strategies.items():
+            strategy.save(tmp / subdir)
         torch.save(rank_state, tmp / f"rank_{self.dist.rank:05d}.pt")
         if self.dist.is_main:
             torch.save(trainer_state, tmp / TRAINER_STATE)
@@ -228,16 +235,21 @@ class Checkpointer:
         return folder
 
     def load(
-        self, folder: Path, strategy: Strategy, components: Mapping[str, Stateful], rank_components: Mapping[str, Stateful]
+        self,
+        folder: Path,
+        strategies: Mapping[str, Strategy],
+        components: Mapping[str, Stateful],
+        rank_components: Mapping[str, Stateful],
     ) -> None:
-        """Restore the strategy and every component from ``folder``."""
+        """Restore every strategy and component from ``folder``."""
         if not is_complete(folder):
             raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt (its {MANIFEST} manifest does not match)")
         trainer_state = read_trainer_state(folder)
         rank_file = folder / f"rank_{self.dist.rank:05d}.pt"
         # A rank that did not exist at save time (resumed on more ranks) gets empty states (fresh RNG streams).
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else {}
-        strategy.load(folder)
+        for subdir, strategy in strategies.items():
+            strategy.load(folder / subdir)
         for name, component in components.items():
             component.load_state_dict(trainer_state[name])
         for name, component in rank_components.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dune_scale.config import Config, ConfigError
+from dune_scale.config import Config, ConfigError, resolve_student_dicts, student_subdir
 from dune_scale.engine.checkpointer import read_trainer_state
 
 # Settings that decide the shapes and meaning of the saved weights.
@@ -30,10 +30,16 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 
 def model_signature(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that shape the saved weights: each student's (``students.<name>.…`` for a
+    student of several), the student names, the teachers."""
     signature: dict[str, Any] = {}
-    for key in _MODEL_KEYS:
-        signature.update(_flatten(_get(config, key), key))
-    signature.pop("student.pretrained", None)  # only decides the initial weights
+    students = resolve_student_dicts(config)
+    for name, resolved in students:
+        prefix = f"{student_subdir(name).replace('/', '.')}." if name else ""
+        for key in _MODEL_KEYS:
+            signature.update(_flatten(_get(resolved, key), prefix + key))
+        signature.pop(f"{prefix}student.pretrained", None)  # only decides the initial weights
+    signature["students"] = [name for name, _ in students if name]
     teachers = _get(config, "teachers.models") or []
     signature["teachers"] = [{k: t.get(k) for k in _TEACHER_KEYS} for t in teachers]
     return signature

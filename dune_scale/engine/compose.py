@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dune_scale.config import Config, ConfigError
+from dune_scale.config import Config, ConfigError, student_configs, student_subdir
 from dune_scale.data.mixture import Mixture, MixtureError, resolve_mixture
 from dune_scale.distill.losses import fused_distill_loss, reference_distill_loss
 from dune_scale.distill.objective import DistillObjective
@@ -21,13 +21,15 @@ from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.parallelize import prepare_student, shard_frozen_module, teacher_mesh
 from dune_scale.engine.pretrained import load_pretrained_student
+from dune_scale.engine.rng import student_seed
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategies import build_strategy
-from dune_scale.engine.trainer import Trainer
+from dune_scale.engine.trainer import StudentRun, Trainer
 from dune_scale.eval.periodic import FeaturePictures, PeriodicEvaluation
 from dune_scale.eval.validation import Validator
 from dune_scale.models import vit
 from dune_scale.teachers import TEACHER_SPECS, build_teacher_ensemble, get_teacher_spec
+from dune_scale.teachers.ensemble import TeacherEnsemble
 from dune_scale.teachers.precision import compile_frozen_blocks, resolve_teacher_precision
 from dune_scale.telemetry.phases import NullPhaseTimer
 
@@ -177,9 +179,10 @@ def build_evaluation(
     objective: DistillObjective,
     val: ValidationData | None,
     feature_pictures: FeaturePictures | None,
+    output_dir: Path,
 ) -> PeriodicEvaluation | None:
-    """Validation, the k-NN probe and feature pictures, as the ``eval`` section asks; None when
-    nothing is asked for."""
+    """Validation, the k-NN probe and feature pictures of one student (written under
+    ``output_dir``), as the ``eval`` section asks; None when nothing is asked for."""
     if cfg.eval.every_steps is not None and val is None:
         raise ConfigError("eval.every_steps is set but no validation data is connected to this run")
     validator = None
@@ -188,7 +191,7 @@ def build_evaluation(
         validator = Validator(loaders, names, teachers, objective, dist.device, cfg.eval.max_batches)
     if validator is None and cfg.eval.knn_every_steps is None:
         return None
-    return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, Path(cfg.run.output_dir), validator, feature_pictures)
+    return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, output_dir, validator, feature_pictures)
 
 
 def build_trainer(
@@ -200,8 +203,8 @@ def build_trainer(
     val: ValidationData | None = None,
     feature_pictures: FeaturePictures | None = None,
 ) -> Trainer:
-    """Teachers → student → strategy → objective → trainer, for training and for the benchmark;
-    ``plan`` comes from :func:`check_run`; ``val`` feeds ``eval.every_steps``."""
+    """Teachers → each student (model, strategy, objective, schedules) → trainer, for training and
+    for the benchmark; ``plan`` comes from :func:`check_run`; ``val`` feeds ``eval.every_steps``."""
     torch.manual_seed(cfg.run.seed)  # identical student and random teachers on every rank
     precision = resolve_teacher_precision(cfg.teachers.dtype, cfg.teachers.residual, dist.device)
     teachers = build_teacher_ensemble(
@@ -215,16 +218,38 @@ def build_trainer(
             compile_frozen_blocks(teacher.blocks, cfg.teachers.cuda_graphs)
         if mesh is not None:
             shard_frozen_module(teacher, teacher.blocks, precision.param_dtype, mesh)
+    output_dir = Path(cfg.run.output_dir)
+    students = [
+        build_student_run(name, student_cfg, dist, teachers, val, feature_pictures)
+        for name, student_cfg in student_configs(cfg)
+    ]
+    return Trainer(
+        cfg, dist, students, teachers, loader, plan.mixture.domain_of,
+        Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.every_steps, dist), output_dir, phases,
+    )
+
+
+def build_student_run(
+    name: str,
+    cfg: Config,
+    dist: DistInfo,
+    teachers: TeacherEnsemble,
+    val: ValidationData | None,
+    feature_pictures: FeaturePictures | None,
+) -> StudentRun:
+    """One student (``cfg``: its resolved configuration) placed under the run's strategy. A named
+    student's initial weights depend only on ``run.seed`` and its name; the one student of a config
+    without ``students:`` draws them right after the teachers, from ``run.seed``, as it always has."""
+    seed = student_seed(cfg.run.seed, name)
+    if name:
+        torch.manual_seed(seed)
     student = build_student(cfg, teachers.embed_dims, teachers.tokens)
     if cfg.student.pretrained:
         load_pretrained_student(student, Path(cfg.student.pretrained))
     prepare_student(student, cfg.train.activation_checkpointing, cfg.train.compile, cfg.train.compile_scope == "model")
     strategy = build_strategy(cfg, dist)
     strategy.setup(student, cfg.peak_lr(dist.world_size))
-    output_dir = Path(cfg.run.output_dir)
     objective = build_objective(cfg, list(teachers.tokens), dist.world_size)
-    return Trainer(
-        cfg, dist, strategy, teachers, objective, loader, plan.mixture.domain_of, build_schedules(cfg, dist.world_size),
-        Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.every_steps, dist), output_dir, phases,
-        build_evaluation(cfg, dist, teachers, objective, val, feature_pictures),
-    )
+    output_dir = Path(cfg.run.output_dir) / student_subdir(name)
+    evaluation = build_evaluation(cfg, dist, teachers, objective, val, feature_pictures, output_dir)
+    return StudentRun(name, cfg, strategy, objective, build_schedules(cfg, dist.world_size), output_dir, seed, evaluation)

@@ -3,7 +3,8 @@ writer per target format, one filter function per foreign key layout.
 
 Our layout (``DuneStudent.state_dict()``) is the hub: every source is read into it
 (:func:`read_student`) and every format is written from it. Sources: a run folder (its latest
-complete checkpoint, else ``student.safetensors``), a checkpoints root, one checkpoint folder of any
+complete checkpoint, else ``student.safetensors``; a run of several students needs the student's
+name, or its folder ``students/<name>`` as the source), a checkpoints root, one checkpoint folder of any
 strategy (``model.pt``; FSDP's DCP folder; DeepSpeed ZeRO-1/2/3 shards, whatever world size wrote
 them), ``student.safetensors`` (or any of our weights files), an official DUNE ``.pth``, and the
 folders :func:`write_hf` / :func:`write_timm` produce. Nothing is unpickled but tensors and, in
@@ -28,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from dune_scale.config import STUDENTS_FOLDER, resolve_student_dicts, student_subdir
 from dune_scale.data.transforms import ValTransform
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
@@ -329,21 +331,40 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise StudentFileError(f"{path}: cannot be read (truncated or corrupt safetensors?): {err}") from None
 
 
-def _read_checkpoint_folder(folder: Path) -> tuple[dict[str, torch.Tensor], int | None, dict[str, Any] | None]:
-    """(state, step, config) of one checkpoint folder, whatever strategy wrote it."""
+def _read_checkpoint_folder(
+    folder: Path, student: str | None
+) -> tuple[dict[str, torch.Tensor], int | None, dict[str, Any] | None]:
+    """(state, step, config) of one student in one checkpoint folder, whatever strategy wrote it."""
     if not is_complete(folder):
         raise StudentFileError(f"{folder}: checkpoint is incomplete or corrupt (its {MANIFEST} manifest does not match)")
     trainer = read_trainer_state(folder)
     step, config = trainer["progress"]["step"], trainer["run"]["config"]
-    if (folder / "model.pt").is_file():
-        state = _check_tensors(folder / "model.pt", torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-    elif (folder / "fsdp").is_dir():
-        state = _read_dcp(folder / "fsdp")
-    elif (folder / "deepspeed").is_dir():
-        state = _read_zero(folder, "deepspeed")
+    name, config = _student_config(config, student, folder)
+    weights = folder / student_subdir(name)
+    if (weights / "model.pt").is_file():
+        state = _check_tensors(weights / "model.pt", torch.load(weights / "model.pt", map_location="cpu", weights_only=True))
+    elif (weights / "fsdp").is_dir():
+        state = _read_dcp(weights / "fsdp")
+    elif (weights / "deepspeed").is_dir():
+        state = _read_zero(weights, "deepspeed")
     else:
-        raise StudentFileError(f"{folder}: checkpoint holds neither model.pt, fsdp/ nor deepspeed/ weights")
+        raise StudentFileError(f"{weights}: checkpoint holds neither model.pt, fsdp/ nor deepspeed/ weights")
     return strip_wrappers({k: v.detach().cpu() for k, v in state.items()}), step, config
+
+
+def _student_config(config: dict[str, Any] | None, student: str | None, source: Path) -> tuple[str, dict[str, Any] | None]:
+    """(name, resolved configuration) of the student to read from a run whose config is ``config``:
+    a run of several students needs ``student`` to be one of them; a single-student run, none."""
+    if config is None:
+        return student or "", None
+    resolved = dict(resolve_student_dicts(config))
+    names = [name for name in resolved if name]
+    if not names and student:
+        raise StudentFileError(f"{source}: this run trained one student; leave out the student name ({student!r})")
+    if names and student not in resolved:
+        given = f"{student!r} is not one of them" if student else "say which"
+        raise StudentFileError(f"{source}: this run trained several students ({', '.join(names)}); {given} (--student NAME)")
+    return student or "", resolved[student or ""]
 
 
 def _read_dcp(folder: Path) -> dict[str, torch.Tensor]:
@@ -376,11 +397,16 @@ def _read_config_yaml(path: Path) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def read_student(source: str | Path) -> StudentWeights:
-    """Any student source (see the module docstring) → :class:`StudentWeights` in our layout."""
+def read_student(source: str | Path, student: str | None = None) -> StudentWeights:
+    """Any student source (see the module docstring) → :class:`StudentWeights` in our layout;
+    ``student``: which one, for a run or checkpoint of several students."""
     path = Path(source)
     if not path.exists():
         raise StudentFileError(f"{path}: not found")
+    if path.is_dir() and path.parent.name == STUDENTS_FOLDER and (path.parent.parent / "config.yaml").is_file():
+        if student not in (None, path.name):
+            raise StudentFileError(f"{path}: this is student {path.name!r}'s folder, not {student!r}'s")
+        return read_student(path.parent.parent, path.name)  # a student's folder in a run of several
     step: int | None = None
     config: dict[str, Any] | None = None
     run_dir: Path | None = None
@@ -394,13 +420,16 @@ def read_student(source: str | Path) -> StudentWeights:
         latest = _latest_complete(path)
         path = latest if latest is not None else path
     if path.is_dir() and (path / MANIFEST).exists():
-        state, step, config = _read_checkpoint_folder(path)
+        state, step, config = _read_checkpoint_folder(path, student)
         run_dir = run_dir or (path.parent.parent if (path.parent.parent / "config.yaml").is_file() else None)
     elif path.is_dir() and (path / STUDENT_WEIGHTS).is_file():
         path = path / STUDENT_WEIGHTS
         state = _read_safetensors(path)
-    elif path.is_dir() and run_dir is not None and (run_dir / STUDENT_WEIGHTS).is_file():
-        path = run_dir / STUDENT_WEIGHTS
+    elif path.is_dir() and run_dir is not None:
+        name, config = _student_config(_read_config_yaml(run_dir / "config.yaml"), student, run_dir)
+        path = run_dir / student_subdir(name) / STUDENT_WEIGHTS
+        if not path.is_file():
+            raise StudentFileError(f"{run_dir}: neither a complete checkpoint nor {path.relative_to(run_dir)}")
         state = _read_safetensors(path)
     elif path.is_dir():
         raise StudentFileError(
@@ -413,7 +442,7 @@ def read_student(source: str | Path) -> StudentWeights:
     if path.is_file() and run_dir is None and (path.parent / "config.yaml").is_file():
         run_dir = path.parent
     if config is None and run_dir is not None:
-        config = _read_config_yaml(run_dir / "config.yaml")
+        _, config = _student_config(_read_config_yaml(run_dir / "config.yaml"), student, run_dir)
     state = dict(state)
     if not any(k.startswith("encoder.") for k in state):
         state = {f"encoder.{k}": v for k, v in state.items()}  # the encoder alone
@@ -450,9 +479,10 @@ def _timm_arch(name: str, folder: Path) -> str:
     raise StudentFileError(f"{folder / HF_CONFIG}: architecture {name!r} is unknown; known: {', '.join(TIMM_NAMES.values())}")
 
 
-def load_encoder(source: str | Path) -> DuneEncoder:
-    """The encoder of any student source, in eval mode (see :class:`DuneEncoder`)."""
-    return DuneEncoder.from_weights(read_student(source))
+def load_encoder(source: str | Path, student: str | None = None) -> DuneEncoder:
+    """The encoder of any student source, in eval mode (see :class:`DuneEncoder`); ``student``
+    names one of several students of a run."""
+    return DuneEncoder.from_weights(read_student(source, student))
 
 
 def build_student_from(weights: StudentWeights) -> nn.Module:
@@ -692,8 +722,9 @@ def _validation_lines(run_dir: Path | None) -> list[str]:
 WRITERS = {"dune": write_dune, "timm": write_timm, "hf": write_hf}
 
 
-def export(source: str | Path, fmt: str, out: str | Path) -> Path:
-    """Read ``source`` and write it as ``fmt`` (one of :data:`FORMATS`) to ``out``."""
+def export(source: str | Path, fmt: str, out: str | Path, student: str | None = None) -> Path:
+    """Read ``source`` (``student``: one of several students of a run) and write it as ``fmt`` (one
+    of :data:`FORMATS`) to ``out``."""
     if fmt not in WRITERS:
         raise StudentFileError(f"format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
-    return WRITERS[fmt](read_student(source), Path(out))
+    return WRITERS[fmt](read_student(source, student), Path(out))

@@ -1,6 +1,9 @@
-"""The training loop: batch → teacher pass → student pass → update → logging → saving.
+"""The training loop: batch → teacher pass → for each student: student pass → update → logging → saving.
 
-The loop syncs with the host only at log steps (metrics are accumulated on the device) and at
+Several students may train on one teacher pass (``students:``): the teachers' forward and their
+standardisation statistics are computed once per step, and each student then takes its own step
+on the same batch, with its own optimizer, schedules, dropping stream and non-finite guard. Every
+rank trains every student (see :class:`StudentRun`). The loop syncs with the host only at log steps (metrics are accumulated on the device) and at
 checkpoint steps. Everything that determines the future of the run is a Stateful component the
 checkpointer writes and restores: ``progress`` (step, samples), the loader's position, the
 non-finite guard and, per rank, every RNG stream. The schedules are pure functions of the step.
@@ -17,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dune_scale.config import Config, parse_step_range
-from dune_scale.distill.objective import DistillObjective, Stats
+from dune_scale.config import Config, parse_step_range, student_subdir
+from dune_scale.distill.objective import DistillObjective, Stats, batch_statistics, update_running_statistics
 from dune_scale.distributed import DistInfo, all_reduce_sum
 from dune_scale.engine.checkpointer import Checkpointer, Stateful
+from dune_scale.engine.export import STUDENT_WEIGHTS
 from dune_scale.engine.nonfinite import NonFiniteGuard, nonfinite_loss_flags
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.rng import RankRandomState
@@ -29,7 +33,7 @@ from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategies import Strategy
 from dune_scale.eval.periodic import PeriodicEvaluation
 from dune_scale.files import atomic_write
-from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, Throughput, WandbSink, finite_or_none
+from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, StudentView, Throughput, WandbSink, finite_or_none
 from dune_scale.telemetry.phases import NullPhaseTimer
 from dune_scale.telemetry.profiler import StepProfiler
 from dune_scale.telemetry.tensorboard import TensorBoardSink, tensorboard_available
@@ -94,73 +98,115 @@ class RunRecord:
         """Checked by ``compat.check_resume_compatible`` before the restore; nothing to take over."""
 
 
+@dataclass
+class StudentRun:
+    """One student trained on the shared teacher pass, with everything that is its own: its resolved
+    configuration, strategy (model + optimizer), objective, schedules, output folder, non-finite
+    guard, metrics and evaluation. ``name`` is "" for the one student of a config without
+    ``students:`` (outputs in the run folder, as before several students existed).
+
+    Every rank trains every student: the teacher pass (the bulk of a step) is then done once per
+    batch with no extra traffic, where students on rank sub-groups would need every teacher feature
+    broadcast to them (3 teachers × 1025 tokens × 1024 channels in bf16 ≈ 6.3 MB per image at 448)."""
+
+    name: str
+    cfg: Config
+    strategy: Strategy
+    objective: DistillObjective
+    schedules: Schedules
+    output_dir: Path
+    seed: int  # of its initial weights and its dropping stream (``rng.student_seed``)
+    evaluation: PeriodicEvaluation | None = None
+    nonfinite: NonFiniteGuard = field(init=False)
+    diagnostics: StepDiagnostics = field(init=False)
+    metrics: MetricsFile = field(init=False)
+
+    def __post_init__(self) -> None:
+        train = self.cfg.train
+        self.nonfinite = NonFiniteGuard(train.nonfinite, train.max_nonfinite_skips, list(self.objective.teacher_names))
+        self.diagnostics = StepDiagnostics(self.objective, self.strategy.module)
+        self.metrics = MetricsFile(self.output_dir / "metrics.jsonl")
+
+    @property
+    def subdir(self) -> str:
+        """Its folder inside the run folder and inside each checkpoint ("" for the only student)."""
+        return student_subdir(self.name)
+
+    def scoped(self, key: str) -> str:
+        """``key`` (a phase, a checkpoint component) as this student's own."""
+        return f"{self.subdir}/{key}" if self.name else key
+
+
 class Trainer:
     def __init__(
         self,
         cfg: Config,
         dist: DistInfo,
-        strategy: Strategy,
+        students: list[StudentRun],
         teachers: nn.Module,
-        objective: DistillObjective,
         loader: Any,
         domain_of: Callable[[str], str],
-        schedules: Schedules,
         checkpointer: Checkpointer,
         output_dir: Path,
         phases: NullPhaseTimer | None = None,
-        evaluation: PeriodicEvaluation | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist
-        self.strategy = strategy
+        self.students = students
         self.teachers = teachers
-        self.objective = objective
         self.loader = loader
         self.domain_of = domain_of
-        self.schedules = schedules
         self.checkpointer = checkpointer
-        self.metrics = MetricsFile(output_dir / "metrics.jsonl")
+        self.output_dir = output_dir
         self.sample_log = MetricsFile(output_dir / "samples" / f"rank_{dist.rank:05d}.jsonl") if cfg.run.log_samples else None
         self.state = TrainProgress(cfg.global_batch_size(dist.world_size))
-        self.rng = RankRandomState(cfg.run.seed, dist)
+        self.rng = RankRandomState({s.name: s.seed for s in students}, dist)
         self.phases = phases or NullPhaseTimer()
-        self.stop_step = min(schedules.total_steps, cfg.train.max_steps or schedules.total_steps)
-        self.evaluation = evaluation
-        self.diagnostics = StepDiagnostics(objective, strategy.module)
+        total_steps = cfg.total_steps(dist.world_size)
+        self.stop_step = min(total_steps, cfg.train.max_steps or total_steps)
         profile_steps = parse_step_range(cfg.run.profile_steps) if cfg.run.profile_steps else None
         self.profiler = StepProfiler(profile_steps, output_dir, dist.rank, dist.device)
-        self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips, objective.teacher_names)
 
     # ------------------------------------------------------------------ state
     def components(self) -> dict[str, Stateful]:
         """The global Stateful parts of the run (rank 0 writes them; every rank restores them)."""
-        record = RunRecord(self.cfg.to_dict(), self.strategy.checkpoint_layout(), self.dist.world_size)
+        layout = self.students[0].strategy.checkpoint_layout()  # one strategy setting for all students
+        record = RunRecord(self.cfg.to_dict(), layout, self.dist.world_size)
         # The loader's position is global (samples of the epoch consumed by all ranks), so every
         # rank restores it, including ranks that did not exist at save time.
-        return {"progress": self.state, "run": record, "loader": self.loader, "nonfinite": self.nonfinite}
+        components: dict[str, Stateful] = {"progress": self.state, "run": record, "loader": self.loader}
+        components.update({s.scoped("nonfinite"): s.nonfinite for s in self.students})
+        return components
 
     def rank_components(self) -> dict[str, Stateful]:
         return {"rng": self.rng}
 
+    def strategies(self) -> dict[str, Strategy]:
+        """Each student's strategy by the checkpoint sub-folder its files go to."""
+        return {s.subdir: s.strategy for s in self.students}
+
     def restore(self, folder: Path) -> None:
-        self.checkpointer.load(folder, self.strategy, self.components(), self.rank_components())
+        self.checkpointer.load(folder, self.strategies(), self.components(), self.rank_components())
         log.info("resumed from %s at step %d (%d samples seen)", folder, self.state.step, self.state.samples_seen)
 
     def save(self) -> Path:
-        self.nonfinite.check()  # never save past a step the policy refuses
-        folder = self.checkpointer.save(self.state.step, self.strategy, self.components(), self.rank_components())
+        for student in self.students:
+            student.nonfinite.check()  # never save past a step the policy refuses
+        folder = self.checkpointer.save(self.state.step, self.strategies(), self.components(), self.rank_components())
         log.info("saved checkpoint %s", folder)
         return folder
 
-    def export_student(self, path: Path) -> None:
-        """Full student weights as one safetensors file (collective: sharded strategies gather), for
-        stage 2 (``student.pretrained``) and downstream use, whatever strategy trained it."""
-        state = self.strategy.model_state_dict()
-        if self.dist.is_main:
-            from safetensors.torch import save_file
+    def export_students(self) -> None:
+        """Each student's full weights as ``student.safetensors`` in its folder (collective: sharded
+        strategies gather), for stage 2 (``student.pretrained``) and downstream use, whatever
+        strategy trained it."""
+        for student in self.students:
+            state = student.strategy.model_state_dict()
+            if self.dist.is_main:
+                from safetensors.torch import save_file
 
-            with atomic_write(path) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+                with atomic_write(student.output_dir / STUDENT_WEIGHTS) as tmp:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
     # ------------------------------------------------------------------ loop
     def batches(self) -> Iterator[dict[str, Any]]:
@@ -173,25 +219,30 @@ class Trainer:
             if empty:
                 raise RuntimeError("the data loader produced no batch: check data.remote_root and data.mixture")
 
-    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns device-side metrics."""
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        """One optimizer step of every student over ``grad_accum_steps`` micro-batches, on one teacher
+        pass; returns each student's device-side metrics by name."""
         step = self.state.step
         teachers = self._teacher_pass(batches, step)
-        # The running teacher statistics as they were, in case the update is skipped (non-finite).
-        norm_buffers = list(self.strategy.module.teacher_norms.buffers())
-        norm_before = [buffer.clone() for buffer in norm_buffers]
         with self.phases.phase("loss"):
-            stats = self.objective.teacher_statistics(
-                teachers.features, self.strategy.module.teacher_norms, self.schedules.norm_momentum(step)
-            )
-        student = self._student_pass(teachers, stats)
-        diagnostics: dict[str, torch.Tensor] = {}
-        if self._logs_at(step + 1):  # costly diagnostics only where they are read
-            diagnostics["loss_split"] = self.diagnostics.loss_split(student.last_output, teachers.features[-1], stats)
-            diagnostics["group_grad_norms"] = self.diagnostics.grad_norms(self.strategy.module)
-        grad_norm = self._update(step, student, list(zip(norm_buffers, norm_before)))
+            stats = batch_statistics(teachers.features)
+        metrics = {student.name: self._train_student(student, step, teachers, stats) for student in self.students}
         self.state.step += 1
         self.state.samples_seen += self.state.global_batch
+        return metrics
+
+    def _train_student(self, run: StudentRun, step: int, teachers: TeacherPass, stats: Stats) -> dict[str, torch.Tensor]:
+        module = run.strategy.module
+        # The running teacher statistics as they were, in case the update is skipped (non-finite).
+        norm_buffers = list(module.teacher_norms.buffers())
+        norm_before = [buffer.clone() for buffer in norm_buffers]
+        update_running_statistics(module.teacher_norms, stats, run.schedules.norm_momentum(step))
+        student = self._student_pass(run, teachers, stats)
+        diagnostics: dict[str, torch.Tensor] = {}
+        if self._logs_at(step + 1):  # costly diagnostics only where they are read
+            diagnostics["loss_split"] = run.diagnostics.loss_split(student.last_output, teachers.features[-1], stats)
+            diagnostics["group_grad_norms"] = run.diagnostics.grad_norms(module)
+        grad_norm = self._update(run, step, student, list(zip(norm_buffers, norm_before)))
         accum = len(teachers.features)
         return {
             "loss": student.loss_sum / accum,
@@ -219,40 +270,41 @@ class Trainer:
             done.inputs.append((images, [self.domain_of(name) for name in batch["dataset"]]))
         return done
 
-    def _student_pass(self, teachers: TeacherPass, stats: Stats) -> StudentPass:
+    def _student_pass(self, run: StudentRun, teachers: TeacherPass, stats: Stats) -> StudentPass:
         """Student forward, loss and backward of every micro-batch (gradients accumulate)."""
         accum = len(teachers.features)
-        names = self.objective.teacher_names
+        names = run.objective.teacher_names
         done = StudentPass(
             loss_sum=torch.zeros((), device=self.dist.device),
             teacher_sum=torch.zeros(len(names), device=self.dist.device),
             drop_sum=torch.zeros(len(names), device=self.dist.device),
         )
+        drop_generator = self.rng.drop_generators[run.name]
         for (images, domains), teacher_out in zip(teachers.inputs, teachers.features):
-            with self.phases.phase("student_forward"), self.strategy.autocast():
-                done.last_output = self.strategy.forward(images)
-            with self.phases.phase("loss"):
-                out = self.objective(done.last_output, teacher_out, stats, domains, self.rng.drop_generator)
-            with self.phases.phase("backward"):
-                self.strategy.backward(out.loss / accum)
+            with self.phases.phase(run.scoped("student_forward")), run.strategy.autocast():
+                done.last_output = run.strategy.forward(images)
+            with self.phases.phase(run.scoped("loss")):
+                out = run.objective(done.last_output, teacher_out, stats, domains, drop_generator)
+            with self.phases.phase(run.scoped("backward")):
+                run.strategy.backward(out.loss / accum)
             done.loss_sum += out.loss.detach()
             done.teacher_sum += out.per_teacher()
             done.drop_sum += out.coefficients.sum(dim=1)
         return done
 
     def _update(
-        self, step: int, student: StudentPass, norm_buffers: list[tuple[torch.Tensor, torch.Tensor]]
+        self, run: StudentRun, step: int, student: StudentPass, norm_buffers: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
         """Clip and apply the accumulated gradients, unless the loss or the gradient norm is not
-        finite (decided on the device); a skipped step leaves the running teacher statistics as
-        they were, too. Returns the pre-clip gradient norm."""
-        with self.phases.phase("optimizer"):
+        finite (decided on the device); a skipped step leaves the student's running teacher
+        statistics as they were, too. Returns the pre-clip gradient norm."""
+        with self.phases.phase(run.scoped("optimizer")):
             loss_flags = nonfinite_loss_flags(student.teacher_sum, student.loss_sum)
-            grad_norm = self.strategy.step(self.schedules.lr(step), self.schedules.weight_decay_at(step), loss_flags.any())
+            grad_norm = run.strategy.step(run.schedules.lr(step), run.schedules.weight_decay_at(step), loss_flags.any())
             skipped = loss_flags.any() | ~torch.isfinite(grad_norm.detach().float())
             for buffer, before in norm_buffers:
                 buffer.copy_(torch.where(skipped, before, buffer))
-        self.nonfinite.record(step + 1, loss_flags, skipped)
+        run.nonfinite.record(step + 1, loss_flags, skipped)
         return grad_norm
 
     def _logs_at(self, step: int) -> bool:
@@ -261,12 +313,13 @@ class Trainer:
     def fit(self) -> bool:
         """Train to ``stop_step``; returns False when a stop signal ended the run early (after saving)."""
         console = ConsoleReporter(self.cfg.run.console if self.dist.is_main else "none", self.stop_step, self.state.step)
-        sinks = self._open_sinks()
+        sinks, closing = self._open_sinks()
         throughput = Throughput()
         throughput.reset(self.state.samples_seen)
-        pending: list[dict[str, torch.Tensor]] = []
+        pending: list[dict[str, dict[str, torch.Tensor]]] = []
         batches = self.batches()
-        self.strategy.module.train()
+        for student in self.students:
+            student.strategy.module.train()
         preemption = PreemptionWatcher()
         preemption.install()
         try:
@@ -277,7 +330,7 @@ class Trainer:
                 if self._logs_at(step):
                     self._log(pending, throughput.rate(self.state.samples_seen), sinks, console)
                     pending = []
-                if self.evaluation is not None and self._evaluate(sinks, preemption):
+                if self._evaluate(sinks, preemption):
                     throughput.reset(self.state.samples_seen)  # img_per_s stays a training rate
                 saved = self.checkpointer.due(step, final=step == self.stop_step)
                 if saved:
@@ -294,51 +347,72 @@ class Trainer:
             self.profiler.finish()
             preemption.uninstall()
             console.close()
-            for sink in sinks[1:]:
+            for sink in closing:
                 sink.close()
 
-    def _open_sinks(self) -> list[Any]:
-        """metrics.jsonl (cut back to the resumed step) and, on the main rank, W&B and TensorBoard."""
+    def _open_sinks(self) -> tuple[dict[str, list[Any]], list[Any]]:
+        """Each student's sinks by name: its metrics.jsonl (cut back to the resumed step) and, on the
+        main rank, TensorBoard in its folder and the run's one W&B run (a student of several seen
+        under its name); and the sinks to close at the end."""
         cfg = self.cfg
-        sinks: list[Any] = [self.metrics]
-        if self.dist.is_main:
-            self.metrics.truncate_after(self.state.step)
-            if cfg.run.wandb_project:
-                sinks.append(WandbSink(cfg.run.wandb_project, self.metrics.path.parent, cfg.to_dict()))
-            if cfg.run.tensorboard or (cfg.run.tensorboard is None and tensorboard_available()):
-                sinks.append(TensorBoardSink(self.metrics.path.parent))
+        wandb = WandbSink(cfg.run.wandb_project, self.output_dir, cfg.to_dict()) if self.dist.is_main and cfg.run.wandb_project else None
+        closing: list[Any] = [wandb] if wandb is not None else []
+        sinks: dict[str, list[Any]] = {}
+        for student in self.students:
+            own: list[Any] = [student.metrics]
+            if self.dist.is_main:
+                student.output_dir.mkdir(parents=True, exist_ok=True)
+                student.metrics.truncate_after(self.state.step)
+                if wandb is not None:
+                    own.append(StudentView(wandb, student.name, student.subdir) if student.name else wandb)
+                if cfg.run.tensorboard or (cfg.run.tensorboard is None and tensorboard_available()):
+                    own.append(TensorBoardSink(student.output_dir))
+                    closing.append(own[-1])
+            sinks[student.name] = own
         if self.sample_log is not None:
             self.sample_log.path.parent.mkdir(parents=True, exist_ok=True)
             self.sample_log.truncate_after(self.state.step)
-        return sinks
+        return sinks, closing
 
-    def _log(self, pending: list[dict[str, torch.Tensor]], img_per_s: float, sinks: list[Any], console: ConsoleReporter) -> None:
-        """A log step: the non-finite policy first, then one record for the interval to every sink."""
-        self.nonfinite.check()
-        record = self._log_record(pending, img_per_s)
-        # Updates skipped for a non-finite loss or grad norm since the previous record.
-        record["nonfinite_skips"] = self.nonfinite.take_skip_count()
-        if self.dist.is_main:
-            for sink in sinks:
-                sink.write(record)
-        console.update(record)
+    def _log(
+        self, pending: list[dict[str, dict[str, torch.Tensor]]], img_per_s: float, sinks: dict[str, list[Any]],
+        console: ConsoleReporter,
+    ) -> None:
+        """A log step: the non-finite policies first, then one record per student for the interval
+        to each of its sinks. ``img_per_s`` is the images every student trained on per second."""
+        records = {}
+        for student in self.students:
+            student.nonfinite.check()
+            record = self._log_record(student, [metrics[student.name] for metrics in pending], img_per_s)
+            # Updates skipped for a non-finite loss or grad norm since the previous record.
+            record["nonfinite_skips"] = student.nonfinite.take_skip_count()
+            if self.dist.is_main:
+                for sink in sinks[student.name]:
+                    sink.write(record)
+            records[student.name] = record
+        console.update(records)
 
-    def _evaluate(self, sinks: list[Any], preemption: PreemptionWatcher) -> bool:
-        """Validation, k-NN, pictures when due after this step (all ranks); True when any ran."""
+    def _evaluate(self, sinks: dict[str, list[Any]], preemption: PreemptionWatcher) -> bool:
+        """Validation, k-NN, pictures when due after this step (all ranks, every student); True when
+        any ran."""
         step = self.state.step
 
         def stop_requested() -> bool:
             return preemption.signalled is not None
 
-        ran = self.evaluation.due(step, step == self.stop_step)
-        if ran:
-            for record in self.evaluation.run(self.strategy, step, self.state.samples_seen, step == self.stop_step, stop_requested):
-                if self.dist.is_main:
-                    for sink in sinks:
+        ran = False
+        for student in self.students:
+            if student.evaluation is None or not student.evaluation.due(step, step == self.stop_step):
+                continue
+            ran = True
+            records = student.evaluation.run(student.strategy, step, self.state.samples_seen, step == self.stop_step, stop_requested)
+            if self.dist.is_main:
+                for record in records:
+                    for sink in sinks[student.name]:
                         sink.write(record)
         return ran
 
-    def _log_record(self, pending: list[dict[str, torch.Tensor]], img_per_s: float) -> dict[str, Any]:
+    def _log_record(self, run: StudentRun, pending: list[dict[str, torch.Tensor]], img_per_s: float) -> dict[str, Any]:
         """The one host sync of a logging interval: average what the interval accumulated, over
         steps and ranks (each rank's loss is its share of the global-batch loss)."""
         step = self.state.step - 1  # schedules of the step just taken
@@ -354,16 +428,17 @@ class Trainer:
             "kind": "train",
             "loss": finite_or_none(loss),
         }
-        for name, value in zip(self.objective.teacher_names, teachers):
+        for name, value in zip(run.objective.teacher_names, teachers):
             record[f"loss_{name}"] = finite_or_none(value)
+        schedules = run.schedules
         record.update(
-            lr=self.schedules.lr(step),
-            weight_decay=self.schedules.weight_decay_at(step),
-            norm_momentum=self.schedules.norm_momentum(step),
+            lr=schedules.lr(step),
+            weight_decay=schedules.weight_decay_at(step),
+            norm_momentum=schedules.norm_momentum(step),
             grad_norm=finite_or_none(grad_norm),
             img_per_s=img_per_s,
             # Undecodable images replaced (deterministically) since the previous record, all ranks.
             corrupt_samples=int(corrupt_samples),
         )
-        record.update(self.diagnostics.fields(pending, self.strategy.module, self.dist.world_size))
+        record.update(run.diagnostics.fields(pending, run.strategy.module, self.dist.world_size))
         return record

@@ -57,13 +57,18 @@ class ConsoleReporter:
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
             self.progress.start()
 
-    def update(self, record: dict[str, Any]) -> None:
-        loss = "nan" if record["loss"] is None else f"{record['loss']:.4f}"  # None: not finite
-        status = f"loss {loss}  lr {record['lr']:.2e}  {record['img_per_s']:.1f} img/s"
+    def update(self, records: dict[str, dict[str, Any]]) -> None:
+        """One logged step: each student's training record by name ("" for the only student)."""
+        parts = []
+        for name, record in records.items():
+            loss = "nan" if record["loss"] is None else f"{record['loss']:.4f}"  # None: not finite
+            parts.append(f"{name + ': ' if name else ''}loss {loss}  lr {record['lr']:.2e}")
+        first = next(iter(records.values()))
+        status = f"{' | '.join(parts)}  {first['img_per_s']:.1f} img/s"
         if self.progress is not None:
-            self.progress.update(self.task, completed=record["step"], status=status)
+            self.progress.update(self.task, completed=first["step"], status=status)
         elif self.mode == "plain":
-            self.console.print(f"step {record['step']:>7}  {status}", highlight=False)
+            self.console.print(f"step {first['step']:>7}  {status}", highlight=False)
 
     def message(self, text: str) -> None:
         if self.mode != "none":
@@ -130,8 +135,25 @@ class WandbSink:
         if record.get("paths"):  # feature pictures (PNG files under the output folder)
             import wandb
 
-            data[record["kind"]] = [wandb.Image(str(self.output_dir / path)) for path in record["paths"]]
+            data[record.get("tag", record["kind"])] = [wandb.Image(str(self.output_dir / path)) for path in record["paths"]]
         self.run.log(data, step=record["step"])
 
     def close(self) -> None:
         self.run.finish()
+
+
+class StudentView:
+    """A run-level sink (the run's one W&B run) as one student of several writes to it: numbers
+    under ``<name>/``, picture paths under the student's folder. Closing is the run's business."""
+
+    _KEPT = ("step", "kind", "dataset", "paths")
+
+    def __init__(self, sink: Any, name: str, subdir: str) -> None:
+        self.sink, self.name, self.subdir = sink, name, subdir
+
+    def write(self, record: dict[str, Any]) -> None:
+        renamed = {key if key in self._KEPT else f"{self.name}/{key}": value for key, value in record.items()}
+        if record.get("paths"):
+            renamed["paths"] = [f"{self.subdir}/{path}" for path in record["paths"]]
+            renamed["tag"] = f"{self.name}/{record['kind']}"
+        self.sink.write(renamed)
