@@ -363,7 +363,10 @@ def _student_config(config: dict[str, Any] | None, student: str | None, source: 
         raise StudentFileError(f"{source}: this run trained one student; leave out the student name ({student!r})")
     if names and student not in resolved:
         given = f"{student!r} is not one of them" if student else "say which"
-        raise StudentFileError(f"{source}: this run trained several students ({', '.join(names)}); {given} (--student NAME)")
+        raise StudentFileError(
+            f"{source}: this run trained several students ({', '.join(names)}); {given} "
+            "(--student NAME, or the student's folder students/NAME of the run as the source)"
+        )
     return student or "", resolved[student or ""]
 
 
