@@ -114,17 +114,17 @@ def test_validation_groups_samples_by_their_dataset_whatever_the_loaders() -> No
     names, per_dataset = val_sets(count=6)
     mixed = [{"images": torch.cat([b["images"] for b in batches]), "dataset": [n for b in batches for n in b["dataset"]]}
              for batches in zip(*[val_batches(n, 6, batch_size=3) for n in names])]
-    by_dataset = Validator(per_dataset, names, teachers, objective, torch.device("cpu")).run(strategy, 1, 1)
+    by_dataset = Validator(per_dataset, names, teachers, torch.device("cpu")).run({"": (strategy, objective)}, 1, 1)[""]
     rng_before = torch.get_rng_state()
-    one_loader = Validator([mixed], names, teachers, objective, torch.device("cpu")).run(strategy, 1, 1)
+    one_loader = Validator([mixed], names, teachers, torch.device("cpu")).run({"": (strategy, objective)}, 1, 1)[""]
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert student.training  # back in training mode
     for a, b in zip(by_dataset, one_loader):
         assert a["dataset"] == b["dataset"] and a["images"] == b["images"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     # A stop signal abandons the validation at once: nothing to record, training state untouched.
-    stopped = Validator(per_dataset, names, teachers, objective, torch.device("cpu")).run(strategy, 1, 1, lambda: True)
-    assert stopped == []
+    stopped = Validator(per_dataset, names, teachers, torch.device("cpu")).run({"": (strategy, objective)}, 1, 1, lambda: True)
+    assert stopped == {"": []}
 
 
 def _tiny_models() -> tuple[torch.nn.Module, torch.nn.Module, object]:

@@ -27,7 +27,9 @@ GROUP = f"students=[{SMALL}, {WIDE}]"
 
 
 def _train(out: Path, shards: Path, *extra: str) -> bool:
-    return train(load_config(TINY_CPU, tiny_overrides(out, shards, "checkpoint.every_steps=3", *extra)))
+    """Checkpoints and validation (one batch per dataset) every 3 steps."""
+    overrides = tiny_overrides(out, shards, "checkpoint.every_steps=3", "eval.every_steps=3", "eval.max_batches=1", *extra)
+    return train(load_config(TINY_CPU, overrides))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,9 @@ def group_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Pa
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(TeacherEnsemble, "forward", lambda self, images: calls.append(len(images)) or original(self, images))
         _train(out, demo_shards, GROUP, "train.max_steps=6")
-    assert calls == [12, 12, 12]  # steps 4-6: one teacher forward per batch for both students
+    # Steps 4-6, then validation (one batch of each of the 3 datasets): one teacher forward per batch
+    # for both students.
+    assert calls == [12] * 6
     return out
 
 
@@ -51,9 +55,12 @@ def test_a_student_in_a_group_trains_exactly_as_alone_across_a_resume(
     _train(alone, demo_shards, f"students=[{WIDE}]", "train.max_steps=6")
     grouped = read_metrics(group_run / "students" / "wide" / "metrics.jsonl")
     single = read_metrics(alone / "students" / "wide" / "metrics.jsonl")
-    assert [r["step"] for r in grouped] == list(range(1, 7))
-    keys = ("loss", "loss_dino2reg_vitlarge_14", "grad_norm", "drop_weight_mast3r_vitlarge_16", "norm_mast3r_vitlarge_16_patch_std")
-    assert [[r[k] for k in keys] for r in grouped] == [[r[k] for k in keys] for r in single]
+    assert [r["step"] for r in grouped if r["kind"] == "train"] == list(range(1, 7))
+    keys = ("kind", "loss", "loss_dino2reg_vitlarge_14", "grad_norm", "drop_weight_mast3r_vitlarge_16",
+            "norm_mast3r_vitlarge_16_patch_std", "dataset", "loss_multihmr_vitlarge_14_672_patch_cos")
+    assert [[r.get(k) for k in keys] for r in grouped] == [[r.get(k) for k in keys] for r in single]
+    assert [r["step"] for r in grouped if r["kind"] == "val" and r["dataset"] == "all"] == [3, 6]
+    assert len(list((group_run / "students" / "wide" / "pictures").glob("step_000000006_*.png"))) == 4
     weights = load_file(str(group_run / "students" / "wide" / "student.safetensors"))
     reference = load_file(str(alone / "students" / "wide" / "student.safetensors"))
     assert weights.keys() == reference.keys()
@@ -62,8 +69,8 @@ def test_a_student_in_a_group_trains_exactly_as_alone_across_a_resume(
 
 
 def test_each_student_has_its_own_model_schedule_outputs_and_checkpoint_part(group_run: Path) -> None:
-    small = read_metrics(group_run / "students" / "small" / "metrics.jsonl")
-    wide = read_metrics(group_run / "students" / "wide" / "metrics.jsonl")
+    small, wide = ([r for r in read_metrics(group_run / "students" / name / "metrics.jsonl") if r["kind"] == "train"]
+                   for name in ("small", "wide"))
     assert small[-1]["lr"] == pytest.approx(wide[-1]["lr"] / 2)  # base_lr 1e-3 vs the top level's 2e-3
     assert small[-1]["loss"] != wide[-1]["loss"]
     assert not (group_run / "metrics.jsonl").exists() and not (group_run / "student.safetensors").exists()

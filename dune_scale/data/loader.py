@@ -175,6 +175,9 @@ def _build_loader(
         keep_partial_batch=split is not None,
         batch_size=batch_size,
         epoch_size=epoch_size,
+        # A validation subset (epoch_size < split) must be the same samples at every pass, not a new
+        # draw per epoch (Streaming's default): else a resumed run validates on other images.
+        sampling_method="fixed" if split is not None else "balanced",
         shuffle=shuffle,
         shuffle_algo=data_cfg.shuffle_algo,
         shuffle_seed=seed,

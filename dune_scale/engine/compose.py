@@ -176,22 +176,20 @@ def build_evaluation(
     cfg: Config,
     dist: DistInfo,
     teachers: Any,
-    objective: DistillObjective,
     val: ValidationData | None,
     feature_pictures: FeaturePictures | None,
-    output_dir: Path,
 ) -> PeriodicEvaluation | None:
-    """Validation, the k-NN probe and feature pictures of one student (written under
-    ``output_dir``), as the ``eval`` section asks; None when nothing is asked for."""
+    """Validation, the k-NN probe and feature pictures of every student, as the ``eval`` section
+    asks; None when nothing is asked for."""
     if cfg.eval.every_steps is not None and val is None:
         raise ConfigError("eval.every_steps is set but no validation data is connected to this run")
     validator = None
     if cfg.eval.every_steps is not None:
         names, loaders = val
-        validator = Validator(loaders, names, teachers, objective, dist.device, cfg.eval.max_batches)
+        validator = Validator(loaders, names, teachers, dist.device, cfg.eval.max_batches)
     if validator is None and cfg.eval.knn_every_steps is None:
         return None
-    return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, output_dir, validator, feature_pictures)
+    return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, validator, feature_pictures)
 
 
 def build_trainer(
@@ -219,24 +217,15 @@ def build_trainer(
         if mesh is not None:
             shard_frozen_module(teacher, teacher.blocks, precision.param_dtype, mesh)
     output_dir = Path(cfg.run.output_dir)
-    students = [
-        build_student_run(name, student_cfg, dist, teachers, val, feature_pictures)
-        for name, student_cfg in student_configs(cfg)
-    ]
+    students = [build_student_run(name, student_cfg, dist, teachers) for name, student_cfg in student_configs(cfg)]
     return Trainer(
         cfg, dist, students, teachers, loader, plan.mixture.domain_of,
         Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.every_steps, dist), output_dir, phases,
+        build_evaluation(cfg, dist, teachers, val, feature_pictures),
     )
 
 
-def build_student_run(
-    name: str,
-    cfg: Config,
-    dist: DistInfo,
-    teachers: TeacherEnsemble,
-    val: ValidationData | None,
-    feature_pictures: FeaturePictures | None,
-) -> StudentRun:
+def build_student_run(name: str, cfg: Config, dist: DistInfo, teachers: TeacherEnsemble) -> StudentRun:
     """One student (``cfg``: its resolved configuration) placed under the run's strategy. A named
     student's initial weights depend only on ``run.seed`` and its name; the one student of a config
     without ``students:`` draws them right after the teachers, from ``run.seed``, as it always has."""
@@ -251,5 +240,4 @@ def build_student_run(
     strategy.setup(student, cfg.peak_lr(dist.world_size))
     objective = build_objective(cfg, list(teachers.tokens), dist.world_size)
     output_dir = Path(cfg.run.output_dir) / student_subdir(name)
-    evaluation = build_evaluation(cfg, dist, teachers, objective, val, feature_pictures, output_dir)
-    return StudentRun(name, cfg, strategy, objective, build_schedules(cfg, dist.world_size), output_dir, seed, evaluation)
+    return StudentRun(name, cfg, strategy, objective, build_schedules(cfg, dist.world_size), output_dir, seed)

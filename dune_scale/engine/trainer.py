@@ -31,7 +31,7 @@ from dune_scale.engine.rng import RankRandomState
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategies import Strategy
-from dune_scale.eval.periodic import PeriodicEvaluation
+from dune_scale.eval.periodic import EvaluatedStudent, PeriodicEvaluation
 from dune_scale.files import atomic_write
 from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, StudentView, Throughput, WandbSink, finite_or_none
 from dune_scale.telemetry.phases import NullPhaseTimer
@@ -102,7 +102,7 @@ class RunRecord:
 class StudentRun:
     """One student trained on the shared teacher pass, with everything that is its own: its resolved
     configuration, strategy (model + optimizer), objective, schedules, output folder, non-finite
-    guard, metrics and evaluation. ``name`` is "" for the one student of a config without
+    guard and metrics. ``name`` is "" for the one student of a config without
     ``students:`` (outputs in the run folder, as before several students existed).
 
     Every rank trains every student: the teacher pass (the bulk of a step) is then done once per
@@ -116,7 +116,6 @@ class StudentRun:
     schedules: Schedules
     output_dir: Path
     seed: int  # of its initial weights and its dropping stream (``rng.student_seed``)
-    evaluation: PeriodicEvaluation | None = None
     nonfinite: NonFiniteGuard = field(init=False)
     diagnostics: StepDiagnostics = field(init=False)
     metrics: MetricsFile = field(init=False)
@@ -149,6 +148,7 @@ class Trainer:
         checkpointer: Checkpointer,
         output_dir: Path,
         phases: NullPhaseTimer | None = None,
+        evaluation: PeriodicEvaluation | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist
@@ -162,6 +162,7 @@ class Trainer:
         self.state = TrainProgress(cfg.global_batch_size(dist.world_size))
         self.rng = RankRandomState({s.name: s.seed for s in students}, dist)
         self.phases = phases or NullPhaseTimer()
+        self.evaluation = evaluation
         total_steps = cfg.total_steps(dist.world_size)
         self.stop_step = min(total_steps, cfg.train.max_steps or total_steps)
         profile_steps = parse_step_range(cfg.run.profile_steps) if cfg.run.profile_steps else None
@@ -330,7 +331,7 @@ class Trainer:
                 if self._logs_at(step):
                     self._log(pending, throughput.rate(self.state.samples_seen), sinks, console)
                     pending = []
-                if self._evaluate(sinks, preemption):
+                if self.evaluation is not None and self._evaluate(sinks, preemption):
                     throughput.reset(self.state.samples_seen)  # img_per_s stays a training rate
                 saved = self.checkpointer.due(step, final=step == self.stop_step)
                 if saved:
@@ -400,16 +401,15 @@ class Trainer:
         def stop_requested() -> bool:
             return preemption.signalled is not None
 
-        ran = False
-        for student in self.students:
-            if student.evaluation is None or not student.evaluation.due(step, step == self.stop_step):
-                continue
-            ran = True
-            records = student.evaluation.run(student.strategy, step, self.state.samples_seen, step == self.stop_step, stop_requested)
+        ran = self.evaluation.due(step, step == self.stop_step)
+        if ran:
+            students = {s.name: EvaluatedStudent(s.strategy, s.objective, s.output_dir) for s in self.students}
+            found = self.evaluation.run(students, step, self.state.samples_seen, step == self.stop_step, stop_requested)
             if self.dist.is_main:
-                for record in records:
-                    for sink in sinks[student.name]:
-                        sink.write(record)
+                for name, records in found.items():
+                    for record in records:
+                        for sink in sinks[name]:
+                            sink.write(record)
         return ran
 
     def _log_record(self, run: StudentRun, pending: list[dict[str, torch.Tensor]], img_per_s: float) -> dict[str, Any]:

@@ -2,14 +2,16 @@
 probe and feature pictures, each on its own schedule and at the end of training.
 
 The trainer calls :meth:`PeriodicEvaluation.run` after every step on every rank (the student's forward
-is collective under sharded strategies) and writes the records it returns to its metrics sinks.
+is collective under sharded strategies) with every student it trains, and writes the records it
+returns to each student's metrics sinks. Validation runs the teachers once for all students.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +45,28 @@ def whole_encoder(module: nn.Module) -> Iterator[nn.Module]:
             module.reshard()
 
 
+@dataclass(frozen=True)
+class EvaluatedStudent:
+    """One student as evaluation sees it: its strategy (module, forward, autocast), its objective
+    (teacher names, loss weights) and the folder its pictures go to."""
+
+    strategy: Any
+    objective: Any
+    output_dir: Path
+
+
 class PeriodicEvaluation:
     def __init__(
         self,
         eval_cfg: Any,
         image_size: int,
         dist: DistInfo,
-        output_dir: Path,
         validator: Validator | None = None,
         feature_pictures: FeaturePictures | None = None,
     ) -> None:
         self.cfg = eval_cfg
         self.image_size = image_size
         self.dist = dist
-        self.output_dir = Path(output_dir)
         self.validator = validator
         self.feature_pictures = feature_pictures
         self._probe: torch.Tensor | None = None
@@ -71,16 +81,22 @@ class PeriodicEvaluation:
         return validates or self._due(self.cfg.knn_every_steps, step, final)
 
     def run(
-        self, strategy: Any, step: int, samples_seen: int, final: bool, stop_requested: Callable[[], bool]
-    ) -> list[dict[str, Any]]:
-        """Records of what is due after ``step`` (nothing most steps); collective on every rank."""
-        records: list[dict[str, Any]] = []
+        self, students: Mapping[str, EvaluatedStudent], step: int, samples_seen: int, final: bool,
+        stop_requested: Callable[[], bool],
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Each student's records of what is due after ``step`` (nothing most steps); collective on
+        every rank."""
+        records: dict[str, list[dict[str, Any]]] = {name: [] for name in students}
         if self.validator is not None and self._due(self.cfg.every_steps, step, final):
-            records += self.validator.run(strategy, step, samples_seen, stop_requested)
+            members = {name: (student.strategy, student.objective) for name, student in students.items()}
+            for name, found in self.validator.run(members, step, samples_seen, stop_requested).items():
+                records[name] += found
             if self.feature_pictures is not None and not self._any_rank_stopping(stop_requested):
-                records.append(self._write_pictures(strategy, step, samples_seen))
+                for name, student in students.items():
+                    records[name].append(self._write_pictures(student, step, samples_seen))
         if self._due(self.cfg.knn_every_steps, step, final) and not self._any_rank_stopping(stop_requested):
-            records.append(self._knn(strategy, step, samples_seen))
+            for name, student in students.items():
+                records[name].append(self._knn(student.strategy, step, samples_seen))
         return records
 
     def _any_rank_stopping(self, stop_requested: Callable[[], bool]) -> bool:
@@ -105,12 +121,13 @@ class PeriodicEvaluation:
             self._probe = batch["images"][:PROBE_IMAGES].clone()
         return self._probe
 
-    def _write_pictures(self, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
+    def _write_pictures(self, student: EvaluatedStudent, step: int, samples_seen: int) -> dict[str, Any]:
         """PNG files (main rank) and the record naming them, which image-aware sinks display."""
         probe = self._probe_images().to(self.dist.device)
+        strategy = student.strategy
         with eval_mode(strategy.module) as module, torch.no_grad(), whole_encoder(module) as encoder, strategy.autocast():
             pictures = self.feature_pictures(encoder, probe)
-        folder = self.output_dir / PICTURES_FOLDER
+        folder = student.output_dir / PICTURES_FOLDER
         paths = [folder / f"step_{step:09d}_{i}.png" for i in range(len(pictures))]
         if self.dist.is_main:
             from PIL import Image
@@ -119,4 +136,4 @@ class PeriodicEvaluation:
             for path, picture in zip(paths, np.asarray(pictures, dtype=np.uint8)):
                 Image.fromarray(picture).save(path)
         return {"step": step, "samples_seen": samples_seen, "kind": "pictures", "dataset": "probe",
-                "paths": [str(path.relative_to(self.output_dir)) for path in paths]}
+                "paths": [str(path.relative_to(student.output_dir)) for path in paths]}

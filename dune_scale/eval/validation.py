@@ -5,6 +5,9 @@ dropping) and teacher features are standardised with the *running* statistics, s
 only on the weights and the data: a resumed run reports the same values as an uninterrupted one.
 Validation draws no random numbers from the training streams (the global RNGs are restored after it).
 
+Several students trained on one teacher pass are validated on one teacher pass too: each batch's
+teacher features are computed once and every student's forward and losses follow.
+
 Input is a list of re-iterable loaders yielding training-style batches (``images``, ``dataset``);
 samples are grouped by their own ``dataset`` name, so one loader per dataset and one mixed loader
 work alike. Every rank runs the same number of batches (the ranks agree before each one, which also
@@ -28,6 +31,9 @@ from dune_scale.distill.loss_terms import loss_terms, split_fields, term_keys
 from dune_scale.distributed import all_reduce_max, all_reduce_sum
 
 Batch = Mapping[str, Any]
+# A student to validate: (strategy, objective). The strategy gives ``module``, ``forward``, ``autocast``;
+# the objective the teacher names and loss weights.
+Member = tuple[Any, Any]
 # Name of the record that sums every dataset (weighted by images).
 ALL_DATASETS = "all"
 
@@ -87,7 +93,6 @@ class Validator:
         loaders: Sequence[Iterable[Batch]],
         dataset_names: Sequence[str],
         teachers: nn.Module,
-        objective: Any,
         device: torch.device,
         max_batches: int | None = None,
     ) -> None:
@@ -97,43 +102,54 @@ class Validator:
         self.dataset_names = list(dataset_names)
         self.index = {name: i for i, name in enumerate(self.dataset_names)}
         self.teachers = teachers
-        self.objective = objective
         self.device = device
         self.max_batches = max_batches
 
     def run(
-        self, strategy: Any, step: int, samples_seen: int, stop_requested: Callable[[], bool] = lambda: False
-    ) -> list[dict[str, Any]]:
-        """Collective on every rank; returns one record per dataset seen plus the ``all`` record, or
-        nothing when a stop signal abandoned it. ``strategy`` gives ``module``, ``forward``, ``autocast``."""
+        self, members: Mapping[str, Member], step: int, samples_seen: int, stop_requested: Callable[[], bool] = lambda: False
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Collective on every rank; per student (by name), one record per dataset seen plus the ``all``
+        record, or nothing when a stop signal abandoned the validation."""
         start = time.perf_counter()
         try:
-            with eval_mode(strategy.module), preserved_rng(self.device), torch.no_grad():
-                keys, sums, counts = self._accumulate(strategy, stop_requested)
+            with contextlib.ExitStack() as modes:
+                for strategy, _ in members.values():
+                    modes.enter_context(eval_mode(strategy.module))
+                modes.enter_context(preserved_rng(self.device))
+                modes.enter_context(torch.no_grad())
+                sums = self._accumulate(members, stop_requested)
         except ValidationAbandoned:
-            return []
-        return self._records(keys, sums, counts, step, samples_seen, time.perf_counter() - start)
+            return {name: [] for name in members}
+        seconds = time.perf_counter() - start
+        return {
+            name: self._records(members[name][1], keys, totals, counts, step, samples_seen, seconds)
+            for name, (keys, totals, counts) in sums.items()
+        }
 
     def _accumulate(
-        self, strategy: Any, stop_requested: Callable[[], bool]
-    ) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
-        norms = strategy.module.teacher_norms
-        keys = term_keys(strategy.module.teacher_tokens, self.objective.teacher_names)
-        sums = torch.zeros(len(self.dataset_names), len(keys), 2, device=self.device, dtype=torch.float64)
+        self, members: Mapping[str, Member], stop_requested: Callable[[], bool]
+    ) -> dict[str, tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]]:
+        """Per student: (term keys, per-dataset sums [datasets, keys, 2], images per dataset), over ranks."""
+        keys = {name: term_keys(strategy.module.teacher_tokens, objective.teacher_names) for name, (strategy, objective) in members.items()}
+        sums = {name: torch.zeros(len(self.dataset_names), len(keys[name]), 2, device=self.device, dtype=torch.float64) for name in members}
         counts = torch.zeros(len(self.dataset_names), device=self.device, dtype=torch.float64)
         for batch in lockstep_batches(self.loaders, self.max_batches, stop_requested, self.device):
             images = batch["images"].to(self.device, non_blocking=True)
-            teacher_out = self.teachers(images)
-            # Eval-mode teacher norms return their running statistics (no update, no collective).
-            stats = self.objective.teacher_statistics([teacher_out], norms, 0.0)
-            with strategy.autocast():
-                student_out = strategy.forward(images)
-            terms = loss_terms(student_out, teacher_out, stats, self.objective).double()  # [K, 2, B]
+            teacher_out = self.teachers(images)  # once for every student
             membership = self._membership(batch["dataset"])  # [datasets, B]
-            sums += torch.einsum("db,kpb->dkp", membership, terms)
+            for name, (strategy, objective) in members.items():
+                # Eval-mode teacher norms return their running statistics (no update, no collective).
+                stats = objective.teacher_statistics([teacher_out], strategy.module.teacher_norms, 0.0)
+                with strategy.autocast():
+                    student_out = strategy.forward(images)
+                terms = loss_terms(student_out, teacher_out, stats, objective).double()  # [K, 2, B]
+                sums[name] += torch.einsum("db,kpb->dkp", membership, terms)
             counts += membership.sum(dim=1)
-        reduced = all_reduce_sum(torch.cat([sums.flatten(), counts]))
-        return keys, reduced[: sums.numel()].view_as(sums), reduced[sums.numel():]
+        reduced = {}
+        for name, totals in sums.items():
+            flat = all_reduce_sum(torch.cat([totals.flatten(), counts]))
+            reduced[name] = (keys[name], flat[: totals.numel()].view_as(totals), flat[totals.numel():])
+        return reduced
 
     def _membership(self, names: Sequence[str]) -> torch.Tensor:
         unknown = sorted(set(names) - set(self.index))
@@ -144,7 +160,8 @@ class Validator:
         return rows.to(self.device)
 
     def _records(
-        self, keys: list[tuple[str, str]], sums: torch.Tensor, counts: torch.Tensor, step: int, samples_seen: int, seconds: float
+        self, objective: Any, keys: list[tuple[str, str]], sums: torch.Tensor, counts: torch.Tensor, step: int,
+        samples_seen: int, seconds: float,
     ) -> list[dict[str, Any]]:
         counts_list = counts.tolist()
         if not sum(counts_list):  # empty validation loaders
@@ -155,7 +172,7 @@ class Validator:
         for name, total, images in groups:
             means = (total / images).tolist()
             fields = split_fields(keys, means)
-            teachers = {t: fields[f"loss_{t}_cos"] + fields[f"loss_{t}_sl1"] for t in self.objective.teacher_names}
+            teachers = {t: fields[f"loss_{t}_cos"] + fields[f"loss_{t}_sl1"] for t in objective.teacher_names}
             record: dict[str, Any] = {"step": step, "samples_seen": samples_seen, "kind": "val", "dataset": name,
                                       "images": int(images), "loss": sum(teachers.values()) / len(teachers)}
             record.update({f"loss_{t}": value for t, value in teachers.items()})
