@@ -153,3 +153,15 @@ def test_bench_reports_each_student_and_the_combined_rate(tmp_path: Path) -> Non
         assert 0 < numbers["own_seconds"] < numbers["alone_step_time_s"] <= result["step_time_s"]
         assert numbers["img_per_s_per_rank_alone"] > result["img_per_s_per_rank"]
     assert {"students/small/backward", "students/wide/optimizer", "teacher_forward"} <= set(result["phases"])
+
+
+def test_one_wandb_run_shows_every_student_under_its_name() -> None:
+    from dune_scale.telemetry.metrics import StudentView
+
+    logged: list[dict] = []
+    run_sink = type("RunSink", (), {"write": lambda self, record: logged.append(record)})()
+    view = StudentView(run_sink, "small", "students/small")
+    view.write({"step": 3, "kind": "train", "loss": 0.5, "lr": 1e-3})
+    view.write({"step": 3, "kind": "pictures", "dataset": "probe", "paths": ["pictures/step_000000003_0.png"]})
+    assert logged[0] == {"step": 3, "kind": "train", "small/loss": 0.5, "small/lr": 1e-3}
+    assert logged[1]["paths"] == ["students/small/pictures/step_000000003_0.png"] and logged[1]["tag"] == "small/pictures"
