@@ -231,8 +231,10 @@ class EvalConfig:
 # The sections a ``students:`` entry may set; the rest (data, teachers, train, strategy, ...) is the
 # run's: one teacher pass, one batch, one strategy for every student.
 STUDENT_SECTIONS = ("student", "projector", "distill", "loss", "optim")
-# Teacher-feature standardisation is the teachers' property, computed once per step for all students.
-SHARED_DISTILL_KEYS = ("norm_eps", "norm_momentum_start", "norm_momentum_end")
+# Settings of the one teacher pass that every student shares, which a ``students:`` entry may not
+# change: the teachers' standardisation (computed once per step) and the token grid the teachers
+# are fed (each teacher's input is resized to the student's patch grid).
+SHARED_STUDENT_KEYS = {"distill": ("norm_eps", "norm_momentum_start", "norm_momentum_end"), "student": ("patch_size",)}
 STUDENTS_FOLDER = "students"
 
 
@@ -512,8 +514,12 @@ def _plain(value: Any) -> Any:
 
 
 def validate(config: Config) -> None:
-    """Raise :class:`ConfigError` naming the first impossible setting."""
+    """Raise :class:`ConfigError` naming the first impossible setting. With ``students:``, the
+    top-level sections are a template: the rules apply to each student's merged configuration."""
     _check_fields(config, "")
+    if config.students:
+        _check_students(config)
+        return
     for rule in _RULES:
         rule(config)
 
@@ -662,25 +668,21 @@ def _check_students(config: Config) -> None:
             _fail(f"{key}.name", entry.name, "name each student with letters, digits, '_', '.' or '-' (it names its folder)")
         if names.index(entry.name) != i:
             _fail(f"{key}.name", entry.name, "each student name may appear once")
-        shared = sorted(set(entry.distill) & set(SHARED_DISTILL_KEYS))
-        if shared:
-            _fail(f"{key}.distill.{shared[0]}", entry.distill[shared[0]],
-                  "teacher standardisation is computed once for all students: set it at the top level (distill.*)")
-    if not config.students:
-        return
-    raw = config.to_dict()
-    for i, (name, merged) in enumerate(resolve_student_dicts(raw)):
+        for section, keys in SHARED_STUDENT_KEYS.items():
+            for shared in keys:
+                if shared in getattr(entry, section):
+                    _fail(f"{key}.{section}.{shared}", getattr(entry, section)[shared],
+                          f"every student shares the one teacher pass: set it at the top level ({section}.{shared})")
+    for i, (name, merged) in enumerate(resolve_student_dicts(config.to_dict())):
         try:
             student = _build(Config, merged, "")
             _check_fields(student, "")
             for rule in _RULES:
-                if rule is not _check_students:
-                    rule(student)
+                rule(student)
         except ConfigError as err:
             raise ConfigError(f"students.{i} ({name}): {err}") from None
 
 
 _RULES = (
     _check_image_size, _check_student, _check_teachers, _check_speed_switches, _check_ranges, _check_eval_and_telemetry,
-    _check_students,
 )

@@ -122,7 +122,10 @@ def test_export_names_the_student(group_run: Path, tmp_path: Path, capsys: pytes
     [
         ("[{name: a}, {name: a}]", "students.1.name: 'a' is not allowed; each student name may appear once"),
         ("[{name: 'a/b'}]", "students.0.name: 'a/b' is not allowed"),
-        ("[{name: a, distill: {norm_momentum_end: 0.1}}]", "students.0.distill.norm_momentum_end: 0.1 is not allowed; teacher"),
+        ("[{name: a, distill: {norm_momentum_end: 0.1}}]", "students.0.distill.norm_momentum_end: 0.1 is not allowed; every"),
+        ("[{name: a}, {name: b, student: {patch_size: 16}}]", "students.1.student.patch_size: 16 is not allowed; every"),
+        # Merged key by key: the top level's custom width stays unless the entry unsets it (null).
+        ("[{name: a, student: {arch: vit_small}}]", "students.0 (a): student.embed_dim: 48 is not allowed; only"),
         ("[{name: a, student: {arch: vit_tiny}}]", "students.0 (a): student.arch: 'vit_tiny' is not allowed"),
         ("[{name: a, optim: {learning_rate: 1}}]", "students.0 (a): unknown config key optim.learning_rate"),
         ("[{name: a, train: {batch_size_per_rank: 2}}]", "unknown config key students.0.train"),
@@ -131,6 +134,15 @@ def test_export_names_the_student(group_run: Path, tmp_path: Path, capsys: pytes
 def test_bad_student_entries_name_the_key(students: str, message: str) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config(TINY_CPU, [f"students={students}"])
+
+
+def test_the_top_level_student_is_a_template_each_entry_completes() -> None:
+    """Stage 2 of a family: each student starts from its own stage-1 weights, none at the top."""
+    family = "students=[{name: s, student: {pretrained: s.safetensors}}, {name: b, student: {pretrained: b.safetensors}}]"
+    cfg = load_config(TINY_CPU, ["train.stage=2", family])
+    assert [c.student.pretrained for _, c in student_configs(cfg)] == ["s.safetensors", "b.safetensors"]
+    with pytest.raises(ConfigError, match=r"^students.1 \(b\): student.pretrained: None is not allowed; train.stage=2"):
+        load_config(TINY_CPU, ["train.stage=2", "students=[{name: s, student: {pretrained: s.safetensors}}, {name: b}]"])
 
 
 def test_a_student_section_is_merged_over_the_top_level() -> None:
