@@ -3,7 +3,9 @@
 Several students may train on one teacher pass (``students:``): the teachers' forward and their
 standardisation statistics are computed once per step, and each student then takes its own step
 on the same batch, with its own optimizer, schedules, dropping stream and non-finite guard. Every
-rank trains every student (see :class:`StudentRun`). The loop syncs with the host only at log steps (metrics are accumulated on the device) and at
+rank trains every student (see :class:`StudentRun`).
+
+The loop syncs with the host only at log steps (metrics are accumulated on the device) and at
 checkpoint steps. Everything that determines the future of the run is a Stateful component the
 checkpointer writes and restores: ``progress`` (step, samples), the loader's position, the
 non-finite guard and, per rank, every RNG stream. The schedules are pure functions of the step.
