@@ -225,6 +225,6 @@ def build_trainer(
     objective = build_objective(cfg, list(teachers.tokens), dist.world_size)
     return Trainer(
         cfg, dist, strategy, teachers, objective, loader, plan.mixture.domain_of, build_schedules(cfg, dist.world_size),
-        Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.every_steps, dist), output_dir, phases,
+        Checkpointer.from_config(output_dir / "checkpoints", cfg.checkpoint, cfg.data, dist), output_dir, phases,
         build_evaluation(cfg, dist, teachers, objective, val, feature_pictures),
     )

@@ -1,0 +1,160 @@
+"""Checkpoints in object storage (a real S3 server, SeaweedFS on 127.0.0.1) and async saves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import TINY_CPU, free_port, tiny_overrides
+from conftest_data import SeaweedS3
+from dune_scale.cli.train import main, train
+from dune_scale.config import ConfigError, load_config
+from dune_scale.engine.checkpointer import LATEST, MANIFEST
+
+
+def _run(output: Path, shards: Path, *extra: str) -> None:
+    train(load_config(TINY_CPU, tiny_overrides(output, shards, "run.log_samples=false", *extra)))
+
+
+def _exported(output: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(output / "student.safetensors"))
+
+
+def _remote_keys(server: SeaweedS3, prefix: str) -> dict[str, int]:
+    listing = server.client().list_objects_v2(Bucket=server.bucket, Prefix=prefix + "/")
+    return {obj["Key"][len(prefix) + 1 :]: obj["Size"] for obj in listing.get("Contents", [])}
+
+
+def _copy_remote_folder(server: SeaweedS3, prefix: str, source: str, target: str, manifest: bool, damage: str | None) -> None:
+    """Plant ``target`` as a copy of ``source``: with or without its manifest, one file damaged
+    (same size, one byte changed) when ``damage`` names it."""
+    client = server.client()
+    for name in _remote_keys(server, f"{prefix}/{source}"):
+        if name == MANIFEST and not manifest:
+            continue
+        body = bytearray(client.get_object(Bucket=server.bucket, Key=f"{prefix}/{source}/{name}")["Body"].read())
+        if name == damage:
+            body[len(body) // 2] ^= 0xFF
+        client.put_object(Bucket=server.bucket, Key=f"{prefix}/{target}/{name}", Body=bytes(body))
+
+
+def test_resume_from_s3_on_an_empty_disk_is_bitwise_skipping_broken_remote_checkpoints(
+    s3_env: SeaweedS3, tmp_path: Path, demo_shards: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run uploads its checkpoints (remote keep_last applied); a newer remote checkpoint with a
+    damaged file and an upload without its manifest are skipped; a job whose local disk is empty
+    resumes from S3 (async save on) and ends with the weights of an uninterrupted run."""
+    prefix = "runs/resume"
+    remote = f"checkpoint.remote=s3://{s3_env.bucket}/{prefix}"
+    _run(tmp_path / "straight", demo_shards, "train.max_steps=4", "checkpoint.every_steps=4")
+    out = tmp_path / "preempted"
+    _run(out, demo_shards, "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep_last=1", remote)
+
+    stored = _remote_keys(s3_env, prefix)
+    local = json.loads((out / "checkpoints" / "step_000000002" / MANIFEST).read_text())["files"]
+    assert stored == {LATEST: len("step_000000002\n"), f"step_000000002/{MANIFEST}": stored[f"step_000000002/{MANIFEST}"],
+                      **{f"step_000000002/{name}": entry["size"] for name, entry in local.items()}}  # step 1 pruned
+    largest = max(local, key=lambda name: local[name]["size"])
+    _copy_remote_folder(s3_env, prefix, "step_000000002", "step_000000003", manifest=True, damage=largest)
+    _copy_remote_folder(s3_env, prefix, "step_000000002", "step_000000004", manifest=False, damage=None)
+    s3_env.client().put_object(Bucket=s3_env.bucket, Key=f"{prefix}/{LATEST}", Body=b"step_000000003\n")
+
+    shutil.rmtree(out / "checkpoints")  # a fresh node
+    with caplog.at_level(logging.WARNING):
+        _run(out, demo_shards, "train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=1", remote,
+             "checkpoint.async_save=true")
+    skipped = [r.getMessage() for r in caplog.records if "cannot be resumed from" in r.getMessage()]
+    assert "step_000000003" in skipped[0] and "sha256" in skipped[0], skipped
+    assert "step_000000004" in skipped[1] and f"no {MANIFEST}" in skipped[1], skipped
+
+    straight, resumed = _exported(tmp_path / "straight"), _exported(out)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    stored = _remote_keys(s3_env, prefix)
+    assert {key.split("/")[0] for key in stored} == {LATEST, "step_000000004"}  # the planted ones are gone too
+    assert f"step_000000004/{MANIFEST}" in stored
+    assert s3_env.client().get_object(Bucket=s3_env.bucket, Key=f"{prefix}/{LATEST}")["Body"].read() == b"step_000000004\n"
+
+
+def test_remote_store_problems_are_one_line_with_exit_code_2(
+    s3_env: SeaweedS3, tmp_path: Path, demo_shards: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["--config", str(TINY_CPU), *tiny_overrides(tmp_path / "run", demo_shards, "train.max_steps=1")]
+    with pytest.raises(ConfigError, match=r"checkpoint.remote: 'gs://bucket/x' is not allowed; it must be an s3://bucket/prefix URL"):
+        load_config(TINY_CPU, ["checkpoint.remote=gs://bucket/x"])
+
+    assert main([*argv, "checkpoint.remote=s3://no-such-bucket/x"]) == 2
+    assert "s3://no-such-bucket/" in capsys.readouterr().err
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    assert main([*argv, f"checkpoint.remote=s3://{s3_env.bucket}/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"s3://{s3_env.bucket}/" in err and "403" in err, err
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_env.endpoint)  # restored after the test: the next line changes it
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main([*argv, f"checkpoint.remote=s3://{s3_env.bucket}/x", f"data.s3_endpoint_url={dead}",
+                 "data.download_timeout=2", "data.download_retry=0"]) == 2
+    err = capsys.readouterr().err
+    assert f"no answer from the object store (endpoint {dead})" in err and err.count("\n") == 1, err
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[None]:
+    """FSDP in this process: a one-rank gloo group (train() destroys it at its end)."""
+    store = str(tmp_path / "store")
+
+    def init() -> None:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{store}.{free_port()}", rank=0, world_size=1)
+
+    yield init
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _checkpoint_state(folder: Path) -> dict:
+    """Model and optimizer state of an FSDP (DCP) checkpoint folder."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder / "fsdp", folder.parent / f"{folder.name}.pt")
+    return torch.load(folder.parent / f"{folder.name}.pt", weights_only=True)
+
+
+def _tensors_if_equal(a: object, b: object) -> int:
+    """How many tensors two nested states hold, asserting they are equal value by value."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+        return 1
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        return sum(_tensors_if_equal(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        return sum(_tensors_if_equal(x, y) for x, y in zip(a, b))
+    assert a == b
+    return 0
+
+
+def test_fsdp_async_save_equals_sync_save_by_value(tmp_path: Path, demo_shards: Path, one_rank_group) -> None:
+    """DCP's async_save stages the state before training goes on: every checkpoint of an async run
+    holds what a sync run saved at that step, and is complete (manifest, latest) when the run ends."""
+    runs = {}
+    for mode in ("false", "true"):
+        one_rank_group()
+        out = tmp_path / f"async_{mode}"
+        _run(out, demo_shards, "strategy.name=fsdp", "train.max_steps=3", "checkpoint.every_steps=1",
+             "checkpoint.keep_last=3", f"checkpoint.async_save={mode}")
+        assert (out / "checkpoints" / LATEST).read_text() == "step_000000003\n"
+        runs[mode] = out / "checkpoints"
+    for step in ("step_000000001", "step_000000002", "step_000000003"):
+        assert _tensors_if_equal(_checkpoint_state(runs["false"] / step), _checkpoint_state(runs["true"] / step)) > 10, step
