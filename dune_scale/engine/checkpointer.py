@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -174,6 +175,7 @@ class Checkpointer:
         self, step: int, strategy: Strategy, components: Mapping[str, Stateful], rank_components: Mapping[str, Stateful]
     ) -> Path:
         """Collective save; returns the final folder (complete on return unless ``async_save``)."""
+        started = time.perf_counter()
         self.finish()
         trainer_state = {name: component.state_dict() for name, component in components.items()}
         rank_state = {name: component.state_dict() for name, component in rank_components.items()}
@@ -190,6 +192,7 @@ class Checkpointer:
         if not self.async_save:
             strategy.save(tmp)
             self._commit(tmp, final, step, None, None)
+            log.info("checkpoint %s: training blocked %.3f s", final.name, time.perf_counter() - started)
             return final
         if self._group is None and self.dist.world_size > 1 and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")
@@ -197,6 +200,7 @@ class Checkpointer:
         executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit")
         self._pending = executor.submit(self._commit, tmp, final, step, written, self._group)
         executor.shutdown(wait=False)  # the submitted commit still runs to its end
+        log.info("checkpoint %s: training blocked %.3f s (being written in the background)", final.name, time.perf_counter() - started)
         return final
 
     def finish(self) -> None:
