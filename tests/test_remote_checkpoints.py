@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -111,7 +111,7 @@ def test_remote_store_problems_are_one_line_with_exit_code_2(
 
 
 @pytest.fixture
-def one_rank_group(tmp_path: Path) -> Iterator[None]:
+def one_rank_group(tmp_path: Path) -> Iterator[Callable[[], None]]:
     """FSDP in this process: a one-rank gloo group (train() destroys it at its end)."""
     store = str(tmp_path / "store")
 
@@ -147,7 +147,9 @@ def _tensors_if_equal(a: object, b: object) -> int:
     return 0
 
 
-def test_fsdp_async_save_equals_sync_save_by_value(tmp_path: Path, demo_shards: Path, one_rank_group) -> None:
+def test_fsdp_async_save_equals_sync_save_by_value(
+    tmp_path: Path, demo_shards: Path, one_rank_group: Callable[[], None]
+) -> None:
     """DCP's async_save stages the state before training goes on: every checkpoint of an async run
     holds what a sync run saved at that step, and is complete (manifest, latest) when the run ends."""
     runs = {}
