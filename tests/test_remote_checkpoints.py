@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from conftest_data import SeaweedS3
 from dune_scale.cli.train import main, train
 from dune_scale.config import ConfigError, load_config
 from dune_scale.engine.checkpointer import LATEST, MANIFEST
+from dune_scale.engine.remote_checkpoints import RemoteCheckpoints
 from dune_scale.telemetry.metrics import read_metrics
 
 
@@ -102,12 +105,31 @@ def test_remote_store_problems_are_one_line_with_exit_code_2(
     err = capsys.readouterr().err
     assert f"s3://{s3_env.bucket}/" in err and "403" in err, err
 
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_env.endpoint)  # restored after the test: the next line changes it
-    dead = f"http://127.0.0.1:{free_port()}"
-    assert main([*argv, f"checkpoint.remote=s3://{s3_env.bucket}/x", f"data.s3_endpoint_url={dead}",
-                 "data.download_timeout=2", "data.download_retry=0"]) == 2
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret)
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_env.endpoint)  # restored after the test: runs below change it
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        dead = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        short = ["data.download_timeout=1", "data.download_retry=0", f"checkpoint.remote=s3://{s3_env.bucket}/x"]
+        assert main([*argv, *short, f"data.s3_endpoint_url={dead}"]) == 2
+        err = capsys.readouterr().err
+        assert f"no answer from the object store (endpoint {dead}) within data.download_timeout=1 s" in err and err.count("\n") == 1, err
+
+        # The store goes silent after the start-up check: the first upload names the key, the run
+        # stops (exit 2) with its local checkpoint complete and the remote folder without a manifest.
+        upload = RemoteCheckpoints.upload
+
+        def upload_to_silent_store(self: RemoteCheckpoints, folder: Path, names: list[str]) -> None:
+            os.environ["S3_ENDPOINT_URL"] = dead
+            upload(self, folder, names)
+
+        monkeypatch.setattr(RemoteCheckpoints, "upload", upload_to_silent_store)
+        assert main([*argv, *short, f"data.s3_endpoint_url={s3_env.endpoint}"]) == 2
     err = capsys.readouterr().err
-    assert f"no answer from the object store (endpoint {dead})" in err and err.count("\n") == 1, err
+    assert f"uploading s3://{s3_env.bucket}/x/step_000000001/" in err and "no answer" in err and err.count("\n") == 1, err
+    assert (tmp_path / "run" / "checkpoints" / LATEST).read_text() == "step_000000001\n"
+    assert f"step_000000001/{MANIFEST}" not in _remote_keys(s3_env, "x")
 
 
 @pytest.fixture
