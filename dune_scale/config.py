@@ -40,6 +40,11 @@ def _at_least(default: Any, minimum: float) -> Any:
     return field(default=default, metadata={"min": minimum})
 
 
+def _matching(default: Any, pattern: str, allowed: str) -> Any:
+    """A string that is unset or matches ``pattern`` (``allowed`` says what that means)."""
+    return field(default=default, metadata={"pattern": pattern, "allowed": allowed})
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/dune"
@@ -211,6 +216,11 @@ class CheckpointConfig:
     every_steps: int = _at_least(1000, 1)
     keep_last: int = _at_least(3, 1)
     resume: str = "auto"  # "auto" (latest complete one in output_dir), "never", or a checkpoint path
+    # Also keep every complete checkpoint in object storage (credentials and endpoint as for data):
+    # keep_last applies there too, and resume=auto falls back to it when the local disk has none.
+    remote: str | None = _matching(None, r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?", "an s3://bucket/prefix URL")
+    # Write (FSDP: DCP async_save), hash and upload checkpoints while training goes on.
+    async_save: bool = False
 
 
 @dataclass
@@ -540,6 +550,9 @@ def _check_fields(node: Any, prefix: str) -> None:
         minimum = fld.metadata.get("min")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{key}: {value!r} is too small; it must be at least {minimum}")
+        pattern = fld.metadata.get("pattern")
+        if pattern is not None and value is not None and not re.fullmatch(pattern, value):
+            raise ConfigError(f"{key}: {value!r} is not allowed; it must be {fld.metadata['allowed']}")
 
 
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:

@@ -8,6 +8,14 @@ On resume a folder is used only if its manifest matches every file's size and co
 the previous one is tried (a job killed in the middle of a save, a truncated or overwritten file).
 When checkpoints exist but none is usable the run is refused, never restarted from zero behind the
 user's back (``checkpoint.resume=never`` starts over deliberately).
+
+With ``checkpoint.remote`` each complete folder is then uploaded (see ``remote_checkpoints``), and
+``resume=auto`` falls back to the newest intact remote checkpoint when the local disk has none. With
+``checkpoint.async_save`` the training loop is blocked only while the state is staged (FSDP: DCP's
+``async_save`` copies it to CPU memory); writing, hashing, the manifest, ``latest`` and the upload
+happen in a background thread on a process group of their own, so a crash in between leaves the
+previous checkpoint as ``latest``. One save is in flight at a time: the next save and
+:meth:`Checkpointer.finish` wait for it and raise what went wrong with it.
 """
 
 from __future__ import annotations
@@ -17,16 +25,22 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from dune_scale.config import CheckpointConfig, DataConfig
 from dune_scale.distributed import DistInfo, barrier
 from dune_scale.engine.strategies import Strategy
 from dune_scale.files import atomic_write, fsync_path
+
+if TYPE_CHECKING:
+    from dune_scale.engine.remote_checkpoints import RemoteCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +71,11 @@ def _my_share(names: list[str], dist_info: DistInfo) -> list[str]:
     return names[dist_info.rank :: dist_info.world_size]
 
 
-def _gather_dicts(local: dict[str, Any], dist_info: DistInfo) -> dict[str, Any]:
+def _gather_dicts(local: dict[str, Any], dist_info: DistInfo, group: Any = None) -> dict[str, Any]:
     if dist_info.world_size == 1 or not dist.is_initialized():
         return local
     parts: list[dict[str, Any]] = [{} for _ in range(dist_info.world_size)]
-    dist.all_gather_object(parts, local)
+    dist.all_gather_object(parts, local, group=group)
     return {key: value for part in parts for key, value in part.items()}
 
 
@@ -128,11 +142,27 @@ class Checkpointer:
     student strategy's files (in the sub-folder its key names; "" = the folder itself) plus the
     ``state_dict()`` of every named component, global (written by rank 0) and per rank."""
 
-    def __init__(self, root: Path, keep_last: int, every_steps: int, dist: DistInfo) -> None:
+    def __init__(
+        self, root: Path, keep_last: int, every_steps: int, dist: DistInfo,
+        remote: RemoteCheckpoints | None = None, async_save: bool = False,
+    ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.every_steps = every_steps
         self.dist = dist
+        self.remote = remote
+        self.async_save = async_save
+        self._pending: Future | None = None  # the background commit of the last async save
+        self._group: Any = None  # the background commits' own process group (gloo), made at the first one
+
+    @classmethod
+    def from_config(cls, root: Path, checkpoint: CheckpointConfig, data: DataConfig, dist: DistInfo) -> Checkpointer:
+        """The ``checkpoint`` section's checkpointer; a remote store uses the ``data`` section's
+        endpoint, credentials, timeout and retries."""
+        from dune_scale.engine.remote_checkpoints import RemoteCheckpoints
+
+        remote = RemoteCheckpoints.from_config(checkpoint, data)
+        return cls(root, checkpoint.keep_last, checkpoint.every_steps, dist, remote, checkpoint.async_save)
 
     def due(self, step: int, final: bool) -> bool:
         """A periodic save after ``step`` (every ``checkpoint.every_steps``), or the run's last step."""
@@ -148,7 +178,9 @@ class Checkpointer:
         components: Mapping[str, Stateful],
         rank_components: Mapping[str, Stateful],
     ) -> Path:
-        """Collective save; returns the final folder."""
+        """Collective save; returns the final folder (complete on return unless ``async_save``)."""
+        started = time.perf_counter()
+        self.finish()
         trainer_state = {name: component.state_dict() for name, component in components.items()}
         rank_state = {name: component.state_dict() for name, component in rank_components.items()}
         final = self.folder_for(step)
@@ -160,16 +192,43 @@ class Checkpointer:
             for subdir in strategies:
                 (tmp / subdir).mkdir(parents=True, exist_ok=True)
         barrier()
-        for subdir, strategy in strategies.items():
-            strategy.save(tmp / subdir)
         torch.save(rank_state, tmp / f"rank_{self.dist.rank:05d}.pt")
         if self.dist.is_main:
             torch.save(trainer_state, tmp / TRAINER_STATE)
-        barrier()
+        if not self.async_save:
+            for subdir, strategy in strategies.items():
+                strategy.save(tmp / subdir)
+            self._commit(tmp, final, step, [], None)
+            log.info("checkpoint %s: training blocked %.3f s", final.name, time.perf_counter() - started)
+            return final
+        if self._group is None and self.dist.world_size > 1 and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        written = [strategy.save_async(tmp / subdir, self._group) for subdir, strategy in strategies.items()]
+        executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit")
+        self._pending = executor.submit(self._commit, tmp, final, step, [w for w in written if w is not None], self._group)
+        executor.shutdown(wait=False)  # the submitted commit still runs to its end
+        log.info("checkpoint %s: training blocked %.3f s (being written in the background)", final.name, time.perf_counter() - started)
+        return final
+
+    def finish(self) -> None:
+        """Wait for the save in flight (``async_save``); raise what went wrong with it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _commit(self, tmp: Path, final: Path, step: int, written: list[Future], group: Any) -> None:
+        """Once every rank's files are written (``written``: the strategies' writes in flight): hash
+        them, write the manifest, rename the folder into place, move ``latest``; then upload it.
+        Collective over ``group``."""
+        for write in written:
+            write.result()
+        if dist.is_initialized():
+            dist.barrier(group=group)
         names = _listing(tmp)
         files = _gather_dicts(
             {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in _my_share(names, self.dist)},
             self.dist,
+            group,
         )
         if self.dist.is_main:
             for name in names:
@@ -181,8 +240,33 @@ class Checkpointer:
             fsync_path(self.root)
             _write_atomic(self.root / LATEST, final.name + "\n")
             self._prune()
-        barrier()
-        return final
+        if dist.is_initialized():
+            dist.barrier(group=group)
+        if self.remote is not None:
+            self._upload(final, names, group)
+
+    def _upload(self, folder: Path, names: list[str], group: Any) -> None:
+        """Each rank uploads its share of the files (the share it hashed: the upload bandwidth of
+        every node is used), then the main rank checks and publishes the remote folder."""
+        remote = self.remote
+        self._together(lambda: remote.begin(folder.name) if self.dist.is_main else None, group)
+        self._together(lambda: remote.upload(folder, _my_share(names, self.dist)), group)
+        self._together(lambda: remote.publish(folder, self.keep_last) if self.dist.is_main else None, group)
+
+    def _together(self, work: Callable[[], None], group: Any = None) -> None:
+        """Run ``work`` on this rank, then raise on every rank the first error any rank met: no
+        rank is left waiting in a collective for one that failed."""
+        try:
+            work()
+            problem = ""
+        except CheckpointError as err:
+            problem = str(err)
+        except Exception as err:  # noqa: BLE001 - named and raised on every rank below
+            problem = f"{type(err).__name__}: {err}"
+        found = _gather_dicts({str(self.dist.rank): problem}, self.dist, group)
+        problems = [found[rank] for rank in sorted(found, key=int) if found[rank]]
+        if problems:
+            raise CheckpointError(problems[0])
 
     def _prune(self) -> None:
         complete = [p for p in self.completed() if p.name != (self.root / LATEST).read_text().strip()]
@@ -222,10 +306,12 @@ class Checkpointer:
     def resume_folder(self, resume: str) -> Path | None:
         """What ``checkpoint.resume`` names: ``auto`` (the latest intact one, or None for a new run),
         ``never`` (None) or a checkpoint folder, which must exist and be intact."""
+        if self.remote is not None:
+            self._together(self.remote.check)  # fail fast: missing bucket, no credentials, a silent store
         if resume == "never":
             return None
         if resume == "auto":
-            return self.find_latest()
+            return self.find_latest() if self.remote is None else self._find_latest_or_fetch()
         folder = Path(resume)
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint.resume: {folder} is not a checkpoint folder (no such directory)")
@@ -233,6 +319,25 @@ class Checkpointer:
         if problems:
             raise CheckpointError(f"checkpoint.resume: {folder} cannot be resumed from: " + "; ".join(problems))
         return folder
+
+    def _find_latest_or_fetch(self) -> Path | None:
+        """The local latest intact checkpoint, else the newest intact remote one, downloaded once
+        per node (local rank 0; the other ranks wait for it)."""
+        try:
+            found = self.find_latest()
+        except CheckpointError as err:
+            log.warning("%s\nlooking in %s", err, self.remote.url)
+            found = None
+        if found is not None:
+            return found
+
+        def fetch() -> None:
+            if self.dist.local_rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.remote.fetch_newest(self.root, tag=f"rank{self.dist.rank}")
+
+        self._together(fetch)
+        return self.find_latest()
 
     def load(
         self,

@@ -220,7 +220,7 @@ def build_trainer(
     students = [build_student_run(name, student_cfg, dist, teachers) for name, student_cfg in student_configs(cfg)]
     return Trainer(
         cfg, dist, students, teachers, loader, plan.mixture.domain_of,
-        Checkpointer(output_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.every_steps, dist), output_dir, phases,
+        Checkpointer.from_config(output_dir / "checkpoints", cfg.checkpoint, cfg.data, dist), output_dir, phases,
         build_evaluation(cfg, dist, teachers, val, feature_pictures),
     )
 

@@ -347,6 +347,7 @@ class Trainer:
                     return False
             return True
         finally:
+            self.checkpointer.finish()  # a save still in flight (checkpoint.async_save) completes first
             self.profiler.finish()
             preemption.uninstall()
             console.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -51,6 +52,13 @@ class Strategy(ABC):
     @abstractmethod
     def save(self, directory: Path) -> None:
         """Write model + optimizer state into ``directory`` (collective: every rank calls it)."""
+
+    def save_async(self, directory: Path, process_group: Any) -> Future | None:
+        """Start :meth:`save` so that it overlaps training (``checkpoint.async_save``): the state is
+        staged before this returns; the future completes when the files are written. Strategies
+        whose library cannot do that write here and return None."""
+        self.save(directory)
+        return None
 
     @abstractmethod
     def load(self, directory: Path) -> None: ...

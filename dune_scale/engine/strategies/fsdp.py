@@ -11,7 +11,9 @@ number of ranks.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -53,6 +55,12 @@ class FSDPStrategy(SingleStrategy):
     def save(self, directory: Path) -> None:
         model, optim = get_state_dict(self._module, self.optimizer)
         dcp.save({"model": model, "optim": optim}, checkpoint_id=str(directory / _DCP_FOLDER))
+
+    def save_async(self, directory: Path, process_group: Any) -> Future:
+        """DCP copies the shards to CPU memory now and writes them in its own thread, its
+        collectives on ``process_group`` (not the one training uses meanwhile)."""
+        model, optim = get_state_dict(self._module, self.optimizer)
+        return dcp.async_save({"model": model, "optim": optim}, checkpoint_id=str(directory / _DCP_FOLDER), process_group=process_group)
 
     def load(self, directory: Path) -> None:
         model, optim = get_state_dict(self._module, self.optimizer)
