@@ -153,7 +153,10 @@ class Checkpointer:
         self.remote = remote
         self.async_save = async_save
         self._pending: Future | None = None  # the background commit of the last async save
-        self._group: Any = None  # the background commits' own process group (gloo), made at the first one
+        # The background work's own process groups (gloo), made at the first async save: one for the
+        # commit and one per strategy's write, since writes of several students run side by side and
+        # collectives of two threads on one group would interleave differently on each rank.
+        self._groups: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, root: Path, checkpoint: CheckpointConfig, data: DataConfig, dist: DistInfo) -> Checkpointer:
@@ -201,14 +204,22 @@ class Checkpointer:
             self._commit(tmp, final, step, [], None)
             log.info("checkpoint %s: training blocked %.3f s", final.name, time.perf_counter() - started)
             return final
-        if self._group is None and self.dist.world_size > 1 and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")
-        written = [strategy.save_async(tmp / subdir, self._group) for subdir, strategy in strategies.items()]
+        written = [strategy.save_async(tmp / subdir, self._background_group(f"write:{subdir}")) for subdir, strategy in strategies.items()]
         executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit")
-        self._pending = executor.submit(self._commit, tmp, final, step, [w for w in written if w is not None], self._group)
+        commit_group = self._background_group("commit")
+        self._pending = executor.submit(self._commit, tmp, final, step, [w for w in written if w is not None], commit_group)
         executor.shutdown(wait=False)  # the submitted commit still runs to its end
         log.info("checkpoint %s: training blocked %.3f s (being written in the background)", final.name, time.perf_counter() - started)
         return final
+
+    def _background_group(self, purpose: str) -> Any:
+        """The process group of one kind of background work (made in the same order on every rank:
+        ``save`` asks in a fixed order); None (the default group) without several ranks."""
+        if self.dist.world_size == 1 or not dist.is_initialized():
+            return None
+        if purpose not in self._groups:
+            self._groups[purpose] = dist.new_group(backend="gloo")
+        return self._groups[purpose]
 
     def finish(self) -> None:
         """Wait for the save in flight (``async_save``); raise what went wrong with it."""
