@@ -1,0 +1,135 @@
+"""Elastic node counts: a run resumed on another number of ranks keeps the global batch (more or
+fewer images per rank), trains on the same samples as an uninterrupted run and continues its
+losses. One chain per strategy: FSDP2 from 2 simulated nodes × 2 ranks under HSDP
+(``strategy.fsdp_shard=node``) → 1 rank → 3 ranks; DeepSpeed ZeRO-2 from 2 ranks → 1 → 3 through
+universal checkpoints converted on resume."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_multinode import TwoNodes, private_mounts  # noqa: F401 (a fixture)
+
+from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
+from dune_scale.cli.train import train
+from dune_scale.config import load_config
+from dune_scale.engine.checkpointer import verify
+from dune_scale.engine.universal import UNIVERSAL_FOLDER
+from dune_scale.distributed import DistInfo
+from dune_scale.telemetry.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+TRAIN = REPO / "launch" / "train.py"
+GLOBAL_BATCH = 12
+STEPS_PER_LEG = 2
+# The tolerance of the other strategy-equivalence tests; measured here: FSDP/HSDP ≤ 1e-7.
+LOSS_RTOL = 1e-4
+
+
+def chain_overrides(out: Path, shards: Path, ranks: int, leg: int, *extra: str) -> list[str]:
+    """tiny_cpu with one global batch split over ``ranks``; the leg's last step; a checkpoint at
+    every leg's end, all kept. Streaming's canonical nodes are fixed so the sample order does not
+    depend on the rank count."""
+    return tiny_overrides(out, shards, f"train.batch_size_per_rank={GLOBAL_BATCH // ranks}", f"train.max_steps={leg * STEPS_PER_LEG}",
+                          f"checkpoint.every_steps={STEPS_PER_LEG}", "checkpoint.keep_last=5", "data.num_canonical_nodes=6",
+                          "distill.teacher_drop=none", "run.log_samples=true", *extra)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
+    """The reference: one process, the whole global batch, all legs' steps in one go."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert train(load_config(TINY_CPU, chain_overrides(out, demo_shards, 1, 3)))
+    return out
+
+
+def resume_on(ranks: int, out: Path, shards: Path, leg: int, *extra: str) -> None:
+    command = launch_command("torchrun", ranks, TRAIN, "--config", str(TINY_CPU), *chain_overrides(out, shards, ranks, leg, *extra))
+    result = subprocess.run(command, env=launcher_env(out.parent), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def assert_continues(out: Path, reference: Path) -> None:
+    """Every step's global batch holds the reference's samples; losses and final weights agree."""
+    assert global_batches(out) == global_batches(reference)
+    assert losses(out) == pytest.approx(losses(reference), rel=LOSS_RTOL)
+    weights, reference_weights = load_file(str(out / "student.safetensors")), load_file(str(reference / "student.safetensors"))
+    for name, value in reference_weights.items():
+        torch.testing.assert_close(without_key_bias(name, weights[name]), without_key_bias(name, value), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The attention key bias cannot change any output (softmax ignores a constant per query), so
+    its gradient is float noise that Adam turns into lr-sized steps: it is left out of comparisons."""
+    if not name.endswith("attn.qkv.bias"):
+        return value
+    query, _, val = value.chunk(3)
+    return torch.cat([query, val])
+
+
+def checkpoint(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:09d}"
+
+
+def test_fsdp_resumes_from_two_hsdp_nodes_on_one_rank_then_three(
+    tmp_path: Path, demo_shards: Path, uninterrupted: Path, private_mounts: None  # noqa: F811
+) -> None:
+    out = tmp_path / "run"
+    fsdp = ("strategy.name=fsdp",)
+    with TwoNodes(tmp_path, 2, chain_overrides(out, demo_shards, 4, 1, *fsdp, "strategy.fsdp_shard=node")) as job:
+        for code, output in job.wait():
+            assert code == 0, output[-4000:]
+    # HSDP: each weight was cut in halves (the node's two ranks), not in quarters over the world.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint(out, 2) / "fsdp")).read_metadata().state_dict_metadata
+    assert len(metadata["model.encoder.blocks.0.mlp.fc1.weight"].chunks) == 2
+    resume_on(1, out, demo_shards, 2, *fsdp)
+    resume_on(3, out, demo_shards, 3, *fsdp)
+    assert_continues(out, uninterrupted)
+
+
+def zero_partition_state(zero_folder: Path, key: str) -> dict[str, torch.Tensor]:
+    """Each parameter's ``key`` state (fp32 weight, exp_avg, exp_avg_sq), pieced together from the
+    ranks' ZeRO-1/2 partitions by DeepSpeed's recorded fragment addresses."""
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for path in sorted(zero_folder.glob("*optim_states.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for group, mapping in enumerate(state["param_slice_mappings"]):
+            flat = state["single_partition_of_fp32_groups"][group] if key == "fp32" else state["base_optimizer_state"]["state"][group][key]
+            for name, address in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
+    return {name: torch.cat(parts) for name, parts in pieces.items()}
+
+
+def test_zero2_resumes_on_one_rank_then_three_through_universal_checkpoints(
+    tmp_path: Path, demo_shards: Path, uninterrupted: Path
+) -> None:
+    out = tmp_path / "run"
+    zero2 = ("strategy.name=deepspeed", "strategy.zero_stage=2")
+    resume_on(2, out, demo_shards, 1, *zero2)
+    resume_on(1, out, demo_shards, 2, *zero2)
+    resume_on(3, out, demo_shards, 3, *zero2)
+    assert_continues(out, uninterrupted)
+    for step in (2, 4):  # written on 2 ranks, then on 1: each converted when resumed elsewhere
+        folder = checkpoint(out, step)
+        assert verify(folder, DistInfo()) == []  # the ZeRO files and their manifest are as they were
+        universal = folder / UNIVERSAL_FOLDER / "deepspeed"
+        # The optimizer state crossed the conversion by value, the teacher-norm statistics too.
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            for name, value in zero_partition_state(folder / "deepspeed", key).items():
+                converted = torch.load(universal / "zero" / name / f"{key}.pt", weights_only=False)["param"]
+                assert torch.equal(converted.flatten(), value), (step, key, name)
+        assert torch.load(universal / "zero" / "encoder.cls_token" / "step.pt", weights_only=False) == step
+        saved_module = torch.load(folder / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        converted_module = torch.load(universal / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        norms = [name for name in saved_module if name.startswith("teacher_norms.")]
+        assert norms and all(torch.equal(converted_module[name], saved_module[name]) for name in norms)
