@@ -15,11 +15,13 @@ from safetensors.torch import load_file
 from test_multinode import TwoNodes, private_mounts  # noqa: F401 (a fixture)
 
 from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
+from dune_scale.cli.common import EXIT_USER_ERROR
+from dune_scale.cli.convert_checkpoint import main as convert_checkpoint
 from dune_scale.cli.train import train
 from dune_scale.config import load_config
+from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import verify
 from dune_scale.engine.universal import UNIVERSAL_FOLDER
-from dune_scale.distributed import DistInfo
 from dune_scale.telemetry.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -116,10 +118,12 @@ def test_zero2_resumes_on_one_rank_then_three_through_universal_checkpoints(
     out = tmp_path / "run"
     zero2 = ("strategy.name=deepspeed", "strategy.zero_stage=2")
     resume_on(2, out, demo_shards, 1, *zero2)
-    resume_on(1, out, demo_shards, 2, *zero2)
+    resume_on(1, out, demo_shards, 2, *zero2)  # step 2's ZeRO files converted on resume
+    assert convert_checkpoint([str(out), "--workers", "1"]) == 0  # step 4's ahead of time (the latest)
+    assert convert_checkpoint([str(uninterrupted)]) == EXIT_USER_ERROR  # not DeepSpeed's: nothing to convert
     resume_on(3, out, demo_shards, 3, *zero2)
     assert_continues(out, uninterrupted)
-    for step in (2, 4):  # written on 2 ranks, then on 1: each converted when resumed elsewhere
+    for step in (2, 4):  # written on 2 ranks, then on 1
         folder = checkpoint(out, step)
         assert verify(folder, DistInfo()) == []  # the ZeRO files and their manifest are as they were
         universal = folder / UNIVERSAL_FOLDER / "deepspeed"

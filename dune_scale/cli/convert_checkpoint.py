@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dune_scale.cli.common import run_program
 from dune_scale.distributed import DistInfo
-from dune_scale.engine.checkpointer import CheckpointError, Checkpointer, verify
+from dune_scale.engine.checkpointer import Checkpointer, CheckpointError, verify
 from dune_scale.engine.strategies.deepspeed import ZERO_TAG
 from dune_scale.engine.universal import UNIVERSAL_FOLDER, convert_to_universal, zero_files_layout
 
