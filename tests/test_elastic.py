@@ -1,11 +1,12 @@
 """Elastic node counts: a run resumed on another number of ranks keeps the global batch (more or
 fewer images per rank), trains on the same samples as an uninterrupted run and continues its
-losses. One chain per strategy: FSDP2 from 2 simulated nodes × 2 ranks under HSDP
-(``strategy.fsdp_shard=node``) → 1 rank → 3 ranks; DeepSpeed ZeRO-2 from 2 ranks → 1 → 3 through
-universal checkpoints converted on resume."""
+losses. FSDP2 from 2 simulated nodes × 2 ranks under HSDP (``strategy.fsdp_shard=node``) → 1 rank
+→ 3 ranks; DeepSpeed ZeRO-2 from 2 ranks → 1 → 3 and ZeRO-3 from 2 → 3, through universal
+checkpoints converted on resume (or ahead of time)."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from dune_scale.cli.train import train
 from dune_scale.config import load_config
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import verify
-from dune_scale.engine.universal import UNIVERSAL_FOLDER
+from dune_scale.engine.universal import UNIVERSAL_FOLDER, saved_model_state
 from dune_scale.telemetry.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -59,11 +60,12 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
 
 
-def assert_continues(out: Path, reference: Path) -> None:
+def assert_continues(out: Path, reference: Path, steps: int = 3 * STEPS_PER_LEG) -> None:
     """Every step's global batch holds the reference's samples; losses and final weights agree."""
-    assert global_batches(out) == global_batches(reference)
-    assert losses(out) == pytest.approx(losses(reference), rel=LOSS_RTOL)
-    weights, reference_weights = load_file(str(out / "student.safetensors")), load_file(str(reference / "student.safetensors"))
+    assert global_batches(out) == global_batches(reference)[:steps]
+    assert losses(out) == pytest.approx(losses(reference)[:steps], rel=LOSS_RTOL)
+    weights = load_file(str(out / "student.safetensors"))
+    reference_weights = torch.load(checkpoint(reference, steps) / "model.pt", weights_only=True)  # strategy single
     for name, value in reference_weights.items():
         torch.testing.assert_close(without_key_bias(name, weights[name]), without_key_bias(name, value), rtol=1e-4, atol=1e-6, msg=name)
 
@@ -100,16 +102,50 @@ def test_fsdp_resumes_from_two_hsdp_nodes_on_one_rank_then_three(
 
 
 def zero_partition_state(zero_folder: Path, key: str) -> dict[str, torch.Tensor]:
-    """Each parameter's ``key`` state (fp32 weight, exp_avg, exp_avg_sq), pieced together from the
-    ranks' ZeRO-1/2 partitions by DeepSpeed's recorded fragment addresses."""
+    """Each parameter's ``key`` state (fp32 weight, exp_avg, exp_avg_sq), flat, pieced together
+    from the ranks' ZeRO partitions: under ZeRO-1/2 by DeepSpeed's recorded fragment addresses,
+    under ZeRO-3 by its split of every parameter into equal (padded) pieces, one per rank."""
+    files = sorted(zero_folder.glob("*optim_states.pt"), key=lambda path: int(path.name.split("_rank_")[1].split("_")[0]))
+    states = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"] for path in files]
     pieces: dict[str, list[torch.Tensor]] = {}
-    for path in sorted(zero_folder.glob("*optim_states.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    if states[0]["zero_stage"] == 3:
+        for group, params in enumerate(saved_model_state(zero_folder)["param_shapes"]):
+            flats = [state["fp32_flat_groups"][group] if key == "fp32" else state["optimizer_state_dict"]["state"][group][key]
+                     for state in states]
+            offset = 0
+            for name, shape in params.items():
+                piece = math.ceil(math.prod(shape) / len(states))
+                pieces[name] = [flat.narrow(0, offset, piece) for flat in flats]
+                offset += piece
+        shapes = {name: shape for params in saved_model_state(zero_folder)["param_shapes"] for name, shape in params.items()}
+        return {name: torch.cat(parts)[: math.prod(shapes[name])] for name, parts in pieces.items()}
+    for state in states:
         for group, mapping in enumerate(state["param_slice_mappings"]):
             flat = state["single_partition_of_fp32_groups"][group] if key == "fp32" else state["base_optimizer_state"]["state"][group][key]
             for name, address in mapping.items():
                 pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
     return {name: torch.cat(parts) for name, parts in pieces.items()}
+
+
+def assert_converted_by_value(folder: Path) -> None:
+    """The universal checkpoint in ``folder`` holds the ZeRO files' weights, Adam moments, step
+    and teacher-norm statistics exactly; the ZeRO files and the manifest are as they were."""
+    assert verify(folder, DistInfo()) == []
+    zero, universal = folder / "deepspeed", folder / UNIVERSAL_FOLDER / "deepspeed"
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        for name, value in zero_partition_state(zero, key).items():
+            converted = torch.load(universal / "zero" / name / f"{key}.pt", weights_only=False)
+            converted = converted["param"] if isinstance(converted, dict) else converted  # ZeRO-3 saves bare tensors
+            assert torch.equal(converted.flatten(), value), (folder.name, key, name)
+    optimizer = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)
+    if optimizer["zero_stage"] == 3:  # one step count per partition
+        counts = [state["step"] for state in optimizer["optimizer_state_dict"]["state"].values()]
+    else:  # one per parameter
+        counts = [torch.load(path, weights_only=False) for path in (universal / "zero").glob("*/step.pt")]
+    assert counts and all(count == int(folder.name.split("_")[1]) for count in counts)
+    saved, converted = saved_model_state(zero)["module"], saved_model_state(universal)["module"]
+    norms = [name for name in saved if name.startswith("teacher_norms.")]
+    assert norms and all(torch.equal(converted[name], saved[name]) for name in norms)
 
 
 def test_zero2_resumes_on_one_rank_then_three_through_universal_checkpoints(
@@ -123,17 +159,16 @@ def test_zero2_resumes_on_one_rank_then_three_through_universal_checkpoints(
     assert convert_checkpoint([str(uninterrupted)]) == EXIT_USER_ERROR  # not DeepSpeed's: nothing to convert
     resume_on(3, out, demo_shards, 3, *zero2)
     assert_continues(out, uninterrupted)
-    for step in (2, 4):  # written on 2 ranks, then on 1
-        folder = checkpoint(out, step)
-        assert verify(folder, DistInfo()) == []  # the ZeRO files and their manifest are as they were
-        universal = folder / UNIVERSAL_FOLDER / "deepspeed"
-        # The optimizer state crossed the conversion by value, the teacher-norm statistics too.
-        for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            for name, value in zero_partition_state(folder / "deepspeed", key).items():
-                converted = torch.load(universal / "zero" / name / f"{key}.pt", weights_only=False)["param"]
-                assert torch.equal(converted.flatten(), value), (step, key, name)
-        assert torch.load(universal / "zero" / "encoder.cls_token" / "step.pt", weights_only=False) == step
-        saved_module = torch.load(folder / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        converted_module = torch.load(universal / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        norms = [name for name in saved_module if name.startswith("teacher_norms.")]
-        assert norms and all(torch.equal(converted_module[name], saved_module[name]) for name in norms)
+    assert_converted_by_value(checkpoint(out, 2))  # written on 2 ranks
+    assert_converted_by_value(checkpoint(out, 4))  # written on 1
+
+
+def test_zero3_resumes_on_more_ranks_through_a_universal_checkpoint(tmp_path: Path, demo_shards: Path, uninterrupted: Path) -> None:
+    """ZeRO-3 partitions every parameter (padded where the rank count does not divide it) and keeps
+    one step count per partition."""
+    out = tmp_path / "run"
+    zero3 = ("strategy.name=deepspeed", "strategy.zero_stage=3")
+    resume_on(2, out, demo_shards, 1, *zero3)
+    resume_on(3, out, demo_shards, 2, *zero3)
+    assert_continues(out, uninterrupted, steps=2 * STEPS_PER_LEG)
+    assert_converted_by_value(checkpoint(out, 2))

@@ -60,11 +60,10 @@ def convert_to_universal(zero_folder: Path, universal_root: Path, workers: int =
 
     tmp = universal_root.parent / f".{universal_root.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    # inject_missing_state: a plain model (not Megatron's) does not record the universal-format version.
     args = argparse.Namespace(
         input_folder=str(zero_folder), output_folder=str(tmp / zero_folder.name), num_extract_workers=workers,
-        num_merge_workers=workers, keep_temp_folder=False, strict=True,
-        inject_missing_state=True,  # a plain model (not Megatron) does not record the universal-format version
-
+        num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=True,
     )
     with _quiet():
         ds_to_universal.main(args)

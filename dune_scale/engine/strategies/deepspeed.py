@@ -12,6 +12,9 @@ DeepSpeed only clips by the global norm (``optim.clip_mode=global``). Per-parame
 default) runs in a step pre-hook of our AdamW: ZeRO steps it once per flat fp32 partition, after
 reducing the gradients into it, and the hook scales each parameter's piece of that partition by the
 coefficient of the whole parameter (squared piece norms all-reduced over the data-parallel group).
+
+ZeRO files are partitioned for the rank count that wrote them: a resume on another one loads them
+through DeepSpeed's universal checkpoint, converted on the way (``engine/universal.py``).
 """
 
 from __future__ import annotations
@@ -167,6 +170,11 @@ class DeepSpeedStrategy(Strategy):
             self.engine._config.load_universal_checkpoint = False
         for group, own in zip(self.client_optimizer.param_groups, settings):
             group.update(own)
+        # ZeRO-3 hands one step tensor to every partition; the fused AdamW increments its steps in
+        # place, so shared, it would count each optimizer step once per partition.
+        for state in self.client_optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
         # A universal load restores parameters and optimizer state, not the module's buffers (the
         # teacher-norm statistics): they come from the saved module state.
         saved = saved_model_state(zero_folder)["module"]
