@@ -1,11 +1,12 @@
 """Elastic node counts: a run resumed on another number of ranks keeps the global batch (more or
 fewer images per rank), trains on the same samples as an uninterrupted run and continues its
 losses. FSDP2 from 2 simulated nodes × 2 ranks under HSDP (``strategy.fsdp_shard=node``) → 1 rank
-→ 3 ranks; DeepSpeed ZeRO-2 from 2 ranks → 1 → 3 and ZeRO-3 from 2 → 3, through universal
-checkpoints converted on resume (or ahead of time)."""
+→ 3 ranks; DeepSpeed ZeRO-2 from 2 ranks → 1 → 3 and ZeRO-3 (hierarchical, hpZ) from 4 → 3,
+through universal checkpoints converted on resume (or ahead of time)."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -163,12 +164,17 @@ def test_zero2_resumes_on_one_rank_then_three_through_universal_checkpoints(
     assert_converted_by_value(checkpoint(out, 4))  # written on 1
 
 
-def test_zero3_resumes_on_more_ranks_through_a_universal_checkpoint(tmp_path: Path, demo_shards: Path, uninterrupted: Path) -> None:
-    """ZeRO-3 partitions every parameter (padded where the rank count does not divide it) and keeps
-    one step count per partition."""
+def test_zero3_with_hierarchical_partitions_resumes_on_other_ranks_through_a_universal_checkpoint(
+    tmp_path: Path, demo_shards: Path, uninterrupted: Path
+) -> None:
+    """ZeRO-3 with ZeRO++'s hierarchical partitioning (a secondary weight copy per "node" of 2 ranks,
+    set through the user JSON) trains like one process; its checkpoint (every parameter split in
+    padded pieces, one step count per partition) resumes on 3 ranks without it."""
     out = tmp_path / "run"
     zero3 = ("strategy.name=deepspeed", "strategy.zero_stage=3")
-    resume_on(2, out, demo_shards, 1, *zero3)
+    hpz = tmp_path / "hpz.json"
+    hpz.write_text(json.dumps({"zero_optimization": {"zero_hpz_partition_size": 2}}))
+    resume_on(4, out, demo_shards, 1, *zero3, f"strategy.deepspeed_config={hpz}")
     resume_on(3, out, demo_shards, 2, *zero3)
     assert_continues(out, uninterrupted, steps=2 * STEPS_PER_LEG)
     assert_converted_by_value(checkpoint(out, 2))
