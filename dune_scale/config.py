@@ -209,6 +209,9 @@ class StrategyConfig:
     # FSDP compute copy of the parameters under train.precision=bf16: fp32 + autocast (as single and
     # DeepSpeed), or bf16 (cheaper all-gathers, bf16 residual stream).
     fsdp_param_dtype: str = _choice("fp32", "fp32", "bf16")
+    # FSDP2 student sharding: over all ranks, or within each node and replicated across nodes (HSDP:
+    # parameter all-gathers stay on the node's links; gradients are all-reduced across nodes).
+    fsdp_shard: str = _choice("world", "world", "node")
 
 
 @dataclass

@@ -167,3 +167,19 @@ def test_bad_override_fails_fast_from_the_command_line(tmp_path: Path) -> None:
     assert "train.image_size" in result.stderr and "multiple of student.patch_size=14" in result.stderr
     assert not out.exists()
 
+
+
+@pytest.mark.parametrize(
+    "strategy, dist, needle",
+    [
+        ("single", DistInfo(), "strategy.fsdp_shard is set but strategy.name=single"),
+        ("fsdp", DistInfo(world_size=4, local_world_size=1), "strategy.fsdp_shard=node shards within each node, but the launch has 1 rank(s)"),
+        ("fsdp", DistInfo(world_size=6, local_world_size=4), "(use strategy.fsdp_shard=world)"),
+    ],
+)
+def test_student_node_sharding_the_launch_cannot_do(strategy: str, dist: DistInfo, needle: str) -> None:
+    cfg = load_config(REPO / "configs" / "vitb14_336.yaml", ["strategy.fsdp_shard=node", f"strategy.name={strategy}"])
+    with pytest.raises(ConfigError) as err:
+        check_run(cfg, dist)
+    assert needle in str(err.value)
+    check_run(load_config(REPO / "configs" / "vitb14_336.yaml", ["strategy.name=fsdp"]), dist)  # the default shards over the world

@@ -1,5 +1,6 @@
-"""A resume under another strategy or another ZeRO layout is refused with the way forward, before
-any rank reads a file it cannot interpret (FSDP's DCP files reshard to any rank count)."""
+"""A resume under another strategy or another ZeRO stage is refused with the way forward, before
+any rank reads a file it cannot interpret (FSDP's DCP files and, through universal checkpoints,
+ZeRO's reshard to any rank count)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ def test_layout_rules() -> None:
     assert layout_problem({}, single) is None  # a checkpoint from before layouts were recorded
     moved = layout_problem(single, fsdp)
     assert "strategy.name=single, this run uses strategy.name=fsdp" in moved and "student.pretrained" in moved
-    resized = layout_problem(zero2_on_2, {**zero2_on_2, "world_size": 3})
-    assert "world_size 2 → 3" in resized and "strategy.zero_stage=2 on 2 ranks" in resized
-    restaged = layout_problem(zero2_on_2, {**zero2_on_2, "zero_stage": 3})
-    assert "zero_stage 2 → 3" in restaged
+    # Through a universal checkpoint: another rank count, or ZeRO-1 ↔ 2; not 1/2 ↔ 3.
+    assert layout_problem(zero2_on_2, {**zero2_on_2, "world_size": 3}) is None
+    assert layout_problem(zero2_on_2, {**zero2_on_2, "zero_stage": 1, "world_size": 3}) is None
+    restaged = layout_problem(zero2_on_2, {**zero2_on_2, "zero_stage": 3, "world_size": 3})
+    assert "strategy.zero_stage=2, this run uses strategy.zero_stage=3" in restaged
+    assert "resume with strategy.zero_stage=1 or 2 (on any number of ranks)" in restaged
 
 
 @pytest.mark.distributed

@@ -60,11 +60,17 @@ def layout_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None
             f"resume with strategy.name={saved.get('strategy')}, or start a new run (another run.output_dir) from its "
             "weights with student.pretrained=<the run's student.safetensors>"
         )
-    changed = ", ".join(f"{key} {saved.get(key)} → {current.get(key)}" for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key))
+    # Another rank count, or ZeRO-1 ↔ 2 (one optimizer, one universal format): DeepSpeedStrategy.load
+    # goes through a universal checkpoint. DeepSpeed 0.19.8 writes and reads ZeRO-3's in another
+    # layout (per-rank model-state files, one step count per partition), so 3 ↔ 1/2 cannot.
+    if (saved.get("zero_stage") == 3) == (current.get("zero_stage") == 3):
+        return None
+    allowed = "3" if saved.get("zero_stage") == 3 else "1 or 2"
     return (
-        f"its DeepSpeed ZeRO files are partitioned for another layout ({changed}); resume with "
-        f"strategy.zero_stage={saved.get('zero_stage')} on {saved.get('world_size')} ranks, or start a new run from its "
-        "weights with student.pretrained=<the run's student.safetensors> (strategy.name=fsdp reshards to any rank count)"
+        f"its DeepSpeed ZeRO files are for strategy.zero_stage={saved.get('zero_stage')}, this run uses "
+        f"strategy.zero_stage={current.get('zero_stage')}; resume with strategy.zero_stage={allowed} "
+        "(on any number of ranks), or start a new run from its weights with student.pretrained=<the run's "
+        "student.safetensors>"
     )
 
 

@@ -19,7 +19,7 @@ from dune_scale.distill.objective import DistillObjective
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import Checkpointer
-from dune_scale.engine.parallelize import prepare_student, shard_frozen_module, teacher_mesh
+from dune_scale.engine.parallelize import node_sharding_problem, prepare_student, shard_frozen_module, teacher_mesh
 from dune_scale.engine.pretrained import load_pretrained_student
 from dune_scale.engine.rng import student_seed
 from dune_scale.engine.schedules import Schedules
@@ -59,6 +59,10 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
         raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
     if cfg.strategy.fsdp_param_dtype != "fp32" and name != "fsdp":
         raise ConfigError(f"strategy.fsdp_param_dtype is set but strategy.name={name}; it only applies to fsdp")
+    if cfg.strategy.fsdp_shard != "world" and name != "fsdp":
+        raise ConfigError(f"strategy.fsdp_shard is set but strategy.name={name}; it only applies to fsdp")
+    if cfg.strategy.fsdp_shard == "node" and (problem := node_sharding_problem("strategy.fsdp_shard", dist)):
+        raise ConfigError(f"{problem} (use strategy.fsdp_shard=world)")
     for key, folder in (("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)):
         if folder and not Path(folder).is_dir():
             raise ConfigError(

@@ -114,6 +114,7 @@ def clip_gradients_(params: Sequence[torch.Tensor], cfg: OptimConfig) -> torch.T
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
     sharded = bool(grads) and isinstance(grads[0], DTensor)
     pieces = [g.to_local() for g in grads] if sharded else grads
-    group = grads[0].device_mesh.get_group() if sharded else None
+    # The mesh's last dimension shards (HSDP's first one replicates: its ranks hold the same pieces).
+    group = grads[0].device_mesh.get_group(grads[0].device_mesh.ndim - 1) if sharded else None
     norms = clip_per_parameter_(pieces, range(len(pieces)), len(pieces), cfg.grad_clip, group)
     return torch.linalg.vector_norm(norms)

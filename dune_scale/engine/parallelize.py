@@ -64,6 +64,22 @@ def teacher_mesh(scope: str, dist: DistInfo) -> DeviceMesh:
     raise ValueError(f"teachers.shard={scope!r} does not shard")
 
 
+def student_mesh(scope: str, dist: DistInfo) -> DeviceMesh | None:
+    """The mesh FSDP2 shards the student over (``strategy.fsdp_shard``): None for all ranks (FSDP's
+    default), or the teachers' node mesh for "node" (HSDP: shards within a node, replicas across)."""
+    return teacher_mesh("node", dist) if scope == "node" else None
+
+
+def node_sharding_problem(key: str, dist: DistInfo) -> str | None:
+    """Why ``key``=node cannot shard within nodes on this launch, or None when it can."""
+    if dist.local_world_size > 1 and dist.world_size % dist.local_world_size == 0:
+        return None
+    return (
+        f"{key}=node shards within each node, but the launch has {dist.local_world_size} rank(s) per node "
+        f"of {dist.world_size}: it needs several ranks per node and the same number on every node"
+    )
+
+
 def shard_frozen_module(module: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype, mesh: DeviceMesh | None = None) -> None:
     """FSDP2-shard a frozen encoder over ``mesh`` (default: all ranks): each block's weights are
     gathered for its forward and freed after it, so a ViT-L teacher costs 1/shards of its weights

@@ -12,6 +12,9 @@ DeepSpeed only clips by the global norm (``optim.clip_mode=global``). Per-parame
 default) runs in a step pre-hook of our AdamW: ZeRO steps it once per flat fp32 partition, after
 reducing the gradients into it, and the hook scales each parameter's piece of that partition by the
 coefficient of the whole parameter (squared piece norms all-reduced over the data-parallel group).
+
+ZeRO files are partitioned for the rank count that wrote them: a resume on another one loads them
+through DeepSpeed's universal checkpoint, converted on the way (``engine/universal.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from dune_scale.config import ConfigError, deep_merge
 from dune_scale.engine.optim import build_adamw, clip_per_parameter_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
 
-_TAG = "deepspeed"
+# DeepSpeed's checkpoint tag: the folder inside a checkpoint that holds the ZeRO files.
+ZERO_TAG = "deepspeed"
 
 
 def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
@@ -144,17 +148,51 @@ class DeepSpeedStrategy(Strategy):
         return norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm if norm is not None else "nan"))
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False)
+        self.engine.save_checkpoint(str(directory), tag=ZERO_TAG, save_latest=False)
 
     def load(self, directory: Path) -> None:
+        """ZeRO files written for this rank count and stage load as they are; others are converted
+        once to DeepSpeed's universal checkpoint (kept in the checkpoint folder) and loaded from it."""
+        from dune_scale.engine.universal import ensure_universal, saved_model_state, zero_files_layout
+
+        zero_folder = directory / ZERO_TAG
+        if zero_files_layout(zero_folder) == (self.dist.world_size, self.cfg.strategy.zero_stage):
+            self._load_zero_files(directory)
+            return
+        universal = ensure_universal(directory, zero_folder, self.dist)
+        # DeepSpeed copies the saved hyper-parameters of its first parameter group into every
+        # group (ZeRO-3); the groups' own settings (no decay) come from this run's optimizer.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.client_optimizer.param_groups]
+        self.engine._config.load_universal_checkpoint = True  # read per load, not only at initialize
+        try:
+            self._load_zero_files(universal)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        for group, own in zip(self.client_optimizer.param_groups, settings):
+            group.update(own)
+        # ZeRO-3 hands one step tensor to every partition; the fused AdamW increments its steps in
+        # place, so shared, it would count each optimizer step once per partition.
+        for state in self.client_optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+        # A universal load restores parameters and optimizer state, not the module's buffers (the
+        # teacher-norm statistics): they come from the saved module state.
+        saved = saved_model_state(zero_folder)["module"]
+        with torch.no_grad():
+            for name, buffer in self.engine.module.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
+
+    def _load_zero_files(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(
-            str(directory), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+            str(directory), tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
         )
         if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory / _TAG}")
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory / ZERO_TAG}")
 
     def checkpoint_layout(self) -> dict[str, Any]:
-        """ZeRO files hold per-rank partitions of one stage: both must match on resume."""
+        """The rank count and stage the ZeRO files are partitioned for (another one resumes through
+        DeepSpeed's universal checkpoint, see ``load``)."""
         return {"strategy": self.name, "zero_stage": self.cfg.strategy.zero_stage, "world_size": self.dist.world_size}
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:

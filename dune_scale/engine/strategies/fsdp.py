@@ -4,7 +4,8 @@ Parameters are sharded across ranks (fp32 master copy) and gradients reduce-scat
 default the parameters are also gathered in fp32 and bf16 comes from autocast, as under ``single``,
 DeepSpeed and the official code (fp32 norms, layer-scales and residual stream);
 ``strategy.fsdp_param_dtype=bf16`` gathers them in bf16 instead (half the all-gather traffic, but
-every op, the residual stream included, then runs in bf16). Checkpoints go through
+every op, the residual stream included, then runs in bf16). ``strategy.fsdp_shard=node`` shards
+within each node and replicates across nodes (HSDP). Checkpoints go through
 torch.distributed.checkpoint: each rank writes its own shards, and a run may resume on another
 number of ranks.
 """
@@ -27,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dune_scale.engine.optim import build_adamw, param_groups
+from dune_scale.engine.parallelize import student_mesh
 from dune_scale.engine.strategies.single import SingleStrategy
 
 _DCP_FOLDER = "fsdp"
@@ -41,14 +43,15 @@ class FSDPStrategy(SingleStrategy):
         bf16_params = self.cfg.train.precision == "bf16" and self.cfg.strategy.fsdp_param_dtype == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16_params else None, reduce_dtype=torch.float32)
         reshard = self.cfg.strategy.reshard_after_forward
+        mesh = student_mesh(self.cfg.strategy.fsdp_shard, self.dist)
         student.to(self.device)
         for block in student.encoder.blocks:
-            fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         for projector in student.projectors.values():
-            fully_shard(projector, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(projector, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         # The root keeps the small leftovers (patch embed, tokens, norms); no reshard after its forward,
         # since backward needs them right away.
-        fully_shard(student, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(student, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         self._module = student
         self.optimizer = build_adamw(param_groups(student, self.cfg.optim.wd_groups), self.cfg.optim, peak_lr)
 
