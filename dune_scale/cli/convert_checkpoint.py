@@ -3,8 +3,9 @@
 A run resumed on another number of ranks converts its checkpoint by itself (rank 0, the others
 wait); this does the same ahead of time, e.g. on a CPU node with more workers, so the resumed job
 starts at once. CHECKPOINT is a checkpoint folder (``.../checkpoints/step_N``) or a run folder (its
-latest intact checkpoint). The result goes into the checkpoint folder (``deepspeed_universal/``);
-the ZeRO files stay as they are.
+latest intact checkpoint). The result goes into the checkpoint folder (``deepspeed_universal/``;
+for a run of several students, into each student's part ``students/<name>/``); the ZeRO files stay
+as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from dune_scale.cli.common import run_program
+from dune_scale.config import STUDENTS_FOLDER
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import Checkpointer, CheckpointError, verify
 from dune_scale.engine.strategies.deepspeed import ZERO_TAG
@@ -42,19 +44,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def program() -> int:
         folder = checkpoint_folder(args.checkpoint)
-        zero_folder = folder / ZERO_TAG
-        if not zero_folder.is_dir():
+        parts = [folder] + sorted((folder / STUDENTS_FOLDER).glob("*"))  # the student, or each of several
+        parts = [part for part in parts if (part / ZERO_TAG).is_dir()]
+        if not parts:
             raise CheckpointError(
                 f"{folder} was not written by strategy.name=deepspeed; only ZeRO files need converting "
                 "(FSDP's checkpoints reshard to any rank count by themselves)"
             )
-        universal = folder / UNIVERSAL_FOLDER
-        if universal.is_dir():
-            print(f"{universal} exists already")
-            return 0
-        ranks, stage = zero_files_layout(zero_folder)
-        convert_to_universal(zero_folder, universal, workers=max(1, args.workers))
-        print(f"converted the ZeRO-{stage} files of {ranks} rank(s) in {folder} to {universal}; resume on any number of ranks")
+        for part in parts:
+            universal = part / UNIVERSAL_FOLDER
+            if universal.is_dir():
+                print(f"{universal} exists already")
+                continue
+            ranks, stage = zero_files_layout(part / ZERO_TAG)
+            convert_to_universal(part / ZERO_TAG, universal, workers=max(1, args.workers))
+            print(f"converted the ZeRO-{stage} files of {ranks} rank(s) in {part} to {universal}; resume on any number of ranks")
         return 0
 
     return run_program(program)
