@@ -20,6 +20,7 @@ through DeepSpeed's universal checkpoint, converted on the way (``engine/univers
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from dune_scale.config import ConfigError, deep_merge
+from dune_scale.distributed import barrier
 from dune_scale.engine.optim import build_adamw, clip_per_parameter_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
 
@@ -105,6 +107,14 @@ def zero_partition_pieces(zero: Any, flat: torch.Tensor) -> tuple[list[torch.Ten
     return pieces, owners, len(params), zero.real_dp_process_group[group]
 
 
+def unlink_shm_allreduce_segment(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce (all ranks on one machine) maps one ``/dev/shm`` segment per rank
+    and never unlinks it: ~69 MB per rank left behind by every run. Once every rank has mapped
+    every segment, unlinking this rank's name frees the memory when the processes exit."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -117,6 +127,8 @@ class DeepSpeedStrategy(Strategy):
             model=student, optimizer=optimizer, config=deepspeed_config(self.cfg, self.dist.world_size)
         )
         self.client_optimizer = optimizer  # our AdamW, which ZeRO steps on its flat partitions
+        barrier()  # every rank has mapped every rank's all-reduce segment (made in deepspeed.initialize)
+        unlink_shm_allreduce_segment(self.dist.rank)
         if self.cfg.optim.clip_mode == "per_param" and self.cfg.optim.grad_clip is not None:
             # ZeRO reduces the gradients into flat fp32 partitions, then steps our AdamW on them one
             # partition at a time: clip there, just before each of those steps.
