@@ -32,10 +32,16 @@ COMPUTE = ComputeProfile(batch_per_gpu=10, step_ms=100.0, teacher_forward_ms=10.
 
 
 def test_sixteen_gpus_on_two_nodes_by_hand() -> None:
-    # FSDP: bf16 gathers 2·1000·15/16 B each, fp32 reduce-scatter 4·1000·15/16 B; two pieces of 15 ring hops.
+    # FSDP: fp32 gathers and reduce-scatter 4·1000·15/16 B each (bf16 gathers: half); two pieces of 15 ring hops.
     fsdp = student_collectives("fsdp", SIZES, 16, LINKS)
-    assert [c.bytes_per_rank for c in fsdp] == [1875, 1875, 3750]
-    assert fsdp[0].seconds(LINKS) == pytest.approx(1875 / 1e6 + 2 * 15 * 5e-6)
+    assert [c.bytes_per_rank for c in fsdp] == [3750, 3750, 3750]
+    assert [c.bytes_per_rank for c in student_collectives("fsdp_bf16", SIZES, 16, LINKS)] == [1875, 1875, 3750]
+    assert fsdp[0].seconds(LINKS) == pytest.approx(3750 / 1e6 + 2 * 15 * 5e-6)
+    # HSDP: gathers and reduce-scatter over the node's 8 ranks on NVLink (4·1000·7/8 B), then each
+    # rank's 1/8 gradient shard (500 B) all-reduced between the 2 nodes over IB (2·500·1/2 B, one ring hop).
+    hsdp = student_collectives("hsdp", SIZES, 16, LINKS)
+    assert [(c.bytes_per_rank, c.ranks, c.spans_nodes) for c in hsdp] == [(3500, 8, False)] * 3 + [(500, 2, True)]
+    assert hsdp[3].seconds(LINKS) == pytest.approx(500 / 1e6 + 2 * 1 * 5e-6)
     # Teachers in bf16: world-sharded over 16 ranks across IB, node-sharded over 8 on NVLink.
     world, = teacher_collectives("world", SIZES, 16, LINKS)
     node, = teacher_collectives("node", SIZES, 16, LINKS)

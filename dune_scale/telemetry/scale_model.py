@@ -26,7 +26,9 @@ from torch import nn
 
 MB = 1e6
 GB = 1e9
-STRATEGIES = ("fsdp", "zero1", "zero2", "zero3")
+# fsdp: strategy.name=fsdp as shipped (fp32 parameters gathered); fsdp_bf16: strategy.fsdp_param_dtype=bf16;
+# hsdp: strategy.fsdp_shard=node (sharded within each node, replicated across nodes).
+STRATEGIES = ("fsdp", "fsdp_bf16", "hsdp", "zero1", "zero2", "zero3")
 TEACHER_SCOPES = ("none", "world", "node")
 
 
@@ -143,9 +145,12 @@ class Collective:
 def student_collectives(strategy: str, sizes: ModelSizes, gpus: int, links: Links) -> list[Collective]:
     """The student's per-step traffic (no gradient accumulation).
 
-    fsdp: FSDP2 as configured here, bf16 parameters all-gathered in forward and again in backward
-      (reshard_after_forward), fp32 gradients reduce-scattered; prefetching hides the gathers
-      behind the blocks' compute and the reduce-scatter behind backward.
+    fsdp: FSDP2 as shipped, fp32 parameters (bf16 from autocast) all-gathered in forward and again
+      in backward (reshard_after_forward), fp32 gradients reduce-scattered; prefetching hides the
+      gathers behind the blocks' compute and the reduce-scatter behind backward.
+    fsdp_bf16: the same with bf16 parameter gathers (``strategy.fsdp_param_dtype=bf16``).
+    hsdp: FSDP2 sharded within each node: fp32 gathers and the reduce-scatter stay on NVLink; each
+      rank's 1/node gradient shard is then all-reduced across nodes (ring: twice its bytes).
     zero1/zero2: DeepSpeed keeps fp32 parameters under torch autocast: fp32 gradients
       reduce-scattered, the updated fp32 parameter shards all-gathered after the step. ZeRO-1's
       reduction runs in step() (trainer-owned accumulation): nothing hides it; ZeRO-2 overlaps it
@@ -155,11 +160,21 @@ def student_collectives(strategy: str, sizes: ModelSizes, gpus: int, links: Link
     p, n, spans = sizes.student_params, gpus, gpus > links.gpus_per_node
     f, units = gather_factor(n), sizes.student_blocks
     fwd, bwd = "student forward", "backward"
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "fsdp_bf16"):
+        gathered = 2 * p if strategy == "fsdp_bf16" else 4 * p
         return [
-            Collective("student params all-gather (fwd)", 2 * p * f, n, spans, fwd, units),
-            Collective("student params all-gather (bwd)", 2 * p * f, n, spans, bwd, units),
+            Collective("student params all-gather (fwd)", gathered * f, n, spans, fwd, units),
+            Collective("student params all-gather (bwd)", gathered * f, n, spans, bwd, units),
             Collective("student grads reduce-scatter", 4 * p * f, n, spans, bwd, units),
+        ]
+    if strategy == "hsdp":
+        g = min(n, links.gpus_per_node)
+        nodes = max(1, n // g)
+        return [
+            Collective("student params all-gather (fwd, node)", 4 * p * gather_factor(g), g, False, fwd, units),
+            Collective("student params all-gather (bwd, node)", 4 * p * gather_factor(g), g, False, bwd, units),
+            Collective("student grads reduce-scatter (node)", 4 * p * gather_factor(g), g, False, bwd, units),
+            Collective("student grads all-reduce (across nodes)", 2 * 4 * p / g * gather_factor(nodes), nodes, True, bwd, units),
         ]
     if strategy in ("zero1", "zero2"):
         hidden = bwd if strategy == "zero2" else None
@@ -254,6 +269,7 @@ def checkpoint_bytes(strategy: str, sizes: ModelSizes) -> tuple[float, float]:
     FSDP (DCP) and ZeRO-3 write every piece from its owner; ZeRO-1/2 also write the full fp32
     weights from rank 0 (DeepSpeed's model file), the optimizer state from each owner."""
     total = 12.0 * sizes.student_params
+    # HSDP writes one replica's shards (the first node's), like FSDP at that node's size.
     largest = 4.0 * sizes.student_params if strategy in ("zero1", "zero2") else 0.0
     return total, largest
 
