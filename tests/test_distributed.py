@@ -102,10 +102,14 @@ def test_strategy_trains_checkpoints_resumes_and_matches_single(
     assert [r["samples_seen"] for r in training(first)] == [24 * step for step in range(1, 6)]
     for mine, reference in zip(losses(first), losses(single)):
         assert mine == pytest.approx(reference, rel=1e-4)
-    # Per-group gradient norms of sharded or partitioned gradients are the single run's.
+    # Per-group gradient norms of sharded or partitioned gradients are the single run's; ZeRO-1/2 do
+    # not expose their gradients per parameter, and say so (None, not a wrong number).
     for mine, reference in zip(training(first), training(single)):
         for key in [k for k in reference if k.startswith(("grad_norm_", "loss_"))]:
-            assert mine[key] == pytest.approx(reference[key], rel=1e-3), key
+            if key.startswith("grad_norm_") and stage == 2:
+                assert mine[key] is None, key
+            else:
+                assert mine[key] == pytest.approx(reference[key], rel=1e-3), key
     # Each rank validated half the images: the reduced numbers equal one process validating all of them.
     val, single_val = [r for r in first if r["kind"] == "val"], [r for r in single if r["kind"] == "val"]
     assert [(r["step"], r["dataset"], r["images"]) for r in val] == [(r["step"], r["dataset"], r["images"]) for r in single_val] and val
