@@ -195,13 +195,18 @@ def test_sigterm_to_one_node_stops_the_job_with_a_complete_checkpoint_then_it_re
 
 def test_node_sharded_teachers_on_two_by_two_ranks_give_the_replicated_features(tmp_path: Path) -> None:
     """teachers.shard=node on the simulated 2 × 2 layout: each weight is split in halves within a
-    node (not in quarters over the world), both nodes hold the same halves, features are unchanged,
-    and each rank sends what the scale model predicts (fp32 here; FSDP pads shards a little)."""
+    node (not in quarters over the world, as teachers.shard=world does), both nodes hold the same
+    halves, features are unchanged, and each rank sends what the scale model predicts (fp32 here;
+    FSDP pads shards a little)."""
     worker = REPO / "tests" / "workers" / "teacher_shard.py"
-    result = subprocess.run(launch_command("torchrun", 4, worker, str(tmp_path), "node"), env=launcher_env(tmp_path),
+    result = subprocess.run(launch_command("torchrun", 4, worker, str(tmp_path), "world", "node"), env=launcher_env(tmp_path),
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
-    layouts = [torch.load(tmp_path / f"layout_{rank}.pt", weights_only=True) for rank in range(4)]
+    for rank in range(4):
+        diffs = torch.load(tmp_path / f"diff_world_{rank}.pt", weights_only=True)
+        assert diffs and max(diffs.values()) <= 1e-5, diffs
+    assert [torch.load(tmp_path / f"layout_world_{rank}.pt", weights_only=True)["fraction"] for rank in range(4)] == [0.25] * 4
+    layouts = [torch.load(tmp_path / f"layout_node_{rank}.pt", weights_only=True) for rank in range(4)]
     assert [layout["fraction"] for layout in layouts] == [0.5] * 4
     assert torch.equal(layouts[0]["shard"], layouts[2]["shard"]) and torch.equal(layouts[1]["shard"], layouts[3]["shard"])
     assert not torch.equal(layouts[0]["shard"], layouts[1]["shard"])
@@ -209,6 +214,6 @@ def test_node_sharded_teachers_on_two_by_two_ranks_give_the_replicated_features(
                        teacher_blocks=layouts[0]["teacher_blocks"], norm_features=())
     predicted, = teacher_collectives("node", sizes, 4, Links(gpus_per_node=2), bytes_per_param=4)
     for rank in range(4):
-        diffs = torch.load(tmp_path / f"diff_{rank}.pt", weights_only=True)
+        diffs = torch.load(tmp_path / f"diff_node_{rank}.pt", weights_only=True)
         assert diffs and max(diffs.values()) <= 1e-5, diffs
         assert layouts[rank]["all_gather_bytes"] == pytest.approx(predicted.bytes_per_rank, rel=0.02)
