@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -53,17 +52,15 @@ def check_ok(result: dict, steps: int) -> None:
     assert math.isfinite(result["final_loss"])
 
 
-def test_cli_prints_table_and_writes_json(tmp_path: Path) -> None:
+def test_cli_prints_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The program's main in this process (launch/bench.py as a program: the torchrun test below)."""
     report_path = tmp_path / "bench.json"
-    command = [
-        sys.executable, str(REPO / "launch" / "bench.py"), "--config", str(TINY_CPU),
-        f"run.output_dir={tmp_path / 'run'}", "run.console=none", "--steps", "3", "--warmup", "1",
-        "--json", str(report_path),
-    ]
-    done = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    argv = ["--config", str(TINY_CPU), f"run.output_dir={tmp_path / 'run'}", "run.console=none", "--steps", "3", "--warmup", "1",
+            "--json", str(report_path)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
     for text in ("img/s/rank", "MFU", "peak GiB", "base", "teacher_forward", "backward", f"report: {report_path}"):
-        assert text in done.stdout
+        assert text in stdout
     report = json.loads(report_path.read_text())
     assert set(report) == REPORT_FIELDS
     assert report["world_size"] == 1 and report["data"] == "synthetic" and report["reference"] is None

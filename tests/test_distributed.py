@@ -1,9 +1,11 @@
-"""Strategies on 2 CPU ranks (gloo, 127.0.0.1): train, checkpoint, resume, and agree with `single`.
+"""Strategies on 2 CPU ranks (gloo, 127.0.0.1): train (accumulating micro-batches), validate,
+checkpoint, resume, export, and agree with `single`.
 
-Every run is a real launcher (`torchrun` / `deepspeed`) in a subprocess with a timeout. In fp32 with
-the same global batch and teacher dropping off, the strategies compute the same losses; resumed runs
-continue bitwise as if never stopped. Clipping binds (per parameter, the default), so sharded
-strategies also have to clip shards by the norm of the whole parameter to agree.
+Every sharded run is a real launcher (`torchrun` / `deepspeed`) in a subprocess with a timeout; the
+`single` reference trains in the test process. In fp32 with the same global batch and teacher
+dropping off, the strategies compute the same losses; resumed runs continue bitwise as if never
+stopped. Clipping binds (per parameter, the default), so sharded strategies also have to clip
+shards by the norm of the whole parameter to agree.
 """
 
 from __future__ import annotations
@@ -14,68 +16,125 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_eval import val_sets
 
 from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
+from dune_scale.cli.export import main as export_main
+from dune_scale.cli.train import train
+from dune_scale.config import load_config
+from dune_scale.engine.export import read_student
 from dune_scale.telemetry.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
 TRAIN = REPO / "launch" / "train.py"
-LAUNCHER = {"single": ("python", 1), "fsdp": ("torchrun", 2), "deepspeed": ("deepspeed", 2)}
+# launch/train.py whose ranks each validate their share of test_eval's held-out sets.
+TRAIN_WITH_VAL = REPO / "tests" / "workers" / "train_with_val.py"
+LAUNCHER = {"single": (None, 1), "fsdp": ("torchrun", 2), "deepspeed": ("deepspeed", 2)}
 # Low enough that the default per-parameter clipping binds on most parameters of the tiny student, so
 # the comparison with `single` also checks that shards/partitions are clipped by full-parameter norms.
 CLIP = 0.05
 
 
-def run_training(strategy: str, out: Path, shards: Path, *extra: str, stage: int = 2, timeout: int = 300) -> list[dict]:
+def run_training(strategy: str, out: Path, shards: Path, *extra: str, stage: int = 2, timeout: int = 300,
+                 with_val: bool = False) -> list[dict]:
+    """A sharded strategy through its launcher; `single`, the reference, in this process (a launch
+    costs seconds of imports and proves nothing these comparisons need). ``with_val``: with
+    test_eval's held-out sets, each rank validating its share."""
     launcher, nproc = LAUNCHER[strategy]
     overrides = tiny_overrides(out, shards, f"strategy.name={strategy}", f"strategy.zero_stage={stage}",
                                f"train.batch_size_per_rank={24 // nproc}", "distill.teacher_drop=none",
                                "run.log_samples=true", f"optim.grad_clip={CLIP}", *extra)
-    command = launch_command(launcher, nproc, TRAIN, "--config", str(TINY_CPU), *overrides)
+    if strategy == "single":
+        assert train(load_config(TINY_CPU, overrides), val=val_sets() if with_val else None)
+        return read_metrics(out / "metrics.jsonl")
+    command = launch_command(launcher, nproc, TRAIN_WITH_VAL if with_val else TRAIN, "--config", str(TINY_CPU), *overrides)
     result = subprocess.run(command, env=launcher_env(out.parent), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{strategy} failed ({result.returncode}):\n{result.stderr[-4000:]}"
     return read_metrics(out / "metrics.jsonl")
 
 
+def training(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("kind", "train") == "train"]
+
+
 def losses(records: list[dict]) -> list[float]:
-    return [r["loss"] for r in records]
+    return [r["loss"] for r in training(records)]
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> tuple[Path, list[dict]]:
+def knn_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """eval.knn_train / eval.knn_val overrides: tiny labelled image folders for the k-NN probe."""
+    from test_knn import write_labelled_set
+
+    root = tmp_path_factory.mktemp("knn")
+    return f"eval.knn_train={write_labelled_set(root / 'train', 4, seed=1)}", f"eval.knn_val={write_labelled_set(root / 'val', 2, seed=2)}"
+
+
+def accumulating(strategy: str) -> tuple[str, str]:
+    """The global batch of 24 as 2 micro-batches (2 ranks × 6 × 2 == 1 rank × 12 × 2: same loader
+    batches, same statistics), so that every strategy run also checks accumulation under sharding."""
+    return "train.grad_accum_steps=2", f"train.batch_size_per_rank={12 // LAUNCHER[strategy][1]}"
+
+
+def probed(knn_sets: tuple[str, str]) -> tuple[str, ...]:
+    """Validation and the k-NN probe (the encoder called on its own) every 2 steps."""
+    return "eval.every_steps=2", "eval.knn_every_steps=2", *knn_sets
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path, knn_sets: tuple[str, str]) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("single") / "run"
-    return out, run_training("single", out, demo_shards, "train.max_steps=5")
+    return out, run_training("single", out, demo_shards, "train.max_steps=5", *accumulating("single"), *probed(knn_sets), with_val=True)
 
 
-# ZeRO-1 shares DeepSpeed's stage-1/2 optimizer with ZeRO-2; bitwise resume after a stop signal is
-# test_preemption's (single, FSDP, ZeRO-2), kept out of here to hold the suite's time.
-@pytest.mark.parametrize("strategy, stage", [("fsdp", 0), ("deepspeed", 2), ("deepspeed", 3)])
+# ZeRO-1 shares DeepSpeed's stage-1/2 optimizer with ZeRO-2. FSDP and ZeRO-2 checkpoints are resumed
+# (bitwise, after a stop signal) in test_preemption, so only ZeRO-3 resumes here, to hold the suite's time.
+@pytest.mark.parametrize("strategy, stage, resume", [("fsdp", 0, False), ("deepspeed", 2, False), ("deepspeed", 3, True)])
 def test_strategy_trains_checkpoints_resumes_and_matches_single(
-    strategy: str, stage: int, tmp_path: Path, demo_shards: Path, single_run: tuple[Path, list[dict]]
+    strategy: str, stage: int, resume: bool, tmp_path: Path, demo_shards: Path, single_run: tuple[Path, list[dict]],
+    knn_sets: tuple[str, str]
 ) -> None:
     single_dir, single = single_run
     out = tmp_path / "run"
-    first = run_training(strategy, out, demo_shards, "train.max_steps=5", "checkpoint.every_steps=3", stage=stage or 2)
+    first = run_training(strategy, out, demo_shards, "train.max_steps=5", "checkpoint.every_steps=3", *accumulating(strategy),
+                         *probed(knn_sets), stage=stage or 2, with_val=True)
     assert global_batches(out) == global_batches(single_dir)  # same samples per global batch
+    assert [r["samples_seen"] for r in training(first)] == [24 * step for step in range(1, 6)]
     for mine, reference in zip(losses(first), losses(single)):
         assert mine == pytest.approx(reference, rel=1e-4)
+    # Per-group gradient norms of sharded or partitioned gradients are the single run's; ZeRO-1/2 do
+    # not expose their gradients per parameter, and say so (None, not a wrong number).
+    for mine, reference in zip(training(first), training(single)):
+        for key in [k for k in reference if k.startswith(("grad_norm_", "loss_"))]:
+            if key.startswith("grad_norm_") and stage == 2:
+                assert mine[key] is None, key
+            else:
+                assert mine[key] == pytest.approx(reference[key], rel=1e-3), key
+    # Each rank validated half the images: the reduced numbers equal one process validating all of them.
+    val, single_val = [r for r in first if r["kind"] == "val"], [r for r in single if r["kind"] == "val"]
+    assert [(r["step"], r["dataset"], r["images"]) for r in val] == [(r["step"], r["dataset"], r["images"]) for r in single_val] and val
+    for mine, reference in zip(val, single_val):
+        assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+        assert mine["loss_mast3r_vitlarge_16_sl1"] == pytest.approx(reference["loss_mast3r_vitlarge_16_sl1"], rel=1e-4)
+    knn = [(r["top1"], r["top5"]) for r in first if r["kind"] == "knn"]
+    assert knn == [(r["top1"], r["top5"]) for r in single if r["kind"] == "knn"] and knn
     # The full student weights are exported whatever the sharding (ZeRO-3 and FSDP gather them).
     exported, reference_weights = load_file(str(out / "student.safetensors")), load_file(str(single_dir / "student.safetensors"))
     assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in reference_weights.items()}
-    resumed = run_training(strategy, out, demo_shards, "train.max_steps=7", "checkpoint.every_steps=3", stage=stage or 2)
-    assert [r["step"] for r in resumed] == list(range(1, 8))
+    # ... and the checkpoint is read without its world size (this process has no process group).
+    weights = read_student(out / "checkpoints" / "step_000000005")
+    assert set(weights.state) == set(exported) and all(torch.equal(weights.state[k], v) for k, v in exported.items())
+    assert export_main([str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    if not resume:
+        return
+    resumed = run_training(strategy, out, demo_shards, "train.max_steps=7", "checkpoint.every_steps=3", *accumulating(strategy),
+                           stage=stage or 2)
+    assert [r["step"] for r in training(resumed)] == list(range(1, 8))
     assert losses(resumed)[:5] == losses(first)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000007"
 
 
-def test_sharded_teachers_give_the_replicated_features(tmp_path: Path) -> None:
-    worker = REPO / "tests" / "workers" / "teacher_shard.py"
-    result = subprocess.run(launch_command("torchrun", 2, worker, str(tmp_path)), env=launcher_env(tmp_path),
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
-    for rank in range(2):
-        diffs = torch.load(tmp_path / f"diff_{rank}.pt", weights_only=True)
-        assert diffs and max(diffs.values()) <= 1e-5, diffs
+# teachers.shard=world (features equal the replicated ones): test_multinode's worker launch, with =node.
 
 
 def test_unsupported_launch_is_named_before_any_work(tmp_path: Path, demo_shards: Path) -> None:
@@ -85,18 +144,6 @@ def test_unsupported_launch_is_named_before_any_work(tmp_path: Path, demo_shards
     assert result.returncode != 0
     assert "strategy.name=single runs one process, but 2 were launched" in result.stderr
     assert not (out / "checkpoints").exists()
-
-
-@pytest.mark.parametrize("strategy", ["fsdp"])  # accumulation is the trainer's, whatever the strategy
-def test_gradient_accumulation_under_sharding_matches_single(strategy: str, tmp_path: Path, demo_shards: Path) -> None:
-    """2 ranks × 6 images × 2 micro-batches == 1 rank × 12 × 2 (same loader batches, same statistics)."""
-    accum = ("train.grad_accum_steps=2", "train.max_steps=3", "optim.lr_reference_batch=24")
-    single = run_training("single", tmp_path / "single", demo_shards, "train.batch_size_per_rank=12", *accum)
-    sharded = run_training(strategy, tmp_path / strategy, demo_shards, "train.batch_size_per_rank=6", *accum)
-    assert global_batches(tmp_path / strategy) == global_batches(tmp_path / "single")
-    assert [r["samples_seen"] for r in sharded] == [24, 48, 72]
-    for mine, reference in zip(losses(sharded), losses(single)):
-        assert mine == pytest.approx(reference, rel=1e-4)
 
 
 def test_fsdp_in_bf16_keeps_fp32_parameters_like_single(tmp_path: Path, demo_shards: Path) -> None:

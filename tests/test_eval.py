@@ -190,44 +190,8 @@ def test_training_records_carry_the_loss_split_drop_weights_grad_norms_and_norm_
     assert all(plain[f"drop_weight_{t}"] == pytest.approx(1 / 3) for t in TEACHERS)
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("strategy, launcher, stage", [("fsdp", "torchrun", 2), ("deepspeed", "deepspeed", 3)])
-def test_two_ranks_validate_and_report_grad_norms_like_one(strategy: str, launcher: str, stage: int, tmp_path: Path, demo_shards: Path) -> None:
-    """Each rank validates half the images: the reduced numbers equal one process validating all
-    of them; per-group gradient norms (sharded or partitioned gradients) and the k-NN probe (the
-    encoder called on its own) equal the single run's."""
-    import subprocess
-
-    from test_knn import write_labelled_set
-
-    from conftest import REPO, launch_command, launcher_env
-
-    knn_train, knn_val = write_labelled_set(tmp_path / "knn_train", 4, seed=1), write_labelled_set(tmp_path / "knn_val", 2, seed=2)
-
-    worker = REPO / "tests" / "workers" / "train_with_val.py"
-    runs = {}
-    for name, nproc, extra in (("single", 1, ()), (strategy, 2, (f"strategy.name={strategy}", f"strategy.zero_stage={stage}"))):
-        out = tmp_path / name
-        overrides = tiny_overrides(out, demo_shards, f"train.batch_size_per_rank={24 // nproc}", "train.max_steps=2",
-                                   "eval.every_steps=2", "distill.teacher_drop=none", "eval.knn_every_steps=2",
-                                   f"eval.knn_train={knn_train}", f"eval.knn_val={knn_val}", *extra)
-        command = launch_command(launcher if nproc > 1 else "python", nproc, worker, "--config", str(TINY_CPU), *overrides)
-        private_tmp = tmp_path / f"tmp_{name}"  # Streaming's shared-memory names must not meet another run's
-        private_tmp.mkdir()
-        result = subprocess.run(command, env=launcher_env(private_tmp), capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
-        assert result.returncode == 0, result.stderr[-4000:]
-        runs[name] = read_metrics(out / "metrics.jsonl")
-    single, sharded = runs["single"], runs[strategy]
-    assert [(r["step"], r["dataset"], r["images"]) for r in _val(sharded)] == [(r["step"], r["dataset"], r["images"]) for r in _val(single)]
-    for mine, reference in zip(_val(sharded), _val(single)):
-        assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-4)
-        assert mine["loss_mast3r_vitlarge_16_sl1"] == pytest.approx(reference["loss_mast3r_vitlarge_16_sl1"], rel=1e-4)
-    knn = [r for r in sharded if r["kind"] == "knn"]
-    assert [(r["top1"], r["top5"]) for r in knn] == [(r["top1"], r["top5"]) for r in single if r["kind"] == "knn"] and knn
-    train_records = [r for r in sharded if r["kind"] == "train"]
-    for mine, reference in zip(train_records, [r for r in single if r["kind"] == "train"]):
-        for key in [k for k in reference if k.startswith(("grad_norm_", "loss_"))]:
-            assert mine[key] == pytest.approx(reference[key], rel=1e-3), key
+# Two ranks validating (each its share of val_sets()) like one, with per-group gradient norms and the
+# k-NN probe: test_distributed's strategy runs (tests/workers/train_with_val.py).
 
 
 class SignalledDuringIteration:

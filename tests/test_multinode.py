@@ -60,11 +60,12 @@ def overrides(out: Path, shards: str, ranks: int, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_node(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
-    """The reference: one process reading the same shards in place, the same global batch."""
+    """The reference: one process (this one) reading the same shards in place, the same global batch."""
+    from dune_scale.cli.train import train
+    from dune_scale.config import load_config
+
     out = tmp_path_factory.mktemp("one_node") / "run"
-    result = subprocess.run(launch_command("python", 1, TRAIN, "--config", str(TINY_CPU), *overrides(out, str(demo_shards), 1)),
-                            env=launcher_env(out.parent), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert train(load_config(TINY_CPU, overrides(out, str(demo_shards), 1)))
     return out
 
 
@@ -141,21 +142,6 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
 
 
-def test_two_nodes_deepspeed_under_torchrun_train_on_the_global_batches_of_one_node(
-    tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path, private_mounts: None
-) -> None:
-    out = tmp_path / "run"
-    with TwoNodes(tmp_path, 1, overrides(out, s3_shards, 2, "strategy.name=deepspeed", "train.max_steps=4",
-                                         f"data.s3_endpoint_url={s3_env.endpoint}")) as job:
-        for code, output in job.wait():
-            assert code == 0, output[-4000:]
-    assert global_batches(out) == global_batches(one_node)[:4]
-    assert losses(out) == pytest.approx(losses(one_node)[:4], rel=1e-4)
-    # Each node downloaded into its own disk; nothing landed on the shared path itself.
-    assert cached_shards(job.node_dir(0) / "disk") and cached_shards(job.node_dir(1) / "disk")
-    assert not any(job.cache.iterdir())
-
-
 def test_two_nodes_of_two_ranks_with_node_sharded_teachers_train_like_one_node(
     tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path, private_mounts: None
 ) -> None:
@@ -171,8 +157,11 @@ def test_two_nodes_of_two_ranks_with_node_sharded_teachers_train_like_one_node(
 def test_sigterm_to_one_node_stops_the_job_with_a_complete_checkpoint_then_it_resumes(
     tmp_path: Path, s3_shards: str, s3_env: SeaweedS3, one_node: Path, private_mounts: None
 ) -> None:
+    """DeepSpeed under torchrun, one rank per node (FSDP across nodes: the 2 × 2 test above): each
+    node downloads into its own disk, a stop signal to one node stops both with a checkpoint, and
+    the job started again on fresh nodes trains on the global batches of one node."""
     out = tmp_path / "run"
-    args = overrides(out, s3_shards, 2, "strategy.name=fsdp", "checkpoint.every_steps=4", f"data.s3_endpoint_url={s3_env.endpoint}")
+    args = overrides(out, s3_shards, 2, "strategy.name=deepspeed", "checkpoint.every_steps=4", f"data.s3_endpoint_url={s3_env.endpoint}")
     with TwoNodes(tmp_path, 1, args) as job:
         deadline = time.monotonic() + 300
         while logged_steps(out) < 2 and all(p.poll() is None for p in job.nodes) and time.monotonic() < deadline:
@@ -193,6 +182,9 @@ def test_sigterm_to_one_node_stops_the_job_with_a_complete_checkpoint_then_it_re
     assert 2 <= stopped_at < STEPS
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert latest.name == f"step_{stopped_at:09d}" and (latest / "COMPLETE").is_file()
+    # Each node downloaded into its own disk; nothing landed on the shared path itself.
+    assert cached_shards(job.node_dir(0) / "disk") and cached_shards(job.node_dir(1) / "disk")
+    assert not any(job.cache.iterdir())
 
     with TwoNodes(tmp_path / "again", 1, args) as resumed:  # fresh nodes: empty caches
         for code, output in resumed.wait():
@@ -203,13 +195,18 @@ def test_sigterm_to_one_node_stops_the_job_with_a_complete_checkpoint_then_it_re
 
 def test_node_sharded_teachers_on_two_by_two_ranks_give_the_replicated_features(tmp_path: Path) -> None:
     """teachers.shard=node on the simulated 2 × 2 layout: each weight is split in halves within a
-    node (not in quarters over the world), both nodes hold the same halves, features are unchanged,
-    and each rank sends what the scale model predicts (fp32 here; FSDP pads shards a little)."""
+    node (not in quarters over the world, as teachers.shard=world does), both nodes hold the same
+    halves, features are unchanged, and each rank sends what the scale model predicts (fp32 here;
+    FSDP pads shards a little)."""
     worker = REPO / "tests" / "workers" / "teacher_shard.py"
-    result = subprocess.run(launch_command("torchrun", 4, worker, str(tmp_path), "node"), env=launcher_env(tmp_path),
+    result = subprocess.run(launch_command("torchrun", 4, worker, str(tmp_path), "world", "node"), env=launcher_env(tmp_path),
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
-    layouts = [torch.load(tmp_path / f"layout_{rank}.pt", weights_only=True) for rank in range(4)]
+    for rank in range(4):
+        diffs = torch.load(tmp_path / f"diff_world_{rank}.pt", weights_only=True)
+        assert diffs and max(diffs.values()) <= 1e-5, diffs
+    assert [torch.load(tmp_path / f"layout_world_{rank}.pt", weights_only=True)["fraction"] for rank in range(4)] == [0.25] * 4
+    layouts = [torch.load(tmp_path / f"layout_node_{rank}.pt", weights_only=True) for rank in range(4)]
     assert [layout["fraction"] for layout in layouts] == [0.5] * 4
     assert torch.equal(layouts[0]["shard"], layouts[2]["shard"]) and torch.equal(layouts[1]["shard"], layouts[3]["shard"])
     assert not torch.equal(layouts[0]["shard"], layouts[1]["shard"])
@@ -217,6 +214,6 @@ def test_node_sharded_teachers_on_two_by_two_ranks_give_the_replicated_features(
                        teacher_blocks=layouts[0]["teacher_blocks"], norm_features=())
     predicted, = teacher_collectives("node", sizes, 4, Links(gpus_per_node=2), bytes_per_param=4)
     for rank in range(4):
-        diffs = torch.load(tmp_path / f"diff_{rank}.pt", weights_only=True)
+        diffs = torch.load(tmp_path / f"diff_node_{rank}.pt", weights_only=True)
         assert diffs and max(diffs.values()) <= 1e-5, diffs
         assert layouts[rank]["all_gather_bytes"] == pytest.approx(predicted.bytes_per_rank, rel=0.02)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -72,11 +73,28 @@ def assert_same_training(out: Path, reference: Path) -> None:
         assert torch.equal(mine[key], theirs[key]), key
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Callable[[str], Path]:
+    """The uninterrupted run of a strategy (the default command), launched once for every test that
+    compares with it."""
+    runs: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp(f"straight_{strategy}") / "run"
+            run(command(strategy, out, demo_shards), out)
+            runs[strategy] = out
+        return runs[strategy]
+
+    return get
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["single", "fsdp", "deepspeed"])
-def test_sigterm_at_a_random_step_then_same_command_resumes_bitwise(strategy: str, tmp_path: Path, demo_shards: Path) -> None:
-    straight = tmp_path / "straight"
-    run(command(strategy, straight, demo_shards), straight)
+def test_sigterm_at_a_random_step_then_same_command_resumes_bitwise(
+    strategy: str, tmp_path: Path, demo_shards: Path, straight_run: Callable[[str], Path]
+) -> None:
+    straight = straight_run(strategy)
 
     out = tmp_path / "preempted"
     cmd = command(strategy, out, demo_shards, "run.log_every=1")
@@ -118,11 +136,11 @@ def test_repeated_signals_never_lose_the_save_and_exit_with_the_requeue_code(tmp
     assert latest.name == f"step_{steps:09d}" and is_complete(latest)
 
 
-def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, demo_shards: Path) -> None:
+def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, demo_shards: Path, straight_run: Callable[[str], Path]) -> None:
     """kill -9 three times at random moments (in a step, a save, a metrics write); each restart
-    resumes from the last complete checkpoint and the end result is the uninterrupted run's."""
-    straight = tmp_path / "straight"
-    run(command("single", straight, demo_shards, "checkpoint.every_steps=2"), straight)
+    resumes from the last complete checkpoint (saved every 2 steps here, every 4 in the uninterrupted
+    run: saving does not change training) and the end result is the uninterrupted run's."""
+    straight = straight_run("single")
     out = tmp_path / "killed"
     cmd = command("single", out, demo_shards, "checkpoint.every_steps=2")
     rng = random.Random("sigkill")
@@ -139,9 +157,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, demo_shards: Pa
     assert_same_training(out, straight)
 
 
-def test_a_save_cut_short_is_skipped_for_the_previous_checkpoint(tmp_path: Path, demo_shards: Path) -> None:
-    straight = tmp_path / "straight"
-    run(command("single", straight, demo_shards), straight)
+def test_a_save_cut_short_is_skipped_for_the_previous_checkpoint(tmp_path: Path, demo_shards: Path, straight_run: Callable[[str], Path]) -> None:
+    straight = straight_run("single")
     out = tmp_path / "cut"
     cmd = command("single", out, demo_shards, "train.max_steps=8")
     run(cmd, out)
@@ -159,9 +176,10 @@ def test_a_save_cut_short_is_skipped_for_the_previous_checkpoint(tmp_path: Path,
 # 2 → 1: the loader's global position survives losing a rank (1 → 2, the same restore with fresh
 # RNG streams for the new rank, is left out to hold the suite's time).
 @pytest.mark.parametrize("before, after", [(2, 1)])
-def test_resumed_on_another_rank_count_sees_the_same_global_batches(before: int, after: int, tmp_path: Path, demo_shards: Path) -> None:
-    reference = tmp_path / "reference"
-    run(command("fsdp", reference, demo_shards, nproc=before), reference)
+def test_resumed_on_another_rank_count_sees_the_same_global_batches(
+    before: int, after: int, tmp_path: Path, demo_shards: Path, straight_run: Callable[[str], Path]
+) -> None:
+    reference = straight_run("fsdp")  # its global batches are those of any rank count
     out = tmp_path / "changed"
     run(command("fsdp", out, demo_shards, "train.max_steps=4", nproc=before), out)
     run(command("fsdp", out, demo_shards, nproc=after), out)

@@ -1,9 +1,10 @@
 """torchrun worker: teacher features with FSDP2-sharded teachers equal the replicated ones.
 
-``teacher_shard.py OUT [world|node]``: with ``node`` the ranks pretend to be nodes of two ranks
-each (the simulated 2 × 2 layout of four ranks), so the teachers are sharded in pairs and replicated
-across them. Each rank also writes the fraction of a teacher weight it holds and the bytes it sent
-in the sharded forward's all-gathers (checked against the scale model).
+``teacher_shard.py OUT SCOPE...`` (``world`` and/or ``node``, one after the other in one launch):
+with ``node`` the ranks pretend to be nodes of two ranks each (the simulated 2 × 2 layout of four
+ranks), so the teachers are sharded in pairs and replicated across them. For each scope, each rank
+writes ``diff_<scope>_<rank>.pt`` and ``layout_<scope>_<rank>.pt``: the fraction of a teacher weight it
+holds and the bytes it sent in the sharded forward's all-gathers (checked against the scale model).
 """
 
 import dataclasses
@@ -53,10 +54,15 @@ def all_gather_bytes_sent(run: Callable[..., Any], *args: Any) -> tuple[Any, int
 
 
 def main() -> None:
-    out, scope = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "world"
+    out, scopes = Path(sys.argv[1]), sys.argv[2:]
     dist = distributed.init_distributed("cpu")
-    if scope == "node":
-        dist = dataclasses.replace(dist, local_world_size=RANKS_PER_SIMULATED_NODE)
+    for scope in scopes:
+        compare(out, scope, dataclasses.replace(dist, local_world_size=RANKS_PER_SIMULATED_NODE) if scope == "node" else dist)
+    distributed.barrier()
+    distributed.shutdown()
+
+
+def compare(out: Path, scope: str, dist: distributed.DistInfo) -> None:
     images = torch.randn(3, 3, 56, 42, generator=torch.Generator().manual_seed(dist.rank))
     replicated = ensemble()(images)
     sharded_ensemble = ensemble()
@@ -65,7 +71,7 @@ def main() -> None:
         shard_frozen_module(teacher, teacher.blocks, torch.float32, mesh)
     sharded, sent = all_gather_bytes_sent(sharded_ensemble, images)
     diffs = {f"{n}.{t}": (sharded[n][t] - replicated[n][t]).abs().max().item() for n in NAMES for t in replicated[n]}
-    torch.save(diffs, out / f"diff_{dist.rank}.pt")
+    torch.save(diffs, out / f"diff_{scope}_{dist.rank}.pt")
     weight = sharded_ensemble.teachers[NAMES[0]].blocks[0].mlp.fc1.weight  # a DTensor: this rank's shard
     layout = {
         "fraction": weight.to_local().numel() / weight.numel(),
@@ -74,10 +80,8 @@ def main() -> None:
         "teacher_params": sum(p.numel() for p in sharded_ensemble.parameters()),
         "teacher_blocks": sum(len(t.blocks) for t in sharded_ensemble.teachers.values()),
     }
-    torch.save(layout, out / f"layout_{dist.rank}.pt")
+    torch.save(layout, out / f"layout_{scope}_{dist.rank}.pt")
     del sharded_ensemble, sharded, weight  # free the sharded modules while the process group still exists
-    distributed.barrier()
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
