@@ -128,21 +128,6 @@ def test_teacher_sharding_scope_and_its_boolean_spellings(value: str, scope: str
     assert load_config(REPO / "configs" / "vitb14_336.yaml", [f"teachers.shard={value}"]).teachers.shard == scope
 
 
-@pytest.mark.parametrize(
-    "scope, dist, needle",
-    [
-        ("world", DistInfo(), "teachers.shard=world needs several ranks"),
-        ("node", DistInfo(world_size=4, local_world_size=1), "teachers.shard=node shards within each node, but the launch has 1 rank(s) per node"),
-        ("node", DistInfo(world_size=6, local_world_size=4), "the same number on every node"),
-    ],
-)
-def test_teacher_sharding_the_launch_cannot_do(scope: str, dist: DistInfo, needle: str) -> None:
-    cfg = load_config(REPO / "configs" / "vitb14_336.yaml", [f"teachers.shard={scope}", "strategy.name=fsdp"])
-    with pytest.raises(ConfigError) as err:
-        check_run(cfg, dist)
-    assert needle in str(err.value)
-
-
 def test_shipped_recipes_are_found_by_name() -> None:
     """Recipes and mixtures are package data: a name works wherever the package is installed."""
     assert load_config("vitb14_448").to_dict() == load_config(REPO / "configs" / "vitb14_448.yaml").to_dict()
@@ -168,17 +153,21 @@ def test_bad_override_fails_fast_from_the_command_line(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-
 @pytest.mark.parametrize(
-    "strategy, dist, needle",
+    "overrides, dist, needle",
     [
-        ("single", DistInfo(), "strategy.fsdp_shard is set but strategy.name=single"),
-        ("fsdp", DistInfo(world_size=4, local_world_size=1), "strategy.fsdp_shard=node shards within each node, but the launch has 1 rank(s)"),
-        ("fsdp", DistInfo(world_size=6, local_world_size=4), "(use strategy.fsdp_shard=world)"),
+        (["teachers.shard=world"], DistInfo(), "teachers.shard=world needs several ranks"),
+        (["teachers.shard=node"], DistInfo(world_size=4, local_world_size=1),
+         "teachers.shard=node shards within each node, but the launch has 1 rank(s) per node"),
+        (["teachers.shard=node"], DistInfo(world_size=6, local_world_size=4), "the same number on every node (use teachers.shard=none"),
+        (["strategy.fsdp_shard=node", "strategy.name=single"], DistInfo(), "strategy.fsdp_shard is set but strategy.name=single"),
+        (["strategy.fsdp_shard=node"], DistInfo(world_size=4, local_world_size=1),
+         "strategy.fsdp_shard=node shards within each node, but the launch has 1 rank(s)"),
+        (["strategy.fsdp_shard=node"], DistInfo(world_size=6, local_world_size=4), "(use strategy.fsdp_shard=world)"),
     ],
 )
-def test_student_node_sharding_the_launch_cannot_do(strategy: str, dist: DistInfo, needle: str) -> None:
-    cfg = load_config(REPO / "configs" / "vitb14_336.yaml", ["strategy.fsdp_shard=node", f"strategy.name={strategy}"])
+def test_node_sharding_the_launch_cannot_do(overrides: list[str], dist: DistInfo, needle: str) -> None:
+    cfg = load_config(REPO / "configs" / "vitb14_336.yaml", ["strategy.name=fsdp", *overrides])
     with pytest.raises(ConfigError) as err:
         check_run(cfg, dist)
     assert needle in str(err.value)

@@ -106,12 +106,8 @@ def _check_teacher_sharding(scope: str, dist: DistInfo) -> None:
         return
     if dist.world_size == 1:
         raise ConfigError(f"teachers.shard={scope} needs several ranks; with one process the teachers are whole anyway")
-    if scope == "node" and (dist.local_world_size == 1 or dist.world_size % dist.local_world_size):
-        raise ConfigError(
-            f"teachers.shard=node shards within each node, but the launch has {dist.local_world_size} rank(s) per node "
-            f"of {dist.world_size}: it needs several ranks per node and the same number on every node "
-            "(use teachers.shard=none or world)"
-        )
+    if scope == "node" and (problem := node_sharding_problem("teachers.shard", dist)):
+        raise ConfigError(f"{problem} (use teachers.shard=none or world)")
 
 
 def build_encoder(cfg: Config) -> vit.VisionTransformer:
