@@ -311,7 +311,9 @@ def _per_student(
 ) -> dict[str, dict[str, float]]:
     """Each student of a shared teacher pass: its own seconds per step (its phases), the step it
     would take alone (the shared part — data, teachers, statistics, host — plus its own) and the
-    img/s per rank that gives; against the combined step, the saving of sharing the teachers."""
+    img/s per rank that gives; against the combined step, the saving of sharing the teachers. Host
+    time between phases ("other") counts as shared, so the alone estimates are upper bounds (run the
+    student alone, ``students: [that one]``, for its measured rate)."""
     own = {s.name: sum(t for phase, t in breakdown.items() if phase.startswith(f"{s.subdir}/")) for s in trainer.students}
     shared = mean_step - sum(own.values())
     return {
