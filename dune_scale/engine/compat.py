@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dune_scale.config import Config, ConfigError, resolve_student_dicts, student_subdir
+from dune_scale.config import STUDENTS_FOLDER, Config, ConfigError, resolve_student_dicts
 from dune_scale.engine.checkpointer import read_trainer_state
 
 # Settings that decide the shapes and meaning of the saved weights.
@@ -35,7 +35,7 @@ def model_signature(config: dict[str, Any]) -> dict[str, Any]:
     signature: dict[str, Any] = {}
     students = resolve_student_dicts(config)
     for name, resolved in students:
-        prefix = f"{student_subdir(name).replace('/', '.')}." if name else ""
+        prefix = f"{STUDENTS_FOLDER}.{name}." if name else ""
         for key in _MODEL_KEYS:
             signature.update(_flatten(_get(resolved, key), prefix + key))
         signature.pop(f"{prefix}student.pretrained", None)  # only decides the initial weights

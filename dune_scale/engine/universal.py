@@ -39,11 +39,12 @@ def _quiet() -> Iterator[None]:
 
 def saved_model_state(zero_folder: Path) -> dict[str, Any]:
     """DeepSpeed's model-state file of ``zero_folder`` (rank 0's under ZeRO-3), memory-mapped: what
-    is not read (the weights) costs nothing."""
+    is not read (the weights) costs nothing. Tensors and plain containers only (``weights_only``):
+    a checkpoint never unpickles objects."""
     model_files = sorted(zero_folder.glob("*model_states.pt"))
     if not model_files:
         raise FileNotFoundError(f"{zero_folder} holds no DeepSpeed model-state file (*model_states.pt)")
-    return torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
+    return torch.load(model_files[0], map_location="cpu", weights_only=True, mmap=True)
 
 
 def zero_files_layout(zero_folder: Path) -> tuple[int, int]:
