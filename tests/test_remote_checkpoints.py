@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import TINY_CPU, free_port, launch_command, launcher_env, tiny_overrides
+from conftest import REPO, TINY_CPU, free_port, launch_command, launcher_env, tiny_overrides
 from conftest_data import SeaweedS3
 from dune_scale.cli.train import main, train
 from dune_scale.config import ConfigError, load_config
@@ -189,16 +189,19 @@ def test_fsdp_async_save_equals_sync_save_by_value(
 @pytest.mark.distributed
 def test_two_ranks_upload_their_shares_and_a_fresh_node_resumes_from_s3(s3_env: SeaweedS3, tmp_path: Path, demo_shards: Path) -> None:
     """2 FSDP ranks, async saves: every rank's shard files reach the store with the manifest; a
-    second job with an empty output folder downloads them and continues at step 3."""
+    second job with an empty output folder (a fresh node) downloads them and continues at step 3.
+    Two launches, as a cluster runs two jobs (re-initialising the process group inside one torchrun
+    launch is not what this tests, and can hang on the launcher's store)."""
     prefix = "runs/two_ranks"
-    script = Path(__file__).parent / "workers" / "remote_resume.py"
-    command = launch_command(
-        "torchrun", 2, script, str(TINY_CPU), str(tmp_path / "first"), str(tmp_path / "second"),
-        *tiny_overrides(Path("unused"), demo_shards, "run.log_samples=false")[1:], "strategy.name=fsdp",
-        "checkpoint.every_steps=2", "checkpoint.async_save=true", f"checkpoint.remote=s3://{s3_env.bucket}/{prefix}",
-    )
-    done = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    for folder, steps in (("first", 2), ("second", 4)):
+        command = launch_command(
+            "torchrun", 2, REPO / "launch" / "train.py", "--config", str(TINY_CPU),
+            *tiny_overrides(tmp_path / folder, demo_shards, "run.log_samples=false"), "strategy.name=fsdp",
+            f"train.max_steps={steps}", "checkpoint.every_steps=2", "checkpoint.async_save=true",
+            f"checkpoint.remote=s3://{s3_env.bucket}/{prefix}",
+        )
+        done = subprocess.run(command, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
     stored = _remote_keys(s3_env, prefix)
     assert {"step_000000004/fsdp/__0_0.distcp", "step_000000004/fsdp/__1_0.distcp", f"step_000000004/{MANIFEST}"} <= stored.keys()
     assert {key.split("/")[0] for key in stored} == {LATEST, "step_000000002", "step_000000004"}
