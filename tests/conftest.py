@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +21,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Triton kernels run on CPU tensors in the interpreter; it must be set before anything imports triton
 # (Streaming does, through torch), so the kernel tests run in this process.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``DUNE_TEST_REPORT=path``, each test's outcome (and a failure's message) is appended to
+    that JSON-lines file as it finishes: ``make gpu-check`` stops its test part at a time limit, and
+    pytest's own summary and JUnit file are written only at the very end."""
+    path = os.environ.get("DUNE_TEST_REPORT")
+    if not path or not (report.when == "call" or report.failed or report.skipped):
+        return
+    import json
+
+    record = {"test": report.nodeid.split("::", 1)[-1], "outcome": report.outcome, "seconds": report.duration}
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)  # the exception line, e.g. "AssertionError: …"
+        record["message"] = crash.message if crash is not None else str(report.longrepr).splitlines()[-1]
+        record["details"] = str(report.longrepr)[-3000:]
+    elif report.skipped and isinstance(report.longrepr, tuple):
+        record["message"] = report.longrepr[-1]
+    with open(path, "a") as log:
+        log.write(json.dumps(record) + "\n")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -110,7 +131,11 @@ def global_batches(out: Path) -> list[list[str]]:
 def release_streaming_shared_memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Close the shared memory of every dataset a test builds in this process, as training does at
     its end: Streaming keeps it until exit and each new dataset re-opens all earlier ones, which
-    would take the suite past the file-descriptor limit."""
+    would take the suite past the file-descriptor limit. Without Streaming (the GPU machine) no
+    dataset can be built: nothing to track."""
+    if importlib.util.find_spec("streaming") is None:
+        yield
+        return
     from dune_scale.data.dataset import MixtureDataset
 
     built: list[MixtureDataset] = []

@@ -1,5 +1,5 @@
 """GPU acceptance (``pytest -m gpu``, run by ``make gpu-check``): the kernels compiled for the card
-against their references, compiled / CUDA-graph / FP8 teachers against eager, and a short bf16
+against their references, compiled and FP8 teachers against eager, and a short bf16
 training run that resumes bitwise. Skipped without a CUDA device, so CI on CPU stays green. Needs
 neither DeepSpeed nor Streaming (synthetic batches), which the GPU machine lacks."""
 
@@ -75,15 +75,14 @@ def _full_width_teacher(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["dino2reg_vitlarge_14", "mast3r_vitlarge_16"])
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_compiled_teachers_equal_eager(name: str, cuda_graphs: bool) -> None:
+def test_compiled_teachers_equal_eager(name: str) -> None:
     from dune_scale.teachers.precision import compile_frozen_blocks
 
     teacher, images = _full_width_teacher(name)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         eager = teacher(images)["patch"].float()
-        compile_frozen_blocks(teacher.blocks, cuda_graphs)
-        for _ in range(3):  # warm-up, recording, replay
+        compile_frozen_blocks(teacher.blocks)
+        for _ in range(2):  # compilation, then the compiled blocks
             compiled = teacher(images)["patch"].float()
     assert _cos_min(compiled, eager) > 0.999
     torch._dynamo.reset()
@@ -123,23 +122,24 @@ class ListLoader:
         self.position = int(state["position"])
 
 
-def _tiny_cuda_trainer_run(
-    tmp_path: Path, overrides: list[str], steps: int, resume: Path | None = None, save_at: int | None = None
+def tiny_bf16_trainer_run(
+    tmp_path: Path, overrides: list[str], steps: int, resume: Path | None = None, save_at: int | None = None,
+    device: str = "cuda",
 ) -> tuple[list[float], Path | None]:
-    """tiny_cpu on the GPU in bf16 with synthetic batches: per-step losses, and the checkpoint
-    saved after step ``save_at``."""
+    """tiny_cpu on ``device`` (the GPU) in bf16 with synthetic batches: per-step losses, and the
+    checkpoint saved after step ``save_at``."""
     from dune_scale import distributed
     from dune_scale.cli.bench import synthetic_batches
     from dune_scale.config import load_config
     from dune_scale.engine.compose import build_trainer, check_run
 
     cfg = load_config(TINY_CPU, [
-        "run.device=cuda", "train.precision=bf16", "teachers.dtype=bf16", "run.console=none",
+        f"run.device={device}", "train.precision=bf16", "teachers.dtype=bf16", "run.console=none",
         f"run.output_dir={tmp_path}", "checkpoint.every_steps=1000", *overrides,
     ])  # fmt: skip
-    dist = distributed.init_distributed("cuda")
+    dist = distributed.init_distributed(device)
     plan = check_run(cfg, dist)
-    batches = synthetic_batches(cfg, plan.mixture, CUDA, 0) * 3
+    batches = synthetic_batches(cfg, plan.mixture, torch.device(device), 0) * 3
     trainer = build_trainer(cfg, dist, plan, ListLoader(batches))
     if resume is not None:
         trainer.restore(resume)
@@ -154,15 +154,15 @@ def _tiny_cuda_trainer_run(
 def test_short_bf16_training_run_resumes_bitwise(tmp_path: Path) -> None:
     """tiny_cpu on the GPU in bf16 (teachers compiled by default there, fused AdamW): 6 steps
     straight equal 3 steps, a checkpoint, a new trainer restored from it, and 3 more."""
-    straight, folder = _tiny_cuda_trainer_run(tmp_path, [], 6, save_at=3)
-    resumed, _ = _tiny_cuda_trainer_run(tmp_path, [], 6, resume=folder)
+    straight, folder = tiny_bf16_trainer_run(tmp_path, [], 6, save_at=3)
+    resumed, _ = tiny_bf16_trainer_run(tmp_path, [], 6, resume=folder)
     assert torch.isfinite(torch.tensor(straight)).all()
     assert resumed == straight[3:]
 
 
 def test_whole_student_compile_gives_the_same_steps(tmp_path: Path) -> None:
-    eager, _ = _tiny_cuda_trainer_run(tmp_path / "eager", ["teachers.compile=false"], 3)
-    compiled, _ = _tiny_cuda_trainer_run(
+    eager, _ = tiny_bf16_trainer_run(tmp_path / "eager", ["teachers.compile=false"], 3)
+    compiled, _ = tiny_bf16_trainer_run(
         tmp_path / "compiled", ["teachers.compile=false", "train.compile=true", "train.compile_scope=model"], 3
     )
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-2, atol=1e-3)

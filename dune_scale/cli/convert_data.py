@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from dune_scale.data.convert import DEFAULT_MAX_PIXELS, LAYOUTS, REPORT_NAME, SPLITS, convert_dataset
 from dune_scale.data.errors import DataError
-from dune_scale.data.remote import configure_s3_endpoint
+from dune_scale.object_store import configure_s3_endpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:

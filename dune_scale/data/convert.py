@@ -39,9 +39,10 @@ from PIL import Image, UnidentifiedImageError
 from streaming import MDSWriter
 from streaming.base.storage import CloudDownloader, CloudUploader
 
-from dune_scale.data.remote import bounded_s3_client, check_bucket, storage_error
+from dune_scale.data.remote import check_bucket, storage_error
 from dune_scale.data.schema import MDS_COLUMNS, MDS_HASHES
 from dune_scale.files import atomic_write
+from dune_scale.object_store import bounded_s3_client
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Formats stored byte for byte; anything else is re-encoded.

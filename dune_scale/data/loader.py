@@ -23,11 +23,11 @@ from dune_scale.data.mixture import Mixture, MixtureError, resolve_mixture
 from dune_scale.data.remote import (
     build_streams,
     check_access,
-    configure_s3_endpoint,
     release_connections,
     reset_worker_connections,
 )
 from dune_scale.data.transforms import build_train_transform, build_val_transform
+from dune_scale.object_store import configure_s3_endpoint
 
 logger = logging.getLogger(__name__)
 

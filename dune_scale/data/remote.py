@@ -33,13 +33,12 @@ from streaming.base.format import Reader, get_index_basename
 
 from dune_scale.data.errors import DataError, MissingDataError
 from dune_scale.data.mixture import Mixture
+from dune_scale.object_store import DENIED_CODES, MISSING_CODES, bounded_s3_client, error_code
 
 logger = logging.getLogger(__name__)
 
 # The hash the converter writes and the loader checks on every downloaded shard (fast, in MDS).
 SHARD_HASH = "xxh64"
-_DENIED_CODES = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
-_MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _BACKOFF_S = 1.0
 
 
@@ -61,24 +60,6 @@ def default_cache_dir(remote_root: str) -> Path:
     return Path(tempfile.gettempdir()) / "dune_scale_cache" / digest
 
 
-def configure_s3_endpoint(url: str | None) -> None:
-    """Point Streaming's S3 clients (they read ``S3_ENDPOINT_URL``) at an S3-compatible store.
-
-    Set in the environment so DataLoader workers, which build their own clients, inherit it.
-    """
-    if url:
-        os.environ["S3_ENDPOINT_URL"] = url
-
-
-def _error_code(err: BaseException) -> str | None:
-    """The storage error code of a botocore ClientError or a google-api-core HTTP error."""
-    response = getattr(err, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code"))
-    code = getattr(err, "code", None)
-    return str(code) if code is not None else None
-
-
 def _access_denied(url: str, err: BaseException) -> StorageAccessError:
     return StorageAccessError(
         f"access denied / bad credentials reading {url}: the object store answered 403 ({err}). "
@@ -90,8 +71,8 @@ def _access_denied(url: str, err: BaseException) -> StorageAccessError:
 
 def storage_error(url: str, err: Exception) -> Exception:
     """A 403 as :class:`StorageAccessError`; other storage-client errors as plain, picklable ones."""
-    code = _error_code(err)
-    if code in _DENIED_CODES:
+    code = error_code(err)
+    if code in DENIED_CODES:
         return _access_denied(url, err)
     if code is not None and type(err).__module__.startswith(("botocore", "google")):
         return RuntimeError(f"{url}: {type(err).__name__}: {err}")
@@ -110,11 +91,11 @@ class RemoteStream(Stream):
                 self._downloader.download(remote, local, self.download_timeout)
                 return local
             except Exception as err:
-                code = _error_code(err)
-                if code in _DENIED_CODES:
+                code = error_code(err)
+                if code in DENIED_CODES:
                     raise _access_denied(remote, err) from None
                 failures += 1
-                if code in _MISSING_CODES or failures > self.download_retry:
+                if code in MISSING_CODES or failures > self.download_retry:
                     raise
                 self._downloader.clean_up()  # a fresh connection for the next attempt
                 delay = _BACKOFF_S * 2 ** (failures - 1) * (1 + random.random() / 2)
@@ -177,10 +158,10 @@ def check_access(remote_root: str, names: Sequence[str], timeout: float = 60.0, 
                     f"{timeout:g} s (endpoint {endpoint or 'AWS'}): {err}"
                 ) from None
             except ClientError as err:
-                code = _error_code(err)
-                if code in _DENIED_CODES:
+                code = error_code(err)
+                if code in DENIED_CODES:
                     raise _access_denied(url, err) from None
-                if code in _MISSING_CODES:
+                if code in MISSING_CODES:
                     raise MissingDataError(
                         f"dataset {name}: no MDS index at {url} (data.remote_root must hold one MDS "
                         f"folder per dataset, named after it{_split_layout(split)})"
@@ -190,16 +171,6 @@ def check_access(remote_root: str, names: Sequence[str], timeout: float = 60.0, 
                 raise DataError(f"dataset {name}: {url}: {err}") from None
     finally:
         client.close()
-
-
-def bounded_s3_client(timeout: float, attempts: int = 1) -> Any:
-    """An S3 client (``S3_ENDPOINT_URL`` honoured) whose every request gives up after ``timeout``
-    seconds without an answer, ``attempts`` times at most (botocore's defaults: 60 s, 5 attempts)."""
-    from boto3.session import Session
-    from botocore.config import Config
-
-    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": attempts})
-    return Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"), config=config)
 
 
 def check_bucket(url: str, timeout: float) -> None:

@@ -13,7 +13,7 @@ layout mirrors the local one: ``<prefix>/step_N/<files>``, ``<prefix>/step_N/COM
   on the training node is what is resumed from). A folder that does not is named and skipped.
 * Credentials, endpoint (``data.s3_endpoint_url``), the per-request timeout
   (``data.download_timeout``) and retries of transient failures (``data.download_retry``) are the
-  data section's: the client comes from :func:`dune_scale.data.remote.bounded_s3_client`, so a dead
+  data section's: the client comes from :func:`dune_scale.object_store.bounded_s3_client`, so a dead
   store fails a request after the timeout, never hangs the run.
 """
 
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from dune_scale.config import CheckpointConfig, DataConfig
-from dune_scale.data.remote import _DENIED_CODES, _MISSING_CODES, _error_code, bounded_s3_client, configure_s3_endpoint
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, CheckpointError
+from dune_scale.object_store import DENIED_CODES, MISSING_CODES, bounded_s3_client, configure_s3_endpoint, error_code
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ class RemoteCheckpoints:
             endpoint = os.environ.get("S3_ENDPOINT_URL") or "AWS"
             cause = (f"no answer from the object store (endpoint {endpoint}) within data.download_timeout="
                      f"{self.timeout:g} s, {self.attempts} attempt(s): {err}")
-        elif _error_code(err) in _MISSING_CODES and not key:
+        elif error_code(err) in MISSING_CODES and not key:
             cause = "no such bucket"
-        elif _error_code(err) in _DENIED_CODES:
+        elif error_code(err) in DENIED_CODES:
             cause = f"access denied / bad credentials ({err}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
         else:
             cause = f"{type(err).__name__}: {err}"
@@ -122,7 +122,7 @@ class RemoteCheckpoints:
         try:
             return client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except Exception as err:
-            if _error_code(err) in _MISSING_CODES:
+            if error_code(err) in MISSING_CODES:
                 return None
             raise self._failed("reading", key, err) from None
 
@@ -256,7 +256,7 @@ class RemoteCheckpoints:
                     digest.update(chunk)
                     out.write(chunk)
         except Exception as err:
-            if _error_code(err) in _MISSING_CODES:
+            if error_code(err) in MISSING_CODES:
                 return "missing in the store"
             raise self._failed("downloading", key, err) from None
         size = path.stat().st_size
