@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 
 .PHONY: setup demo test lint gpu-check clean
 
@@ -28,7 +29,7 @@ test: lint
 # GPU acceptance on a machine with one GPU and the project's requirements (no venv, no DeepSpeed or
 # Streaming needed): gpu tests, loss-kernel and step benchmarks → runs/gpu-check/gpu_check.{json,md}.
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(PYTHON) launch/gpu_check.py
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) launch/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -179,11 +181,11 @@ def test_reference_step_side_by_side(tmp_path: Path) -> None:
 
     row = {"tokens": 577, "impl": "triton", "ms": 0.5, "host_ms": 0.45, "graph_ms": None, "effective_GBps": 1500.0,
            "pct_copy_bw": 35.0, "speedup_vs_eager": 17.0, "peak_extra_MiB": 10.0}
-    loss = {"batch": 128, "dim": 1024, "dtype": "bf16", "copy_GBps": 4200.0, "results": [row, {**row, "graph_ms": 0.25}]}
+    loss = {"batch": 128, "dim": 1024, "dtype": "bf16", "copy_GBps": 4200.0, "results": [row, {**row, "graph_ms": 0.25, "graph_pct_copy_bw": 70.0}]}
     assert "| 577 | triton | 0.500 | 0.450 | — |" in loss_markdown(loss["results"], 4200.0)
-    parts = [{"name": n, "returncode": 0, "seconds": 1.0, "result": r} for n, r in (("gpu tests", {}), ("loss kernel", loss), ("step", report))]
+    parts = [{"key": k, "name": k, "returncode": 0, "seconds": 1.0, "result": r} for k, r in (("tests", {}), ("loss", loss), ("step", report))]
     table = markdown({"date": "d", "device": "cpu", "torch": torch.__version__, "parts": parts})
-    assert "| 577 | triton | 0.500 | 0.450 | 0.250 | 35.0 | 17.00 |" in table
+    assert "| 577 | triton | 0.500 | 0.450 | 0.250 | 35.0 | 70.0 | 17.00 |" in table
     base_ratio = report["results"][0]["ratio_to_reference"]["seed"]
     assert "÷ ref seed" in table and f"| base | {report['results'][0]['img_per_s_per_rank']:.1f} |" in table
     assert f"{base_ratio:.3f}" in table and "| reference bf16teach |" in table
@@ -203,10 +205,45 @@ def test_gpu_check_parts_are_valid_commands_within_8_minutes(tmp_path: Path) -> 
     from dune_scale.cli.bench_loss import parse_args as parse_loss_args
 
     tests, loss, step = gpu_check.build_parts(gpu_check.parse_args(["--out", str(tmp_path)]))
-    assert tests.command[-2].endswith("tests/test_gpu.py") and "gpu" in tests.command
+    assert tests.command[-1].endswith("tests/test_gpu.py") and "gpu" in tests.command and tests.result_file == "tests.jsonl"
     assert loss.command[1].endswith("launch/bench_loss.py")
     assert parse_loss_args(loss.command[2:]).out == tmp_path / "loss.json"
     bench = parse_args(step.command[2:])
     assert bench.reference and bench.reference_variants == ("seed",) and bench.json == tmp_path / "bench.json"
     assert bench.variants == list(gpu_check.DEFAULT_VARIANTS)
     assert sum(part.timeout_s for part in (tests, loss, step)) < 8 * 60
+    (only_step,) = gpu_check.build_parts(gpu_check.parse_args(["--out", str(tmp_path), "--parts", "step"]))
+    assert only_step.command == step.command
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--parts", "step,everything"])
+
+
+def test_gpu_check_path_needs_no_deepspeed_streaming_wandb_or_torchao(tmp_path: Path) -> None:
+    """The GPU machine has none of them: the gpu tests collect, the step bench and its reference run,
+    and a bf16 run checkpoints and resumes with every one of them failing to import."""
+    worker = REPO / "tests" / "workers" / "without_optional_packages.py"
+    done = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ran without the optional packages" in done.stdout
+
+
+def test_gpu_check_keeps_finished_tests_of_a_part_stopped_at_its_limit(tmp_path: Path) -> None:
+    """A test part that runs out of time still reports every test it finished, with the failure's
+    message, and its log tail is text."""
+    from dune_scale.cli import gpu_check
+
+    (tmp_path / "test_part.py").write_text(
+        "import time\n\ndef test_fails():\n    assert 1 + 1 == 3, 'arithmetic broke'\n\n"
+        "def test_passes():\n    pass\n\ndef test_hangs():\n    time.sleep(600)\n"
+    )
+    report = tmp_path / "tests.jsonl"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", str(tmp_path / "test_part.py")]
+    part = gpu_check.Part("tests", "gpu tests", command, 12, report.name)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "DUNE_TEST_REPORT": str(report)}
+    gpu_check.run_part(part, env)
+    outcomes = gpu_check.test_outcomes(report)["tests"]
+    assert part.returncode == 124 and "[timed out after 12 s]" in part.log_tail and "b'" not in part.log_tail
+    assert [(t["test"], t["outcome"]) for t in outcomes] == [("test_fails", "failed"), ("test_passes", "passed")]
+    assert "arithmetic broke" in outcomes[0]["message"]
+    table = gpu_check.markdown({"date": "d", "device": "cpu", "torch": "t", "parts": [{**vars(part), "result": {"tests": outcomes}}]})
+    assert "| test_fails | failed |" in table and "arithmetic broke" in table

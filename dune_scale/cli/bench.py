@@ -37,7 +37,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,7 @@ class VariantResult:
     # Several students on one teacher pass: per student (see ``_per_student``); the img/s above are
     # the images every student trained on per second.
     students: dict[str, dict[str, float]] = field(default_factory=dict)
+    wall_s: float = 0.0  # this row's wall time: building, compiling, warm-up and measured steps
 
 
 def device_name(device: torch.device) -> str:
@@ -338,6 +339,7 @@ def run_variant(
     """One row of the comparison: a failure (bad override, unsupported here, out of memory) becomes
     a failed result with its message, and the next variant still runs."""
     result = VariantResult(name=name, overrides=list(variant), world_size=dist.world_size)
+    started = time.perf_counter()
     try:
         overrides = [*base_overrides, *variant]
         cfg = load_config(config_path, overrides)
@@ -353,6 +355,7 @@ def run_variant(
         result.status, result.error = "failed", f"{type(err).__name__}: {err}"
     finally:
         _release_memory(dist.device)
+        result.wall_s = time.perf_counter() - started
     return result
 
 
@@ -389,18 +392,18 @@ def run_reference(
 
 
 def run_benchmark(
-    config_path: str, base_overrides: Sequence[str], variants: Sequence[str], options: BenchOptions, dist: DistInfo
+    config_path: str,
+    base_overrides: Sequence[str],
+    variants: Sequence[str],
+    options: BenchOptions,
+    dist: DistInfo,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The base configuration, then each variant (a string of extra ``key=value`` overrides), in turn,
-    on the process group ``dist`` describes, then the reference if asked for; returns the JSON report."""
-    rows = [("base", [])] + [(text, shlex.split(text)) for text in variants]
-    results = [run_variant(config_path, base_overrides, extra, options, name, dist) for name, extra in rows]
-    reference = run_reference(config_path, base_overrides, options, dist.device) if options.reference else None
-    if reference is not None:
-        done = [ReferenceResult(**r) for r in reference["results"]]
-        for result in results:
-            result.ratio_to_reference = ratios(result.img_per_s_per_rank, done)
-    return {
+    """The reference first if asked for, then the base configuration and each variant (a string of
+    extra ``key=value`` overrides) in turn, on the process group ``dist`` describes; returns the JSON
+    report. ``progress`` receives the report after each row, so a run cut short (a time limit, a
+    hang in a later variant) keeps what it measured."""
+    report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(dist.device),
         "world_size": dist.world_size,
@@ -409,9 +412,21 @@ def run_benchmark(
         "overrides": list(base_overrides),
         "data": "loader" if options.real_data else "synthetic",
         "options": dataclasses.asdict(options),
-        "results": [dataclasses.asdict(r) for r in results],
-        "reference": reference,
+        "results": [],
+        "reference": None,
     }
+    report_progress = progress or (lambda _: None)
+    if options.reference:
+        report["reference"] = run_reference(config_path, base_overrides, options, dist.device)
+        report_progress(report)
+    done = [ReferenceResult(**r) for r in (report["reference"] or {"results": []})["results"]]
+    for name, extra in [("base", [])] + [(text, shlex.split(text)) for text in variants]:
+        result = run_variant(config_path, base_overrides, extra, options, name, dist)
+        if done:
+            result.ratio_to_reference = ratios(result.img_per_s_per_rank, done)
+        report["results"].append(dataclasses.asdict(result))
+        report_progress(report)
+    return report
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -593,14 +608,18 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    path = args.json or Path(base.run.output_dir) / "bench.json"
+
+    def write(report: dict[str, Any]) -> None:
+        if dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2) + "\n")
+
     try:
-        report = run_benchmark(args.config, args.overrides, args.variants, options, dist)
+        report = run_benchmark(args.config, args.overrides, args.variants, options, dist, write)
     finally:
         distributed.shutdown()
     if dist.is_main:
-        path = args.json or Path(base.run.output_dir) / "bench.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
         console = Console(width=None if sys.stdout.isatty() else 160)
         render(report, console)
         console.print(f"report: {path}", highlight=False)
