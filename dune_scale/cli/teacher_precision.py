@@ -4,7 +4,8 @@
 [--batch 2] [--json PATH]``: builds each teacher at full size with random weights of trained
 magnitudes (``teachers.fidelity.make_trained_like``), runs it in fp32 and in each precision mode
 (``fp32_residual``: the default and the official code's; ``bf16``: whole teacher in bf16; ``fp8``
-where the GPU and torchao allow it) and prints the cosine and max error of cls/patch features.
+where the GPU and torchao allow it) and prints the cosine and max error of cls/patch features;
+FP8 also against the same teacher with bf16 GEMMs (``fp8 vs bf16``: what FP8 alone changes).
 A few seconds per mode on a GPU, about a minute for all three teachers on a CPU.
 """
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         make_trained_like(teacher, generator)
         start = time.perf_counter()
         errors = precision_errors(teacher.to(device), images, modes)
+        if "fp8" in modes:  # what FP8 alone changes: against the same teacher with bf16 GEMMs
+            errors["fp8 vs bf16"] = precision_errors(teacher, images, {"fp8": FP8_MODE}, PRECISION_MODES["fp32_residual"])["fp8"]
         report["teachers"][name] = {"image_size": side, "seconds": time.perf_counter() - start, "modes": errors}
         for mode, tokens in errors.items():
             for token, e in tokens.items():

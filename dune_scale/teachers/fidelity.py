@@ -66,24 +66,32 @@ def feature_errors(reference: torch.Tensor, other: torch.Tensor) -> dict[str, fl
     }
 
 
-def precision_errors(
-    teacher: nn.Module, images: torch.Tensor, modes: dict[str, TeacherPrecision]
-) -> dict[str, dict[str, dict[str, float]]]:
-    """``{mode: {cls|patch: feature_errors}}`` of each mode against ``teacher`` run in fp32 (no
-    autocast), through the ensemble code path training uses (images at the teacher's own patch size)."""
+FP32_MODE = TeacherPrecision(param_dtype=torch.float32, compute_dtype=torch.float32)
+
+
+def mode_features(teacher: nn.Module, images: torch.Tensor, precision: TeacherPrecision) -> dict[str, torch.Tensor]:
+    """cls and patch features of a copy of ``teacher`` run in ``precision``, through the ensemble
+    code path training uses (images at the teacher's own patch size)."""
     from dune_scale.teachers.precision import quantize_linears_fp8
 
-    name, patch = "teacher", teacher.patch_size
-    tokens = {name: ("cls", "patch")}
-    reference = TeacherEnsemble({name: copy.deepcopy(teacher)}, tokens, patch, torch.float32)(images)[name]
+    name = "teacher"
+    ensemble = TeacherEnsemble(
+        {name: copy.deepcopy(teacher)}, {name: ("cls", "patch")}, teacher.patch_size, precision.compute_dtype,
+        precision.param_dtype,
+    )
+    if precision.fp8:
+        quantize_linears_fp8(ensemble.teachers[name])
+    return ensemble(images)[name]
+
+
+def precision_errors(
+    teacher: nn.Module, images: torch.Tensor, modes: dict[str, TeacherPrecision], reference: TeacherPrecision = FP32_MODE
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{mode: {cls|patch: feature_errors}}`` of each mode against ``teacher`` run in ``reference``
+    (default fp32, no autocast; bf16 GEMMs for what FP8 alone changes)."""
+    expected = mode_features(teacher, images, reference)
     results = {}
     for mode, precision in modes.items():
-        ensemble = TeacherEnsemble(
-            {name: copy.deepcopy(teacher)}, tokens, patch, precision.compute_dtype, precision.param_dtype
-        )
-        if precision.fp8:
-            quantize_linears_fp8(ensemble.teachers[name])
-        features = ensemble(images)[name]
-        results[mode] = {token: feature_errors(reference[token], features[token]) for token in ("cls", "patch")}
-        del ensemble
+        features = mode_features(teacher, images, precision)
+        results[mode] = {token: feature_errors(expected[token], features[token]) for token in ("cls", "patch")}
     return results
