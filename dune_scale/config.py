@@ -106,9 +106,10 @@ class TeachersConfig:
     # Everything but the GEMMs: fp32 = the official code (fp32 weights under autocast: norms, layer
     # scales, positional embeddings and the residual stream in fp32); bf16 = whole teachers in bf16.
     residual: str = _choice("fp32", "fp32", "bf16")
-    # Compile each teacher block (unset: on CUDA, where it pays; off on CPU); cuda_graphs replays
-    # the compiled blocks as CUDA graphs (needs compile).
+    # Compile each teacher block (unset: on CUDA, where it pays; off on CPU).
     compile: bool | None = None
+    # Refused (kept so that earlier runs' config.yaml still load): replaying the compiled blocks as
+    # CUDA graphs failed on the GPU and saves nothing there (BENCHMARKS.md).
     cuda_graphs: bool = False
     # Where each frozen teacher is FSDP2-sharded: not at all (a full copy per rank), over all ranks,
     # or within each node and replicated across nodes (weight all-gathers stay on the node's links).
@@ -610,8 +611,10 @@ def _check_speed_switches(config: Config) -> None:
     t = config.teachers
     if t.residual == "bf16" and t.dtype == "fp32":
         _fail("teachers.residual", t.residual, "with teachers.dtype=fp32 everything is fp32; use residual=fp32 or dtype=bf16")
-    if t.cuda_graphs and t.compile is False:
-        _fail("teachers.cuda_graphs", t.cuda_graphs, "CUDA graphs replay compiled blocks: leave teachers.compile unset or true")
+    if t.cuda_graphs:
+        _fail("teachers.cuda_graphs", t.cuda_graphs, "CUDA-graph teachers failed their GPU test on an H200 (BENCHMARKS.md, "
+              "gpu-check 2026-11-28) and would save little: a teacher's kernels take milliseconds, their launches "
+              "microseconds; leave it false")
     if config.train.compile_scope == "model" and config.strategy.name == "fsdp":
         _fail("train.compile_scope", "model", "FSDP2 shards each block, so blocks are compiled one by one: use compile_scope=blocks")
 

@@ -213,7 +213,7 @@ def build_trainer(
     mesh = teacher_mesh(cfg.teachers.shard, dist) if cfg.teachers.shard != "none" else None
     for teacher in teachers.teachers.values():
         if compile_teachers:
-            compile_frozen_blocks(teacher.blocks, cfg.teachers.cuda_graphs)
+            compile_frozen_blocks(teacher.blocks)
         if mesh is not None:
             shard_frozen_module(teacher, teacher.blocks, precision.param_dtype, mesh)
     output_dir = Path(cfg.run.output_dir)

@@ -67,10 +67,8 @@ def quantize_linears_fp8(teacher: nn.Module) -> None:
     quantize_(teacher, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
 
 
-def compile_frozen_blocks(blocks: nn.ModuleList, cuda_graphs: bool) -> None:
+def compile_frozen_blocks(blocks: nn.ModuleList) -> None:
     """Compile each block in place (static shapes: a frozen teacher at a fixed resolution). Token
-    preparation stays eager, where the per-grid caches live; identical blocks share one graph.
-    ``cuda_graphs`` replays each block as a CUDA graph (``reduce-overhead``)."""
-    mode = "reduce-overhead" if cuda_graphs else None
+    preparation stays eager, where the per-grid caches live; identical blocks share one graph."""
     for block in blocks:
-        block.compile(mode=mode, dynamic=False)
+        block.compile(dynamic=False)
