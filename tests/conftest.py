@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-# Data-side fixtures (S3 server, per-test TMPDIR) live beside this file; loaded for every test module.
-pytest_plugins = ("conftest_data",)
+# Data-side fixtures (S3 server, per-test TMPDIR) and the per-test outcome log (make gpu-check) live
+# beside this file; loaded for every test module.
+pytest_plugins = ("conftest_data", "outcome_log")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CPU = REPO / "configs" / "tiny_cpu.yaml"
@@ -21,26 +22,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Triton kernels run on CPU tensors in the interpreter; it must be set before anything imports triton
 # (Streaming does, through torch), so the kernel tests run in this process.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """With ``DUNE_TEST_REPORT=path``, each test's outcome (and a failure's message) is appended to
-    that JSON-lines file as it finishes: ``make gpu-check`` stops its test part at a time limit, and
-    pytest's own summary and JUnit file are written only at the very end."""
-    path = os.environ.get("DUNE_TEST_REPORT")
-    if not path or not (report.when == "call" or report.failed or report.skipped):
-        return
-    import json
-
-    record = {"test": report.nodeid.split("::", 1)[-1], "outcome": report.outcome, "seconds": report.duration}
-    if report.failed:
-        crash = getattr(report.longrepr, "reprcrash", None)  # the exception line, e.g. "AssertionError: …"
-        record["message"] = crash.message if crash is not None else str(report.longrepr).splitlines()[-1]
-        record["details"] = str(report.longrepr)[-3000:]
-    elif report.skipped and isinstance(report.longrepr, tuple):
-        record["message"] = report.longrepr[-1]
-    with open(path, "a") as log:
-        log.write(json.dumps(record) + "\n")
 
 
 @pytest.fixture(scope="session", autouse=True)
