@@ -40,7 +40,7 @@ def group_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Pa
     calls = []
     original = TeacherEnsemble.forward
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(TeacherEnsemble, "forward", lambda self, images: calls.append(len(images)) or original(self, images))
+        patch.setattr(TeacherEnsemble, "forward", lambda self, images, *rest: calls.append(len(images)) or original(self, images, *rest))
         _train(out, demo_shards, GROUP, "train.max_steps=6")
     # Steps 4-6, then validation (one batch of each of the 3 datasets): one teacher forward per batch
     # for both students.

@@ -132,8 +132,8 @@ def _poison_teacher(monkeypatch: pytest.MonkeyPatch, teacher: str, bad_calls: se
 
     original, calls = TeacherEnsemble.forward, [0]
 
-    def forward(self, images):
-        outputs = original(self, images)
+    def forward(self, images, *rest):
+        outputs = original(self, images, *rest)
         calls[0] += 1
         if calls[0] in bad_calls:
             outputs[teacher]["patch"] = torch.full_like(outputs[teacher]["patch"], float("nan"))

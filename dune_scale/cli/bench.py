@@ -7,8 +7,8 @@ of training. Inputs are synthetic batches made once on the device (no I/O: the s
 
 Timing. Warm-up steps (compilation, allocator growth, autotuning) run first and are discarded.
 Inside the measured steps nothing waits for the device beyond what training itself does: step
-boundaries and the trainer's phases (data, teacher_forward, student_forward, loss, backward,
-optimizer) are CUDA events, read once after the last step (on CPU, where work is synchronous, the
+boundaries and the trainer's phases (data, teacher_forward with one detail per teacher,
+student_forward, loss, backward, optimizer) are CUDA events, read once after the last step (on CPU, where work is synchronous, the
 wall clock). Phases are the device time between a phase's start and end, so a host stall (e.g.
 waiting for the loader) shows up in the phase during which the device sat idle. Communication is
 not a phase of its own: FSDP/ZeRO collectives overlap backward and the optimizer step and are
@@ -37,7 +37,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,7 +283,8 @@ def _time_steps(
     achieved = flops.total * per_rank / 1e12
     peak = options.peak_tflops if options.peak_tflops is not None else table_peak_tflops(device_name(device))
     breakdown = dict(zip(names, phase_seconds))
-    breakdown["other"] = mean_step - sum(phase_seconds)  # host work between phases, launch gaps
+    # Host work between phases, launch gaps; a phase's details ("teacher_forward/<teacher>") are inside it.
+    breakdown["other"] = mean_step - sum(s for n, s in breakdown.items() if not is_detail(n, breakdown))
     result.step_time_s = mean_step
     result.step_time_median_s = statistics.median(step_times)
     result.step_time_min_s = min(step_times)
@@ -305,6 +306,11 @@ def _time_steps(
     result.final_loss = final_loss
     if len(trainer.students) > 1:
         result.students = _per_student(trainer, breakdown, mean_step, result.global_batch_size / dist.world_size, metrics)
+
+
+def is_detail(phase: str, phases: Iterable[str]) -> bool:
+    """``parent/part`` of a phase ``parent`` that is timed too: time already counted in the parent."""
+    return "/" in phase and phase.rsplit("/", 1)[0] in phases
 
 
 def _per_student(
@@ -467,12 +473,12 @@ def render(report: dict[str, Any], console: Console) -> None:
         phases.add_column("phase")
         for r in ok:
             phases.add_column(r["name"], justify="right")
-        for name in dict.fromkeys(p for r in ok for p in r["phases"]):
+        for name, label in _phase_rows(dict.fromkeys(p for r in ok for p in r["phases"])):
             cells = []
             for r in ok:
                 p = r["phases"].get(name)
                 cells.append("—" if p is None else f"{1e3 * p['seconds']:.1f} ({p['percent']:.0f}%)")
-            phases.add_row(name, *cells)
+            phases.add_row(label, *cells)
         console.print(phases)
         flops = ok[0]["flops_per_image"]
         console.print(
@@ -495,6 +501,16 @@ def render(report: dict[str, Any], console: Console) -> None:
                 f"{1e3 * r['step_time_max_s']:.1f} ms): something else used the device or host, or warm-up was too short",
                 highlight=False,
             )
+
+
+def _phase_rows(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(phase, label) in display order: each phase followed by its details, indented."""
+    names = list(names)
+    rows = []
+    for name in (n for n in names if not is_detail(n, names)):
+        rows.append((name, name))
+        rows += [(d, f"  {d.rsplit('/', 1)[1]}") for d in names if is_detail(d, names) and d.rsplit("/", 1)[0] == name]
+    return rows
 
 
 def _render_students(result: dict[str, Any], console: Console) -> None:

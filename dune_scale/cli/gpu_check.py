@@ -125,6 +125,20 @@ def _or_dash(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _per_teacher_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Each step variant's time per teacher (the ``teacher_forward/<teacher>`` phases)."""
+    prefix = "teacher_forward/"
+    teachers = list(dict.fromkeys(p[len(prefix):] for r in rows for p in r["phases"] if p.startswith(prefix)))
+    if not teachers:
+        return []
+    lines = ["", "| step | " + " | ".join(f"{t} ms" for t in teachers) + " |", "|---|" + "---:|" * len(teachers)]
+    for r in rows:
+        seconds = [(r["phases"].get(prefix + t) or {}).get("seconds") for t in teachers]
+        cells = [_or_dash(s and 1e3 * s, ".1f") for s in seconds]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"### gpu-check {report['date']} · {report['device']} · torch {report['torch']}", ""]
     lines += ["| part | exit | seconds |", "|---|---:|---:|"]
@@ -162,6 +176,7 @@ def markdown(report: dict[str, Any]) -> str:
             if r["status"] == "ok":
                 lines.append(f"| reference {r['name']} | {r['img_per_s']:.1f} | {1e3 * r['step_time_s']:.0f} | "
                              f"{1e3 * r['teacher_time_s']:.0f} | {r['peak_memory_gib'] or 0:.1f} |" + " |" * len(names))  # fmt: skip
+        lines += _per_teacher_table([r for r in bench["results"] if r["status"] == "ok"])
     return "\n".join(lines) + "\n"
 
 

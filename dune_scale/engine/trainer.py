@@ -269,7 +269,7 @@ class Trainer:
                 ids = [f"{name}/{index}" for name, index in zip(batch["dataset"], batch["index"].tolist())]
                 self.sample_log.write({"step": step + 1, "samples": ids})
             with self.phases.phase("teacher_forward"):
-                done.features.append(self.teachers(images))
+                done.features.append(self.teachers(images, lambda name: self.phases.phase(f"teacher_forward/{name}")))
             done.inputs.append((images, [self.domain_of(name) for name in batch["dataset"]]))
         return done
 

@@ -13,7 +13,7 @@ The ensemble stays a plain module: sharding (FSDP2) is applied to it from outsid
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -83,12 +83,16 @@ class TeacherEnsemble(nn.Module):
         return torch.autocast(device.type, dtype=self.dtype)
 
     @torch.no_grad()  # not inference_mode: the features are loss targets next to tensors with grad
-    def forward(self, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    def forward(
+        self, images: torch.Tensor, timed: Callable[[str], contextlib.AbstractContextManager] | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``timed(name)``: a context around each teacher's work (the benchmark's per-teacher phases)."""
         outputs: dict[str, dict[str, torch.Tensor]] = {}
         for name, teacher in self.teachers.items():
-            aligned = align_images(images, teacher.patch_size, self.student_patch_size)
-            with self._precision(images.device):
-                features = teacher(aligned)  # forward(), where FSDP hooks sit
+            with timed(name) if timed is not None else contextlib.nullcontext():
+                aligned = align_images(images, teacher.patch_size, self.student_patch_size)
+                with self._precision(images.device):
+                    features = teacher(aligned)  # forward(), where FSDP hooks sit
             outputs[name] = {token: features[token] for token in self.tokens[name]}
         return outputs
 
