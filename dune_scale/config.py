@@ -109,7 +109,7 @@ class TeachersConfig:
     # Compile each teacher block (unset: on CUDA, where it pays; off on CPU).
     compile: bool | None = None
     # Refused (kept so that earlier runs' config.yaml still load): replaying the compiled blocks as
-    # CUDA graphs failed on the GPU and saves nothing there (BENCHMARKS.md).
+    # CUDA graphs failed on the GPU and would save little there (BENCHMARKS.md).
     cuda_graphs: bool = False
     # Where each frozen teacher is FSDP2-sharded: not at all (a full copy per rank), over all ranks,
     # or within each node and replicated across nodes (weight all-gathers stay on the node's links).

@@ -8,9 +8,10 @@ of training. Inputs are synthetic batches made once on the device (no I/O: the s
 Timing. Warm-up steps (compilation, allocator growth, autotuning) run first and are discarded.
 Inside the measured steps nothing waits for the device beyond what training itself does: step
 boundaries and the trainer's phases (data, teacher_forward with one detail per teacher,
-student_forward, loss, backward, optimizer) are CUDA events, read once after the last step (on CPU, where work is synchronous, the
-wall clock). Phases are the device time between a phase's start and end, so a host stall (e.g.
-waiting for the loader) shows up in the phase during which the device sat idle. Communication is
+student_forward, loss, backward, optimizer) are CUDA events, read once after the last step (on
+CPU, where work is synchronous, the wall clock). Phases are the device time between a phase's
+start and end, so a host stall (e.g. waiting for the loader) shows up in the phase during which
+the device sat idle. Communication is
 not a phase of its own: FSDP/ZeRO collectives overlap backward and the optimizer step and are
 counted there.
 
