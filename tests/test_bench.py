@@ -253,3 +253,11 @@ def test_gpu_check_keeps_finished_tests_of_a_part_stopped_at_its_limit(tmp_path:
     assert "arithmetic broke" in outcomes[0]["message"]
     table = gpu_check.markdown({"date": "d", "device": "cpu", "torch": "t", "parts": [{**vars(part), "result": {"tests": outcomes}}]})
     assert "| test_fails | failed |" in table and "arithmetic broke" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is visible")
+def test_gpu_check_without_a_gpu_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dune_scale.cli import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2
+    assert "no CUDA GPU visible" in capsys.readouterr().err and not (tmp_path / "out").exists()
