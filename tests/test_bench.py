@@ -247,7 +247,7 @@ def test_gpu_check_keeps_finished_tests_of_a_part_stopped_at_its_limit(tmp_path:
     part = gpu_check.Part("tests", "gpu tests", command, 5, report.name)
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "DUNE_TEST_REPORT": str(report)}
     gpu_check.run_part(part, env)
-    outcomes = gpu_check.test_outcomes(report)["tests"]
+    outcomes = gpu_check.finished_tests(report)["tests"]
     assert part.returncode == 124 and "[timed out after 5 s]" in part.log_tail and "b'" not in part.log_tail
     assert [(t["test"], t["outcome"]) for t in outcomes] == [("test_fails", "failed"), ("test_passes", "passed")]
     assert "arithmetic broke" in outcomes[0]["message"]

@@ -439,7 +439,8 @@ def run_benchmark(
 # --------------------------------------------------------------------------------------------- output
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def or_dash(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or a dash where there is none (tables of bench and gpu-check)."""
     return "—" if value is None else format(value, spec)
 
 
@@ -457,14 +458,14 @@ def render(report: dict[str, Any], console: Console) -> None:
             continue
         table.add_row(
             r["name"],
-            _fmt(r["img_per_s_per_rank"], ".1f"),
-            _fmt(r["img_per_s_global"], ".1f"),
-            _fmt(r["step_time_s"] * 1e3, ".1f"),
-            _fmt(r["step_time_median_s"] * 1e3, ".1f"),
-            _fmt(r["achieved_tflops_per_rank"], ".4g"),
+            or_dash(r["img_per_s_per_rank"], ".1f"),
+            or_dash(r["img_per_s_global"], ".1f"),
+            or_dash(r["step_time_s"] * 1e3, ".1f"),
+            or_dash(r["step_time_median_s"] * 1e3, ".1f"),
+            or_dash(r["achieved_tflops_per_rank"], ".4g"),
             "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-            _fmt(max(r["peak_memory_gib"]), ".2f"),
-            _fmt(r["final_loss"], ".4f"),
+            or_dash(max(r["peak_memory_gib"]), ".2f"),
+            or_dash(r["final_loss"], ".4f"),
         )
     console.print(table)
 
@@ -484,7 +485,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         flops = ok[0]["flops_per_image"]
         console.print(
             f"model FLOPs/image {flops['total'] / 1e9:.4g} GFLOP (teachers' forward {100 * flops['teachers_share']:.0f}%); "
-            f"peak {_fmt(ok[0]['peak_tflops'], '.0f')} TFLOP/s bf16 dense; "
+            f"peak {or_dash(ok[0]['peak_tflops'], '.0f')} TFLOP/s bf16 dense; "
             f"{ok[0]['steps']} steps after {ok[0]['warmup_steps']} warm-up",
             highlight=False,
         )
@@ -520,8 +521,8 @@ def _render_students(result: dict[str, Any], console: Console) -> None:
     for column in ("student", "own ms", "alone ms (est.)", "img/s/rank alone (est.)", "loss"):
         table.add_column(column, justify="left" if column == "student" else "right")
     for name, s in result["students"].items():
-        table.add_row(name, _fmt(1e3 * s["own_seconds"], ".1f"), _fmt(1e3 * s["alone_step_time_s"], ".1f"),
-                      _fmt(s["img_per_s_per_rank_alone"], ".1f"), _fmt(s["final_loss"], ".4f"))
+        table.add_row(name, or_dash(1e3 * s["own_seconds"], ".1f"), or_dash(1e3 * s["alone_step_time_s"], ".1f"),
+                      or_dash(s["img_per_s_per_rank_alone"], ".1f"), or_dash(s["final_loss"], ".4f"))
     console.print(table)
     separate = sum(s["alone_step_time_s"] for s in result["students"].values())
     console.print(
@@ -540,8 +541,8 @@ def _render_reference(reference: dict[str, Any], results: list[dict[str, Any]], 
             table.add_row(r["name"], "[red]failed[/red]", "", "", "")
             continue
         table.add_row(
-            r["name"], _fmt(r["img_per_s"], ".1f"), _fmt(r["step_time_s"] * 1e3, ".1f"),
-            _fmt(r["teacher_time_s"] * 1e3, ".1f"), _fmt(r["peak_memory_gib"], ".2f"),
+            r["name"], or_dash(r["img_per_s"], ".1f"), or_dash(r["step_time_s"] * 1e3, ".1f"),
+            or_dash(r["teacher_time_s"] * 1e3, ".1f"), or_dash(r["peak_memory_gib"], ".2f"),
         )
     console.print(table)
     names = [r["name"] for r in reference["results"] if r["status"] == "ok"]
@@ -551,7 +552,7 @@ def _render_reference(reference: dict[str, Any], results: list[dict[str, Any]], 
         for name in names:
             ratio_table.add_column(f"÷ {name}", justify="right")
         for r in results:
-            ratio_table.add_row(r["name"], *(_fmt(r["ratio_to_reference"].get(n), ".3f") + "×" for n in names))
+            ratio_table.add_row(r["name"], *(or_dash(r["ratio_to_reference"].get(n), ".3f") + "×" for n in names))
         console.print(ratio_table)
     for r in reference["results"]:
         if r["status"] != "ok":

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from dune_scale.cli.bench import or_dash
+
 REPO = Path(__file__).resolve().parents[2]
 # Variants of the step benchmark besides the base configuration (teachers compiled, fp32 residual).
 # Eager teachers (the ≥ 1.1× target) and the fastest bf16 settings: with the base and the reference,
@@ -108,7 +110,7 @@ def run_part(part: Part, env: dict[str, str]) -> None:
     print(f"{part.name}: exit {part.returncode} in {part.seconds:.0f} s", flush=True)
 
 
-def test_outcomes(path: Path) -> dict[str, Any]:
+def finished_tests(path: Path) -> dict[str, Any]:
     """Each finished test's outcome, as tests/outcome_log.py appends them (``DUNE_TEST_REPORT``): a
     part stopped at its time limit keeps the tests it finished, failure messages included."""
     if not path.is_file():
@@ -122,10 +124,6 @@ def _first_line(message: str | None) -> str:
     return lines[0].replace("|", "/")[:160] if lines else ""
 
 
-def _or_dash(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _per_teacher_table(rows: list[dict[str, Any]]) -> list[str]:
     """Each step variant's time per teacher (the ``teacher_forward/<teacher>`` phases)."""
     prefix = "teacher_forward/"
@@ -135,7 +133,7 @@ def _per_teacher_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "| step | " + " | ".join(f"{t} ms" for t in teachers) + " |", "|---|" + "---:|" * len(teachers)]
     for r in rows:
         seconds = [(r["phases"].get(prefix + t) or {}).get("seconds") for t in teachers]
-        cells = [_or_dash(s and 1e3 * s, ".1f") for s in seconds]
+        cells = [or_dash(s and 1e3 * s, ".1f") for s in seconds]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -155,8 +153,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "| tokens | impl | ms | host ms | CUDA-graph ms | % of copy | graph % of copy | × eager |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         lines += [
-            f"| {r['tokens']} | {r['impl']} | {r['ms']:.3f} | {r['host_ms']:.3f} | {_or_dash(r.get('graph_ms'), '.3f')} | "
-            f"{r['pct_copy_bw']:.1f} | {_or_dash(r.get('graph_pct_copy_bw'), '.1f')} | {r['speedup_vs_eager']:.2f} |"
+            f"| {r['tokens']} | {r['impl']} | {r['ms']:.3f} | {r['host_ms']:.3f} | {or_dash(r.get('graph_ms'), '.3f')} | "
+            f"{r['pct_copy_bw']:.1f} | {or_dash(r.get('graph_pct_copy_bw'), '.1f')} | {r['speedup_vs_eager']:.2f} |"
             for r in loss["results"]
         ]
     bench = results.get("step")
@@ -172,7 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
             ratios = " | ".join(f"{r['ratio_to_reference'].get(n, float('nan')):.3f}" for n in names)
             teachers = r["phases"].get("teacher_forward", {}).get("seconds")
             lines.append(f"| {r['name']} | {r['img_per_s_per_rank']:.1f} | {1e3 * r['step_time_s']:.0f} | "
-                         f"{_or_dash(teachers and 1e3 * teachers, '.0f')} | {max(r['peak_memory_gib']):.1f} | {ratios} |")  # fmt: skip
+                         f"{or_dash(teachers and 1e3 * teachers, '.0f')} | {max(r['peak_memory_gib']):.1f} | {ratios} |")  # fmt: skip
         for r in reference:
             if r["status"] == "ok":
                 lines.append(f"| reference {r['name']} | {r['img_per_s']:.1f} | {1e3 * r['step_time_s']:.0f} | "
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / part.result_file
         path.unlink(missing_ok=True)  # never report an earlier call's numbers
         run_part(part, env | ({"DUNE_TEST_REPORT": str(path)} if part.key == "tests" else {}))
-        part.result = test_outcomes(path) if path.suffix == ".jsonl" else (json.loads(path.read_text()) if path.is_file() else {})
+        part.result = finished_tests(path) if path.suffix == ".jsonl" else (json.loads(path.read_text()) if path.is_file() else {})
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
