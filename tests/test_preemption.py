@@ -7,6 +7,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +135,35 @@ def test_repeated_signals_never_lose_the_save_and_exit_with_the_requeue_code(tmp
     assert steps < STEPS
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert latest.name == f"step_{steps:09d}" and is_complete(latest)
+
+
+SIGNAL_AT_SHUTDOWN = """
+import os, signal, sys
+import dune_scale.cli.train as cli
+from dune_scale.engine.preemption import PreemptionWatcher
+
+def stopped_by_a_signal(cfg):
+    watcher = PreemptionWatcher()
+    watcher.install()
+    watcher.mark_saved()
+    watcher.uninstall()
+    return False
+
+class SignalDuringShutdown:
+    def __del__(self, kill=os.kill, pid=os.getpid()):
+        kill(pid, signal.SIGTERM)
+
+cli.train, cli.parse_args = stopped_by_a_signal, lambda argv: None
+at_shutdown = SignalDuringShutdown()
+sys.exit(cli.main([]))
+"""
+
+
+def test_a_signal_during_interpreter_shutdown_keeps_the_requeue_code() -> None:
+    """Python puts the default handlers back when it shuts down: a SIGTERM arriving then (the
+    scheduler repeats its signal) must not turn a saved, preempted run's 75 into a kill."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_AT_SHUTDOWN], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == EXIT_PREEMPTED, result.stderr[-2000:]
 
 
 def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, demo_shards: Path, straight_run: Callable[[str], Path]) -> None:

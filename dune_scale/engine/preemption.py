@@ -4,7 +4,9 @@ The handler only sets a flag. At each step boundary the ranks agree on it (max o
 CPU "gloo" group so the GPU stream is never synchronised), so all ranks stop after the same step
 even when the scheduler signalled only some of them. Further signals never cost the saved state:
 before the stop checkpoint is complete they are noted and the run still saves; once it is complete
-any signal (also during teardown) exits at once with the requeue code.
+any signal (also during teardown) exits at once with the requeue code, and from the end of the
+program on (interpreter shutdown, where Python would put back the default, deadly handler) further
+stop signals are ignored.
 """
 
 from __future__ import annotations
@@ -67,3 +69,11 @@ class PreemptionWatcher:
         if self._group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
+
+
+def ignore_stop_signals() -> None:
+    """For the last moments of a process that saved and is exiting with the requeue code: at
+    interpreter shutdown Python resets its handlers to the default, so a late SIGTERM would turn
+    exit code 75 into a kill (143) and the job would not be requeued. Ignored signals stay ignored."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
