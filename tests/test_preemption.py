@@ -137,13 +137,13 @@ def test_repeated_signals_never_lose_the_save_and_exit_with_the_requeue_code(tmp
     assert latest.name == f"step_{steps:09d}" and is_complete(latest)
 
 
-SIGNAL_AT_SHUTDOWN = """
-import os, signal, sys
+STOPPED_PROGRAM_SHUTS_DOWN = """
+import os, signal, sys, threading
 import dune_scale.cli.train as cli
-from dune_scale.engine.preemption import PreemptionWatcher
+from dune_scale.engine import preemption
 
 def stopped_by_a_signal(cfg):
-    watcher = PreemptionWatcher()
+    watcher = preemption.PreemptionWatcher()
     watcher.install()
     watcher.mark_saved()
     watcher.uninstall()
@@ -154,15 +154,21 @@ class SignalDuringShutdown:
         kill(pid, signal.SIGTERM)
 
 cli.train, cli.parse_args = stopped_by_a_signal, lambda argv: None
+preemption.PREEMPTED_EXIT_LIMIT_S = 1.0
 at_shutdown = SignalDuringShutdown()
+if sys.argv[1] == "stuck":  # a thread that never ends: the shutdown waits for it forever
+    threading.Thread(target=threading.Event().wait).start()
 sys.exit(cli.main([]))
 """
 
 
-def test_a_signal_during_interpreter_shutdown_keeps_the_requeue_code() -> None:
+@pytest.mark.parametrize("shutdown", ["signalled", "stuck"])
+def test_a_preempted_program_shuts_down_with_the_requeue_code(shutdown: str) -> None:
     """Python puts the default handlers back when it shuts down: a SIGTERM arriving then (the
-    scheduler repeats its signal) must not turn a saved, preempted run's 75 into a kill."""
-    result = subprocess.run([sys.executable, "-c", SIGNAL_AT_SHUTDOWN], capture_output=True, text=True, timeout=120, cwd=REPO)
+    scheduler repeats its signal) must not turn a saved, preempted run's 75 into a kill; and with
+    stop signals ignored, a shutdown that never finishes still ends, with 75, at the deadline."""
+    result = subprocess.run([sys.executable, "-c", STOPPED_PROGRAM_SHUTS_DOWN, shutdown], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
     assert result.returncode == EXIT_PREEMPTED, result.stderr[-2000:]
 
 

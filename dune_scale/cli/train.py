@@ -14,7 +14,7 @@ from dune_scale.config import Config, load_config, save_config
 from dune_scale.engine.compat import check_resume_compatible
 from dune_scale.engine.compose import ValidationData, build_trainer, check_run
 from dune_scale.engine.nonfinite import NonFiniteError
-from dune_scale.engine.preemption import EXIT_PREEMPTED, ignore_stop_signals
+from dune_scale.engine.preemption import EXIT_PREEMPTED, guard_preempted_exit
 from dune_scale.eval.pca import feature_pictures as pca_feature_pictures
 from dune_scale.eval.periodic import FeaturePictures
 
@@ -109,5 +109,5 @@ def main(argv: list[str] | None = None) -> int:
 
     code = run_program(program)
     if code == EXIT_PREEMPTED:
-        ignore_stop_signals()
+        guard_preempted_exit()
     return code

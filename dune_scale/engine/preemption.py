@@ -6,7 +6,7 @@ even when the scheduler signalled only some of them. Further signals never cost 
 before the stop checkpoint is complete they are noted and the run still saves; once it is complete
 any signal (also during teardown) exits at once with the requeue code, and from the end of the
 program on (interpreter shutdown, where Python would put back the default, deadly handler) further
-stop signals are ignored.
+stop signals are ignored and a deadline bounds the shutdown.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from types import FrameType
 
 import torch
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # Exit code of a run that stopped on a signal after saving: the SLURM script requeues on it.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Longest a saved, stopping process may take to shut down before it is ended with EXIT_PREEMPTED.
+PREEMPTED_EXIT_LIMIT_S = 30.0
 
 
 class PreemptionWatcher:
@@ -71,9 +74,16 @@ class PreemptionWatcher:
         return bool(flag.item())
 
 
-def ignore_stop_signals() -> None:
-    """For the last moments of a process that saved and is exiting with the requeue code: at
-    interpreter shutdown Python resets its handlers to the default, so a late SIGTERM would turn
-    exit code 75 into a kill (143) and the job would not be requeued. Ignored signals stay ignored."""
+def guard_preempted_exit() -> None:
+    """For the last moments of a process that saved and is exiting with the requeue code.
+
+    At interpreter shutdown Python resets its handlers to the default, so a late SIGTERM would
+    turn exit code 75 into a kill (143) and the job would not be requeued: stop signals are
+    ignored from here on. Ignoring them must not let a stuck shutdown (a thread that never joins,
+    an exit hook that never returns) hang the job, so a daemon timer ends the process with 75 after
+    ``PREEMPTED_EXIT_LIMIT_S``."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    deadline = threading.Timer(PREEMPTED_EXIT_LIMIT_S, os._exit, args=(EXIT_PREEMPTED,))
+    deadline.daemon = True
+    deadline.start()
