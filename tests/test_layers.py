@@ -12,7 +12,7 @@ LAYER_RANK = {
     "cli": 4,
     "engine": 3,
     "teachers": 2, "distill": 2, "data": 2, "eval": 2, "telemetry": 2,
-    "models": 1, "kernels": 1, "distributed": 1, "config": 1, "files": 1, "object_store": 1,
+    "models": 1, "kernels": 1, "distributed": 1, "config": 1, "files": 1, "object_store": 1, "safe_load": 1,
 }
 
 

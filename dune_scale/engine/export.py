@@ -36,7 +36,8 @@ from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, Checkpointer, is_complete, read_trainer_state
 from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import VisionTransformer
-from dune_scale.teachers.checkpoints import UnreadableCheckpoint, load_allow_listed
+from dune_scale.safe_load import UnreadableCheckpoint
+from dune_scale.teachers.checkpoints import load_allow_listed
 from dune_scale.teachers.registry import TEACHER_SPECS
 
 # The named students: (width, depth, heads). Heads cannot be read from weights; the width names them.

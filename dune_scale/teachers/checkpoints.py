@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dune_scale.safe_load import UnreadableCheckpoint, torch_load
 from dune_scale.teachers.registry import TeacherSpec
 
 MULTIHMR_PREFIX = "backbone.encoder."
 MAST3R_ENCODER_PREFIXES = ("patch_embed.", "enc_blocks.", "enc_norm.")
-ALLOWED_GLOBALS = [argparse.Namespace]
+ALLOWED_GLOBALS = {"argparse.Namespace": argparse.Namespace}
 _LAYOUTS = {
     "dinov2_release": "a DINOv2 release state dict (top-level 'cls_token', 'blocks.*', ...)",
     "multihmr": f"a Multi-HMR training checkpoint ('model_state_dict' holding '{MULTIHMR_PREFIX}*')",
@@ -60,27 +59,10 @@ def read_checkpoint(spec: TeacherSpec, path: Path) -> Any:
         raise _fail(spec, path, str(err)) from None
 
 
-class UnreadableCheckpoint(ValueError):
-    """A torch file that cannot be loaded with weights_only=True (the message says why)."""
-
-
 def load_allow_listed(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with only :data:`ALLOWED_GLOBALS` unpickled (teachers and
     released DUNE students); any failure is one :class:`UnreadableCheckpoint` saying why."""
-    try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            # mmap: a ViT-L file is not copied into memory before the encoder's tensors are picked.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        if found:
-            raise UnreadableCheckpoint(
-                f"it holds a pickled Python object of class {found.group(1)}, which is not allow-listed "
-                f"(only {', '.join(c.__module__ + '.' + c.__qualname__ for c in ALLOWED_GLOBALS)}); refusing to unpickle it"
-            ) from None
-        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {err}") from None
-    except Exception as err:  # noqa: BLE001 - truncated zip, bad header, not a checkpoint …
-        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {err}") from None
+    return torch_load(path, ALLOWED_GLOBALS)
 
 
 def detect_layout(raw: Any) -> str | None:

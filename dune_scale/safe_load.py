@@ -1,0 +1,125 @@
+"""Reading pickle-based files (torch checkpoints, pickled metadata and image lists) without running code.
+
+Unpickling can call any importable function, so a file planted in a run or data folder could run
+its payload. Every reader here resolves only the globals a format needs, named one by one (never a
+whole module: numpy's namespace also holds functions that call ``eval``), and refuses anything else
+with :class:`RefusedGlobal`, naming the global. Callers name the file in their own error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# numpy's pickle reconstruction globals: arrays, scalars and the dtypes of numbers, booleans and
+# strings (object and void dtypes could carry anything). numpy 2 names, and the numpy 1.x names
+# that older files carry for the same objects.
+_NUMPY_RECONSTRUCTORS = ("numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar", "numpy.ndarray", "numpy.dtype")
+_NUMPY_1_ALIASES = {
+    "numpy.core.multiarray._reconstruct": "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar": "numpy._core.multiarray.scalar",
+}
+_NUMPY_DTYPE_CLASSES = (
+    "BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType", "UInt8DType", "UInt16DType",
+    "UInt32DType", "UInt64DType", "Float16DType", "Float32DType", "Float64DType", "Complex64DType",
+    "Complex128DType", "StrDType", "BytesDType",
+)  # fmt: skip
+_REFUSED = re.compile(r"GLOBAL (\S+)")
+
+
+class UnreadableCheckpoint(ValueError):
+    """A file that cannot be read safely (the message says why; the caller names the file)."""
+
+
+class RefusedGlobal(UnreadableCheckpoint):
+    """A pickle that names a global outside the reader's allow-list: nothing in it was run."""
+
+    def __init__(self, name: str, allowed: Iterable[str]) -> None:
+        self.name = name
+        super().__init__(
+            f"it holds a pickled Python object of class {name}, which is not allow-listed "
+            f"(only {', '.join(sorted(allowed))}); refusing to unpickle it"
+        )
+
+
+def _resolve(qualified: str) -> Any:
+    module, _, name = qualified.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def numpy_globals() -> dict[str, Any]:
+    """Pickle name → object for numpy arrays and scalars, under numpy 2 and numpy 1.x names."""
+    found = {name: _resolve(name) for name in _NUMPY_RECONSTRUCTORS}
+    found.update({old: found[new] for old, new in _NUMPY_1_ALIASES.items()})
+    dtypes = importlib.import_module("numpy.dtypes")
+    found.update({f"numpy.dtypes.{cls}": getattr(dtypes, cls) for cls in _NUMPY_DTYPE_CLASSES})
+    return found
+
+
+def plain_globals() -> dict[str, Any]:
+    """What a pickle of containers, strings and numbers needs beyond opcodes (protocol-2 bytes)."""
+    return {"_codecs.encode": _resolve("_codecs.encode"), "builtins.set": set, "builtins.frozenset": frozenset}
+
+
+def official_training_globals() -> dict[str, Any]:
+    """Objects official teacher and DUNE files hold besides tensors: the ``args`` namespace with its
+    numpy schedules, numpy scalars (optimizer learning rates)."""
+    return {"argparse.Namespace": argparse.Namespace, **numpy_globals()}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, allowed: Mapping[str, Any]) -> None:
+        super().__init__(file)
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified not in self.allowed:
+            raise RefusedGlobal(qualified, self.allowed)
+        return self.allowed[qualified]
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnreadableCheckpoint(f"it refers to external storage {pid!r}; a plain pickle was expected")
+
+
+def load_pickle(path: Path, allowed: Mapping[str, Any]) -> Any:
+    """Unpickle ``path`` resolving only ``allowed`` (pickle name → object); any failure is one
+    :class:`UnreadableCheckpoint` (:class:`RefusedGlobal` for a global outside the list)."""
+    try:
+        with open(path, "rb") as file:
+            return _AllowListUnpickler(file, allowed).load()
+    except UnreadableCheckpoint:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated file, bad opcode, not a pickle …
+        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {err}") from None
+
+
+def torch_load(path: Path, allowed: Mapping[str, Any] | None = None, mmap: bool | None = None) -> Any:
+    """``torch.load(weights_only=True)`` on CPU with ``allowed`` (pickle name → object) added to
+    torch's tensor-only allow-list; any failure is one :class:`UnreadableCheckpoint` saying why and
+    never a hint to load unsafely. ``mmap`` defaults to "where the file is a zip archive"."""
+    allowed = dict(allowed or {})
+    extra = [(obj, name) for name, obj in allowed.items()]
+    try:
+        with torch.serialization.safe_globals(extra):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path) if mmap is None else mmap)
+    except pickle.UnpicklingError as err:
+        refused = _REFUSED.search(str(err))
+        if refused:
+            raise RefusedGlobal(refused.group(1), allowed) from None
+        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - truncated zip, bad header, not a checkpoint …
+        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """torch's own message, without its advice to retry with ``weights_only=False``."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
