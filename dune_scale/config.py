@@ -123,6 +123,9 @@ class DistillConfig:
     teacher_drop_p: float = 0.5
     # Images of this domain train every teacher under own+generic_data.
     generic_domain: str = "dino2"
+    # The dropping coefficients sum to one over each rank's batch (per_rank: the official rule, the
+    # strategies then average the ranks' gradients as DDP does), or over the global batch (global).
+    drop_normalise: str = _choice("per_rank", "per_rank", "global")
     norm_eps: float = 1e-3
     norm_momentum_start: float = 1.0
     norm_momentum_end: float = 0.001
@@ -289,11 +292,12 @@ class Config:
         return self.train.batch_size_per_rank * self.train.grad_accum_steps * world_size
 
     def total_steps(self, world_size: int) -> int:
-        """Length of the schedules: the recipe's epochs unless ``train.total_steps`` says otherwise."""
+        """Length of the schedules: the recipe's epochs unless ``train.total_steps`` says otherwise.
+        As main_dune.py counts: ceil(epochs · epoch_size / global batch), rounded up to even."""
         if self.train.total_steps is not None:
             return self.train.total_steps
-        images = self.train.epochs * self.train.epoch_size
-        return max(1, math.ceil(images / self.global_batch_size(world_size)))
+        steps = math.ceil(self.train.epochs * self.train.epoch_size / self.global_batch_size(world_size))
+        return steps + steps % 2
 
     def peak_lr(self, world_size: int) -> float:
         return self.optim.base_lr * self.global_batch_size(world_size) / self.optim.lr_reference_batch

@@ -36,7 +36,9 @@ def test_seed_recipe_numbers() -> None:
     assert [t.name for t in s1.teachers.models] == ["dino2reg_vitlarge_14", "mast3r_vitlarge_16", "multihmr_vitlarge_14_672"]
     # lr = 3e-4 × global batch / 256: 8 GPUs × 128 → 1.2e-3; an epoch is ImageNet-1k sized.
     assert s1.peak_lr(8) == pytest.approx(3e-4 * 1024 / 256)
-    assert s1.total_steps(8) == -(-100 * 1_281_167 // 1024)
+    # main_dune.py's count, ceil(epochs × 1,281,167 / global batch) rounded up to even: 125,114 on 8
+    # GPUs; ceil(62,557.0…) = 62,557 → 62,558 on 16.
+    assert (s1.total_steps(8), s1.total_steps(16)) == (125_114, 62_558)
     s2 = load_config(REPO / "configs" / "vitb14_448.yaml")
     assert (s2.train.stage, s2.train.image_size, s2.train.epochs, s2.optim.base_lr) == (2, 448, 50, 5e-5)
     assert s2.student.pretrained

@@ -81,11 +81,12 @@ def test_momentum_schedule_is_cosine_from_one_to_0001() -> None:
     assert cosine(50, 100, 1.0, 0.001) == pytest.approx(0.5005)
     assert cosine(100, 100, 1.0, 0.001) == pytest.approx(0.001)
     assert cosine(500, 100, 1.0, 0.001) == pytest.approx(0.001)
-    # lr: linear warm-up over 20 steps, then cosine to the floor.
+    # lr: np.linspace(0, peak, 20) over 20 steps (step 19 is at the peak), then cosine to the floor.
     assert warmup_cosine(0, 100, 1.0, 1e-6, 20) == 0.0
-    assert warmup_cosine(10, 100, 1.0, 1e-6, 20) == pytest.approx(0.5)
-    assert warmup_cosine(20, 100, 1.0, 1e-6, 20) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 1.0, 1e-6, 20) == pytest.approx(10 / 19)
+    assert warmup_cosine(19, 100, 1.0, 1e-6, 20) == warmup_cosine(20, 100, 1.0, 1e-6, 20) == 1.0
     assert warmup_cosine(100, 100, 1.0, 1e-6, 20) == pytest.approx(1e-6)
+    assert warmup_cosine(0, 100, 1.0, 1e-6, 1) == 0.0  # linspace(0, peak, 1) is [0]
 
 
 LOSSES = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.7, 0.2, 0.6, 0.3], [0.3, 0.1, 0.4, 0.8]])  # [teachers, B]
@@ -93,7 +94,7 @@ LOSSES = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.7, 0.2, 0.6, 0.3], [0.3, 0.1, 0.
 
 def _drop(losses: torch.Tensor, method: str, p: float = 0.5, generator: torch.Generator | None = None,
           teacher_domains: tuple[str, ...] = (), sample_domains: tuple[str, ...] = ()) -> torch.Tensor:
-    return drop_coefficients(losses, method, p, generator, teacher_domains, sample_domains, "dino2", world_size=1)
+    return drop_coefficients(losses, method, p, generator, teacher_domains, sample_domains, "dino2", normalise="per_rank", world_size=1)
 
 
 def test_dropping_none_averages_everything() -> None:
@@ -155,7 +156,7 @@ def test_objective_combines_tokens_teachers_and_dropping() -> None:
     teacher = {"a": {"cls": torch.randn(3, 24, generator=g), "patch": torch.randn(3, 9, 24, generator=g)},
                "b": {"patch": torch.randn(3, 9, 40, generator=g)}}
     objective = DistillObjective(
-        ["a", "b"], ["dino2", "mast3r"], drop_method="none", drop_p=0.5, generic_domain="dino2", norm_eps=1e-3,
+        ["a", "b"], ["dino2", "mast3r"], drop_method="none", drop_p=0.5, generic_domain="dino2", drop_normalise="per_rank", norm_eps=1e-3,
         w_cos=0.5, w_sl1=0.5, beta=1.0, loss_fn=reference_distill_loss, world_size=1,
     )
     stats = objective.teacher_statistics([teacher], student.teacher_norms, momentum=1.0)

@@ -13,8 +13,12 @@ is the key layout, the arguments and the forward wiring of ``get_encoder_output`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
+import struct
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,8 +29,9 @@ from torch import nn
 from conftest import REPO, TINY_CPU, launch_command, launcher_env, tiny_overrides
 from dune_scale import load_encoder
 from dune_scale.cli.export import main as export_main
-from dune_scale.engine.export import StudentSpec, build_student_from, read_student
+from dune_scale.engine.export import StudentSpec, build_student_from, read_student, to_official_dune
 from dune_scale.models.vit import Block, PatchEmbed
+from dune_scale.safe_load import official_training_globals, torch_load
 
 TEACHER_CFG = {  # naver/dune teachers/config.py: num_features and token_types
     "dino2reg_vitlarge_14": (1024, ["cls", "patch"]),
@@ -183,8 +188,6 @@ def test_dune_export_loads_strictly_in_the_official_loader_with_identical_output
 
 def _official_file(student: nn.Module, path: Path, prefix: str = "", with_args: bool = True, arch: str = "vit_small") -> Path:
     """A file as naver/dune's training writes it (from our reconstruction of its model)."""
-    from dune_scale.engine.export import to_official_dune
-
     model = {f"{prefix}{k}": v for k, v in to_official_dune(student.state_dict()).items()}
     ckpt = {"model": model, "iter": 1234}
     if with_args:
@@ -226,6 +229,102 @@ def test_stage_two_starts_from_a_released_dune_file_at_a_new_resolution(vits_fil
     for key in ("encoder.blocks.11.mlp.fc2.weight", "projectors.dino2reg_vitlarge_14.head.bias",
                 "teacher_norms.multihmr_vitlarge_14_672.patch.running_mean", "encoder.register_tokens"):
         assert torch.equal(loaded[key], original[key])
+
+
+def official_training_checkpoint(student: nn.Module, path: Path, numpy_1_names: bool = False, **extra_args: object) -> Path:
+    """``checkpoint.pth`` as main_dune.py's run_evaluations saves it: the DDP model's state
+    (``module.`` keys), AdamW's state after a step whose param groups hold numpy float64 learning
+    rates (``args.lr_schedule[it]``), ``iter``, and ``args``: the parsed arguments with their eval'd
+    dicts, lists, and the schedules as numpy arrays. ``numpy_1_names``: as numpy 1.x pickles them
+    (``numpy.core.multiarray``), by renaming the globals in the archive's data.pkl."""
+    from test_official_step import official_cosine_scheduler
+
+    model = {f"module.{k}": v for k, v in to_official_dune(student.state_dict()).items()}
+    iters, it = 100, 39
+    lr_schedule = official_cosine_scheduler(3e-4 * 1024 / 256.0, 1e-6, epochs=1, niter_per_ep=iters, warmup_epochs=0.2)
+    biases = [nn.Parameter(v.clone()) for k, v in model.items() if k.endswith("norm.bias")]
+    optimizer = torch.optim.AdamW([{"params": biases[1:]}, {"params": biases[:1], "weight_decay": 0.0}], lr=0,
+                                  betas=(0.9, 0.99), eps=1e-15, fused=True)
+    for bias in biases:
+        bias.grad = torch.ones_like(bias)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_schedule[it]
+    optimizer.step()
+    args = argparse.Namespace(
+        enc_args={"arch": "vit_small"}, proj_args={"num_heads": 6}, dune_args="{'last_enc_norm':False}", teachers=sorted(TEACHER_CFG),
+        tnorm_ema_momentum_start=1.0, tnorm_ema_momentum_end=0.001, tdrop_args={"method": "lowest_loss", "p": 0.5}, pretrained="",
+        dataset="teacher_balanced", image_size=SIZE, rrc_scale=[0.4, 1.0], fp16=True, clip_grad=1.0, batch_size_per_gpu=128,
+        epochs=100.0, epoch_size=1281167, optim_args={"betas": (0.9, 0.99), "eps": 1e-15, "fused": True}, wd=0.03, lr=3e-4,
+        min_lr=1e-6, warmup_epochs=20.0, seed=22, world_size=8, rank=0, gpu=0, batch_size=1024, iters=iters,
+        epoch_iters=[20, 40, 60, 80, 100], sep_ckpt_iters=[20], lr_schedule=lr_schedule,
+        tnorm_ema_schedule=official_cosine_scheduler(1.0, 0.001, epochs=1, niter_per_ep=iters), **extra_args,
+    )
+    torch.save({"model": model, "optimizer": optimizer.state_dict(), "iter": it + 1, "args": args}, path)
+    if numpy_1_names:
+        _rename_pickled_globals(path, b"numpy._core.multiarray", b"numpy.core.multiarray")
+    return path
+
+
+def _rename_pickled_globals(path: Path, old: bytes, new: bytes) -> None:
+    """Rewrite a torch archive with ``old`` module names replaced in its data.pkl, every record
+    stored uncompressed and 64-byte aligned as torch.save lays them out (loading maps the file)."""
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with open(path, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records:
+            if name.endswith("/data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            padding = -(raw.tell() + 30 + len(name.encode()) + 4) % 64  # local header, name, extra-field header
+            info.extra = struct.pack("<HH", 0x4246, padding) + bytes(padding)
+            archive.writestr(info, data)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("numpy_1_names", [False, True])
+def test_official_training_checkpoints_give_their_student_and_report_the_rest(
+    vits_file, tmp_path: Path, numpy_1_names: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dune_scale.engine.pretrained import load_pretrained_student
+
+    _, student = vits_file
+    path = official_training_checkpoint(student, tmp_path / "checkpoint.pth", numpy_1_names)
+    assert (b"numpy.core.multiarray" in path.read_bytes()) == numpy_1_names
+    with caplog.at_level(logging.WARNING):
+        weights = read_student(path)
+    assert "at iteration 40 of 100: only its student weights are read (not used: args, optimizer)" in caplog.text
+    assert weights.step == 40 and set(weights.state) == set(student.state_dict())
+    assert all(torch.equal(weights.state[k], v) for k, v in student.state_dict().items())
+    stage2 = copy.deepcopy(student)  # student.pretrained=checkpoint.pth
+    for tensor in stage2.state_dict().values():
+        tensor.zero_()
+    load_pretrained_student(stage2, path)
+    assert all(torch.equal(stage2.state_dict()[k], v) for k, v in student.state_dict().items())
+    out = tmp_path / "dune.pth"  # launch/export.py checkpoint.pth
+    assert export_main([str(path), "--format", "dune", "--out", str(out)]) == 0
+    exported = torch_load(out, official_training_globals())["model"]
+    expected = to_official_dune(student.state_dict())
+    assert set(exported) == set(expected) and all(torch.equal(exported[k], v) for k, v in expected.items())
+
+
+class _Evaluates:
+    """Unpickling this hands ``code`` to a numpy function that runs ``eval`` on it."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self) -> tuple:
+        from numpy.f2py.crackfortran import myeval
+
+        return myeval, (self.code,)
+
+
+def test_a_numpy_function_in_an_official_training_checkpoint_is_refused(capsys, vits_file, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = official_training_checkpoint(vits_file[1], tmp_path / "checkpoint.pth", schedule=_Evaluates(f"__import__('os').system('touch {marker}')"))
+    _fails(capsys, [str(path), "--format", "hf", "--out", str(tmp_path / "o")], str(path), "numpy.f2py.crackfortran.myeval", "refusing to unpickle")
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------- timm, hf, torch.hub

@@ -1,7 +1,7 @@
 """Export a trained student: ``python launch/export.py SOURCE --format dune|timm|hf --out PATH``.
 
 SOURCE is a run folder (its latest complete checkpoint, else student.safetensors; with several
-students, ``--student NAME`` or the folder ``students/NAME``), a checkpoint folder of any strategy, a ``student.safetensors``, an official DUNE ``.pth`` or an exported folder.
+students, ``--student NAME`` or the folder ``students/NAME``), a checkpoint folder of any strategy, a ``student.safetensors``, an official DUNE ``.pth`` (a release, or a training ``checkpoint.pth``) or an exported folder.
 A source or format that cannot work exits with code 2 and one message naming the file.
 """
 

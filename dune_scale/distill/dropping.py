@@ -1,16 +1,20 @@
 """Teacher dropping (UNIC): which (teacher, image) losses count, and with what weight.
 
-All methods return detached coefficients of shape [teachers, B] that sum to one over the *global*
-batch (all ranks): each rank's coefficients are divided by the global kept count and multiplied by
-the world size, so that the gradient average the strategies perform yields exactly the
-global-batch normalisation whatever the per-rank kept counts are.
-
 - ``none``: every (teacher, image) pair counts.
 - ``lowest_loss``: per image, every teacher but the one with the highest loss is dropped with
   probability p (the hardest teacher always trains).
 - ``own_data``: an image trains only the teacher(s) of its dataset's domain.
 - ``own+generic_data``: as ``own_data``, and images of the generic domain train every teacher.
 An image whose domain no teacher owns trains every teacher (it is generic by construction).
+
+Every method returns detached coefficients of shape [teachers, B], normalised as
+``distill.drop_normalise`` says; the strategies then average the ranks' gradients, as DDP does:
+
+- ``per_rank`` (naver/dune): divided by this rank's kept count, so they sum to one over each rank's
+  batch (a rank that kept fewer pairs weighs each of them more). With gradient accumulation, each
+  micro-batch is normalised on its own, as a rank of a larger job would be.
+- ``global``: divided by the global kept count and multiplied by the world size, so that after the
+  average every kept pair of the ranks' micro-batches weighs the same, whatever each rank kept.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from dune_scale.distributed import all_reduce_sum
 
 DROP_METHODS = ("none", "lowest_loss", "own_data", "own+generic_data")
+DROP_NORMALISATIONS = ("per_rank", "global")
 
 
 def ownership_mask(
@@ -50,10 +55,11 @@ def drop_coefficients(
     teacher_domains: Sequence[str],
     sample_domains: Sequence[str],
     generic_domain: str,
+    normalise: str,
     world_size: int,
 ) -> torch.Tensor:
-    """Detached [teachers, B] loss weights for ``losses`` [teachers, B], normalised over the global
-    batch of ``world_size`` ranks (so that they sum to ``world_size`` × 1 / world_size = 1 there)."""
+    """Detached [teachers, B] loss weights for ``losses`` [teachers, B], normalised over this rank's
+    batch (``per_rank``) or over the global batch of ``world_size`` ranks (``global``)."""
     losses = losses.detach()
     if method == "none":
         keep = torch.ones_like(losses, dtype=torch.bool)
@@ -68,5 +74,9 @@ def drop_coefficients(
     else:
         raise ValueError(f"unknown teacher-dropping method {method!r}; choose one of {', '.join(DROP_METHODS)}")
     weights = keep.to(losses.dtype)
+    if normalise == "per_rank":
+        return weights / weights.sum().clamp_min(1.0)
+    if normalise != "global":
+        raise ValueError(f"unknown normalisation {normalise!r}; choose one of {', '.join(DROP_NORMALISATIONS)}")
     kept_globally = all_reduce_sum(weights.sum().reshape(1)).clamp_min(1.0)
     return weights * (world_size / kept_globally)

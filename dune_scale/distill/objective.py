@@ -56,6 +56,7 @@ class DistillObjective:
     drop_method: str
     drop_p: float
     generic_domain: str
+    drop_normalise: str
     norm_eps: float
     w_cos: float
     w_sl1: float
@@ -104,7 +105,7 @@ class DistillObjective:
         coefficients = drop_coefficients(
             per_image, self.drop_method, self.drop_p, generator,
             teacher_domains=self.teacher_domains, sample_domains=sample_domains, generic_domain=self.generic_domain,
-            world_size=self.world_size,
+            normalise=self.drop_normalise, world_size=self.world_size,
         )
         loss = (coefficients * per_image).sum()
         return ObjectiveOutput(loss=loss, per_image=per_image.detach(), coefficients=coefficients)

@@ -159,6 +159,7 @@ def build_objective(cfg: Config, teacher_names: list[str], world_size: int) -> D
         drop_method=cfg.distill.teacher_drop,
         drop_p=cfg.distill.teacher_drop_p,
         generic_domain=cfg.distill.generic_domain,
+        drop_normalise=cfg.distill.drop_normalise,
         norm_eps=cfg.distill.norm_eps,
         w_cos=cfg.loss.w_cos,
         w_sl1=cfg.loss.w_sl1,

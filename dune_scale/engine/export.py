@@ -8,7 +8,8 @@ name, or its folder ``students/<name>`` as the source), a checkpoints root, one 
 strategy (``model.pt``; FSDP's DCP folder; DeepSpeed ZeRO-1/2/3 shards, whatever world size wrote
 them), ``student.safetensors`` (or any of our weights files), an official DUNE ``.pth``, and the
 folders :func:`write_hf` / :func:`write_timm` produce. Nothing is unpickled but tensors and, in
-official ``.pth`` files, their ``argparse.Namespace`` of training arguments.
+official ``.pth`` files, their ``argparse.Namespace`` of training arguments and, in official
+training checkpoints (``checkpoint.pth``), the numpy arrays and scalars those hold.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import re
 import warnings
 from dataclasses import asdict, dataclass
@@ -36,8 +38,7 @@ from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, Checkpointer, is_complete, read_trainer_state
 from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import VisionTransformer
-from dune_scale.safe_load import UnreadableCheckpoint
-from dune_scale.teachers.checkpoints import load_allow_listed
+from dune_scale.safe_load import UnreadableCheckpoint, official_training_globals, torch_load
 from dune_scale.teachers.registry import TEACHER_SPECS
 
 # The named students: (width, depth, heads). Heads cannot be read from weights; the width names them.
@@ -53,6 +54,9 @@ HF_WEIGHTS, HF_CONFIG, HF_CARD, HF_HUBCONF = "model.safetensors", "config.json",
 FORMATS = ("dune", "timm", "hf")
 # Wrappers that training may leave in key names (DDP/DeepSpeed, torch.compile, activation checkpointing).
 _WRAPPER_PARTS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module)\.")
+
+
+log = logging.getLogger(__name__)
 
 
 class StudentFileError(ValueError):
@@ -264,9 +268,10 @@ def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> Any:
-    """``weights_only=True`` with ``argparse.Namespace`` allow-listed (official DUNE files hold one)."""
+    """``weights_only=True`` with the classes of official DUNE files allow-listed one by one: the
+    ``args`` Namespace, and the numpy arrays and scalars of training checkpoints."""
     try:
-        return load_allow_listed(path)
+        return torch_load(path, official_training_globals())
     except UnreadableCheckpoint as err:
         raise StudentFileError(f"{path}: {err}") from None
 
@@ -285,6 +290,23 @@ def _teacher_layout(raw: Any) -> str | None:
     return None
 
 
+def _official_arg(args: argparse.Namespace | dict[str, Any], name: str) -> Any:
+    """One training argument of an official file (its ``args``: a Namespace, or a dict)."""
+    return args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+
+
+def _report_official_training_checkpoint(path: Path, raw: dict[str, Any]) -> None:
+    """Names what an official training checkpoint (main_dune.py's ``checkpoint.pth``: ``model``,
+    ``optimizer``, ``iter``, ``args``) holds besides the student, none of which is used (a warning:
+    shown by every program without logging set up)."""
+    if "optimizer" not in raw:
+        return
+    iters = _official_arg(raw["args"], "iters")
+    unused = ", ".join(sorted(str(key) for key in raw if key not in ("model", "iter")))
+    log.warning("%s: an official DUNE training checkpoint at iteration %s of %s: only its student weights are read "
+                "(not used: %s)", path, raw.get("iter"), iters, unused)
+
+
 def _state_from_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], int | None, int | None]:
     """(our-layout state, step, heads) of a ``.pt``/``.pth``: official DUNE or our weights."""
     raw = _torch_load(path)
@@ -292,13 +314,13 @@ def _state_from_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], int | N
     if teacher:
         raise StudentFileError(f"{path}: this is {teacher}, not a DUNE student; give a student run, checkpoint or weights file")
     if isinstance(raw, dict) and isinstance(raw.get("args"), (argparse.Namespace, dict)) and isinstance(raw.get("model"), dict):
-        args = raw["args"]
-        enc_args = (args.get("enc_args") if isinstance(args, dict) else getattr(args, "enc_args", None)) or {}
+        enc_args = _official_arg(raw["args"], "enc_args") or {}
         arch = enc_args.get("arch", "vit_base")
         if arch not in NAMED_ARCHS:
             raise StudentFileError(f"{path}: args.enc_args arch {arch!r} is unknown; known: {', '.join(NAMED_ARCHS)}")
-        state = from_official_dune(strip_wrappers(raw["model"]))
-        return _check_tensors(path, state), raw.get("iter"), NAMED_ARCHS[arch][2]
+        state = _check_tensors(path, from_official_dune(strip_wrappers(raw["model"])))
+        _report_official_training_checkpoint(path, raw)
+        return state, raw.get("iter"), NAMED_ARCHS[arch][2]
     for key in ("model", "state_dict"):
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):
             raw = raw[key]

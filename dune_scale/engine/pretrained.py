@@ -4,7 +4,8 @@ Accepted: every student source :func:`~dune_scale.engine.export.read_student` re
 a checkpoint root or folder of any strategy, a weights file (``.safetensors``, or ``.pt``/``.pth``
 loaded with ``weights_only=True``) holding the full student or the encoder alone, an official DUNE
 ``.pth`` (``args`` Namespace allow-listed, ``module.`` prefixes, ``BlockChunk`` keys, teacher-norm
-statistics) or an exported folder. The positional embedding is resampled when the checkpoint was
+statistics; a training ``checkpoint.pth`` too, its optimizer and schedules named and not used) or an
+exported folder. The positional embedding is resampled when the checkpoint was
 trained at another resolution (336 → 448 px).
 """
 
