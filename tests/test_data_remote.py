@@ -112,14 +112,15 @@ def test_stream_from_s3_with_two_workers_fresh_caches(converted: str, tmp_path: 
     survive into a fork, and no epoch may last a timeout.
     """
     expected = {(name, i) for name, _ in DOMAINS for i in range(26) if i not in (12, 25)}  # minus bad files
+    stall_s = 20  # an epoch takes ~1 s; a stall lasts exactly the timeout (kept far above a busy machine's epoch)
     for run in range(4):
         cache = str(tmp_path / f"cache{run}")
-        cfg = DataCfg(converted, mixture(), local_cache=cache, download_timeout=8, download_retry=0)
+        cfg = DataCfg(converted, mixture(), local_cache=cache, download_timeout=stall_s, download_retry=0)
         loader = build_train_loader(cfg, image_size=16, batch_size=6, seed=run)
         assert all(stream._downloader._s3_client is None for stream in loader.dataset.streams)
         start = time.monotonic()
         batches = batches_of(loader)
-        assert time.monotonic() - start < 8
+        assert time.monotonic() - start < stall_s
         seen = Counter((d, int(i)) for b in batches for d, i in zip(b["dataset"], b["index"]))
         assert set(seen) == expected and set(seen.values()) == {1}
         assert all(Counter(b["dataset"]) == Counter({n: 2 for n, _ in DOMAINS}) for b in batches)
