@@ -228,6 +228,19 @@ def test_stage_two_starts_from_a_released_dune_file_at_a_new_resolution(vits_fil
         assert torch.equal(loaded[key], original[key])
 
 
+@torch.no_grad()
+def test_dune_export_at_a_resolution_is_what_the_encoder_computes_there(vits_file, tmp_path: Path) -> None:
+    """The official loader builds a 42-px model from args and uses its table as stored: the table
+    resampled once, at export, as our encoder resamples it for 42-px inputs."""
+    source, _ = vits_file
+    out = tmp_path / "dune42.pth"
+    assert export_main([str(source), "--format", "dune", "--resolution", "42", "--out", str(out)]) == 0
+    x = images(42)
+    ours = load_encoder(source).forward_features(x)
+    tokens = official_load(out).get_encoder_output(x)
+    assert torch.equal(tokens[:, 0], ours["cls"]) and torch.equal(tokens[:, 1:], ours["patch"])
+
+
 # ----------------------------------------------------------------------- timm, hf, torch.hub
 
 
