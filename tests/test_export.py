@@ -362,6 +362,21 @@ def test_unknown_architectures_are_named(capsys, vits_file, tiny_run: Path, tmp_
     _fails(capsys, [str(bare), "--format", "hf", "--out", str(tmp_path / "o")], str(bare), "head count")
 
 
+def test_sizes_and_options_that_cannot_work_are_named(capsys, vits_file, tmp_path: Path) -> None:
+    source = vits_file[0]
+    out = str(tmp_path / "out")
+    _fails(capsys, [str(source), "--format", "hf", "--resolution", "42x70", "--out", out], "42x70", "square", "--format onnx")
+    _fails(capsys, [str(source), "--format", "onnx", "--resolution", "40", "--out", out], "40x40", "multiple of the patch size 14")
+    _fails(capsys, [str(source), "--format", "onnx", "--dynamic", "--resolution", "42", "--out", out], "--dynamic", "--resolution")
+    for argv, message in ((["--format", "timm", "--with-onnx"], "--with-onnx adds model.onnx to an hf folder"),
+                          (["--format", "dune", "--dynamic"], "--dynamic is for ONNX graphs"),
+                          (["--format", "onnx", "--resolution", "4x"], "is not H or HxW")):
+        with pytest.raises(SystemExit) as stop:
+            export_main([str(source), *argv, "--out", out])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_launch_script_runs_as_a_program(vits_file, tmp_path: Path) -> None:
     out = tmp_path / "dune.pth"
     command = launch_command("python", 1, REPO / "launch" / "export.py", str(vits_file[0]), "--format", "dune", "--out", str(out))

@@ -89,28 +89,6 @@ def test_resolution_resamples_once_for_every_format_and_the_card_says_so(source:
     # The official .pth at a resolution: test_export (its loader needs a named architecture).
 
 
-def _fails(capsys: pytest.CaptureFixture, argv: list[str], *expected: str) -> None:
-    assert export_main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
-    for text in expected:
-        assert text in err, err
-
-
-def test_sizes_and_options_that_cannot_work_are_named(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = str(tmp_path / "out")
-    _fails(capsys, [str(source), "--format", "hf", "--resolution", "42x70", "--out", out], "42x70", "square", "--format onnx")
-    _fails(capsys, [str(source), "--format", "onnx", "--resolution", "40", "--out", out], "40x40", "multiple of the patch size 14")
-    _fails(capsys, [str(source), "--format", "onnx", "--dynamic", "--resolution", "42", "--out", out], "--dynamic", "--resolution")
-    for argv, message in ((["--format", "timm", "--with-onnx"], "--with-onnx adds model.onnx to an hf folder"),
-                          (["--format", "dune", "--dynamic"], "--dynamic is for ONNX graphs"),
-                          (["--format", "onnx", "--resolution", "4x"], "is not H or HxW")):
-        with pytest.raises(SystemExit) as stop:
-            export_main([str(source), *argv, "--out", out])
-        assert stop.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 def test_dynamic_is_refused_with_the_reason_when_onnx_cannot_resample_as_training_does() -> None:
     """An antialiased resampling (a DINOv2 option the student does not use) has no ONNX equivalent:
     the check at export finds the difference and names it."""

@@ -7,9 +7,10 @@ complete checkpoint, else ``student.safetensors``; a run of several students nee
 name, or its folder ``students/<name>`` as the source), a checkpoints root, one checkpoint folder of any
 strategy (``model.pt``; FSDP's DCP folder; DeepSpeed ZeRO-1/2/3 shards, whatever world size wrote
 them), ``student.safetensors`` (or any of our weights files), an official DUNE ``.pth``, and the
-folders :func:`write_hf` / :func:`write_timm` produce. ``--resolution`` resamples the positional
-table once, at export (:func:`at_resolution`); ONNX lives in :mod:`dune_scale.engine.onnx_export`. Nothing is unpickled but tensors and, in
-official ``.pth`` files, their ``argparse.Namespace`` of training arguments.
+folders :func:`write_hf` / :func:`write_timm` produce. Nothing is unpickled but tensors and, in
+official ``.pth`` files, their ``argparse.Namespace`` of training arguments. ``--resolution``
+resamples the positional table once, at export (:func:`at_resolution`); the ONNX writer lives in
+:mod:`dune_scale.engine.onnx_export`.
 """
 
 from __future__ import annotations
