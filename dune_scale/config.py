@@ -2,7 +2,10 @@
 
 Every field is a dataclass attribute with a type; loading rejects unknown keys, wrong types and
 impossible values with one :class:`ConfigError` that names the key, the value and what is allowed.
-A recipe may start from another one with ``base: other.yaml`` (path relative to the recipe).
+A recipe may start from another one with ``base: other.yaml`` (next to the recipe, else a shipped
+recipe). A layer that names ``student.arch`` brings that architecture's shape: the custom
+``embed_dim``/``depth``/``num_heads`` of the layers below it (a base recipe, the recipe under
+command-line overrides, the top level under a ``students:`` entry) are dropped.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class RunConfig:
 class StudentConfig:
     arch: str = _choice("vit_base", "vit_small", "vit_base", "vit_large", "custom")
     patch_size: int = _at_least(14, 1)
-    # Only for arch=custom (tiny test students); the named archs fix them.
+    # Only for arch=custom (tiny test students); the named archs fix them (ARCH_SHAPE_KEYS).
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -253,6 +256,8 @@ STUDENT_SECTIONS = ("student", "projector", "distill", "loss", "optim")
 # are fed (each teacher's input is resized to the student's patch grid).
 SHARED_STUDENT_KEYS = {"distill": ("norm_eps", "norm_momentum_start", "norm_momentum_end"), "student": ("patch_size",)}
 STUDENTS_FOLDER = "students"
+# The student settings a named architecture fixes and arch=custom needs.
+ARCH_SHAPE_KEYS = ("embed_dim", "depth", "num_heads")
 
 
 @dataclass
@@ -312,11 +317,7 @@ def resolve_student_dicts(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]
     shared = {key: value for key, value in raw.items() if key != "students"}
     resolved = []
     for entry in entries:
-        merged = dict(shared)
-        for section in STUDENT_SECTIONS:
-            if entry.get(section):
-                merged[section] = deep_merge(shared.get(section, {}), entry[section])
-        resolved.append((entry["name"], merged))
+        resolved.append((entry["name"], merge_layer(shared, {s: entry[s] for s in STUDENT_SECTIONS if entry.get(s)})))
     return resolved
 
 
@@ -344,8 +345,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_recipe(Path(path) if Path(path).exists() or "/" in str(path) else recipe_path(str(path)))
-    for item in overrides:
-        key, value = _parse_override(item)
+    parsed = [_parse_override(item) for item in overrides]
+    for key, value in parsed:
+        if key == "student.arch":
+            raw = _without_custom_shape(raw, value)
+    for key, value in parsed:
         _set_path(raw, key.split("."), value, key)
     config = _build(Config, raw, "")
     validate(config)
@@ -378,7 +382,26 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return deep_merge(_read_recipe(path.parent / base, seen + (path,)), data)
+    places = [path.parent / str(base), _shipped_recipes() / str(base)]
+    found = next((place for place in places if place.is_file()), None)
+    if found is None:
+        raise ConfigError(f"config file {path}: its base {base!r} is neither at {places[0]} nor a shipped recipe ({places[1]})")
+    return merge_layer(_read_recipe(found, seen + (path,)), data)
+
+
+def merge_layer(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    """``upper`` merged over ``lower`` (:func:`deep_merge`); a student section of ``upper`` naming
+    an architecture takes the custom shape of ``lower``'s away (see the module docstring)."""
+    student = upper.get("student")
+    return deep_merge(_without_custom_shape(lower, student.get("arch") if isinstance(student, dict) else None), upper)
+
+
+def _without_custom_shape(raw: dict[str, Any], arch: Any) -> dict[str, Any]:
+    """``raw`` without student.embed_dim/depth/num_heads when ``arch`` names an architecture (it fixes them)."""
+    student = raw.get("student")
+    if arch in (None, "custom") or not isinstance(student, dict):
+        return raw
+    return {**raw, "student": {k: v for k, v in student.items() if k not in ARCH_SHAPE_KEYS}}
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -394,7 +417,11 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 def recipe_path(name: str) -> Path:
     """The shipped recipe ``name`` (``configs/<name>.yaml``, package data of dune_scale)."""
-    return Path(str(importlib.resources.files("dune_scale") / "configs" / f"{name}.yaml"))
+    return _shipped_recipes() / f"{name}.yaml"
+
+
+def _shipped_recipes() -> Path:
+    return Path(str(importlib.resources.files("dune_scale") / "configs"))
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -576,7 +603,7 @@ def _check_image_size(config: Config) -> None:
 
 def _check_student(config: Config) -> None:
     s = config.student
-    custom = {"embed_dim": s.embed_dim, "depth": s.depth, "num_heads": s.num_heads}
+    custom = {name: getattr(s, name) for name in ARCH_SHAPE_KEYS}
     if s.arch == "custom":
         for name, value in custom.items():
             if value is None or value < 1:

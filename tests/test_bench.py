@@ -132,7 +132,9 @@ def test_synthetic_batches_are_teacher_balanced() -> None:
 
 
 def test_real_data_loader(demo_shards: Path, tmp_path: Path) -> None:
-    overrides = ["run.console=none", f"run.output_dir={tmp_path}", f"data.remote_root={demo_shards}", "data.num_workers=0"]
+    """Also with validation asked for: benchmarking does not validate, so no validation data is needed."""
+    overrides = ["run.console=none", f"run.output_dir={tmp_path}", f"data.remote_root={demo_shards}", "data.num_workers=0",
+                 "eval.every_steps=1"]
     report = run_benchmark(str(TINY_CPU), overrides, [], BenchOptions(steps=2, warmup=1, real_data=True), DistInfo())
     assert report["data"] == "loader"
     (result,) = report["results"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dune_scale.config import ConfigError, config_from_dict, load_config, save_config
+from dune_scale.config import ConfigError, config_from_dict, load_config, save_config, student_configs
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.compose import check_run
 
@@ -140,6 +140,48 @@ def test_base_recipe_cycle_is_reported(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_base_recipe_not_beside_the_users_file_is_a_shipped_one(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("base: vitb14_448.yaml\nstudent: {pretrained: stage1.safetensors}\n")
+    mine = load_config(tmp_path / "mine.yaml")
+    assert mine.to_dict() == load_config("vitb14_448", ["student.pretrained=stage1.safetensors"]).to_dict()
+    (tmp_path / "lost.yaml").write_text("base: vitb14_999.yaml\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "lost.yaml")
+    assert "'vitb14_999.yaml'" in str(err.value) and str(tmp_path / "vitb14_999.yaml") in str(err.value)
+    assert str(REPO / "dune_scale" / "configs" / "vitb14_999.yaml") in str(err.value)
+
+
+def test_a_named_architecture_replaces_the_custom_shape_below_it(tmp_path: Path) -> None:
+    """tiny_cpu's student is custom (48 wide, 2 blocks, 4 heads): naming vit_small, in an override, a
+    recipe over it or a students: entry, needs no student.embed_dim/depth/num_heads=null."""
+    tiny = REPO / "configs" / "tiny_cpu.yaml"
+    (tmp_path / "small.yaml").write_text(f"base: {tiny}\nstudent: {{arch: vit_small}}\n")
+    two = load_config(tiny, ["students=[{name: small, student: {arch: vit_small}}, {name: tiny}]"])
+    shapes = [(s.student.arch, s.student.embed_dim, s.student.depth, s.student.num_heads) for _, s in student_configs(two)]
+    assert shapes == [("vit_small", None, None, None), ("custom", 48, 2, 4)]
+    for cfg in (load_config(tiny, ["student.arch=vit_small"]), load_config(tmp_path / "small.yaml")):
+        assert (cfg.student.arch, cfg.student.embed_dim, cfg.student.depth, cfg.student.num_heads) == ("vit_small", None, None, None)
+    with pytest.raises(ConfigError, match="student.depth: 3 is not allowed; only student.arch=custom takes it"):
+        load_config(tiny, ["student.arch=vit_small", "student.depth=3"])  # given with it: still a conflict
+
+
+def test_demo_reads_its_arguments_before_replacing_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from dune_scale.cli.demo import DEMO_DIR
+    from dune_scale.cli.demo import main as demo_main
+
+    monkeypatch.chdir(tmp_path)
+    kept = DEMO_DIR / "run" / "metrics.jsonl"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}\n")
+    with pytest.raises(SystemExit) as stop:
+        demo_main(["--help"])
+    assert stop.value.code == 0 and "key=value" in capsys.readouterr().out
+    assert demo_main(["train.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    assert kept.read_text() == "{}\n"
 
 
 def test_bad_override_fails_fast_from_the_command_line(tmp_path: Path) -> None:

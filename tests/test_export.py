@@ -327,6 +327,19 @@ def test_a_numpy_function_in_an_official_training_checkpoint_is_refused(capsys, 
     assert not marker.exists()
 
 
+@torch.no_grad()
+def test_dune_export_at_a_resolution_is_what_the_encoder_computes_there(vits_file, tmp_path: Path) -> None:
+    """The official loader builds a 42-px model from args and uses its table as stored: the table
+    resampled once, at export, as our encoder resamples it for 42-px inputs."""
+    source, _ = vits_file
+    out = tmp_path / "dune42.pth"
+    assert export_main([str(source), "--format", "dune", "--resolution", "42", "--out", str(out)]) == 0
+    x = images(42)
+    ours = load_encoder(source).forward_features(x)
+    tokens = official_load(out).get_encoder_output(x)
+    assert torch.equal(tokens[:, 0], ours["cls"]) and torch.equal(tokens[:, 1:], ours["patch"])
+
+
 # ----------------------------------------------------------------------- timm, hf, torch.hub
 
 
@@ -446,6 +459,21 @@ def test_unknown_architectures_are_named(capsys, vits_file, tiny_run: Path, tmp_
     bare = tmp_path / "custom.safetensors"  # a custom width with no config beside it: heads unknown
     save_file(load_file(str(tiny_run / "student.safetensors")), str(bare))
     _fails(capsys, [str(bare), "--format", "hf", "--out", str(tmp_path / "o")], str(bare), "head count")
+
+
+def test_sizes_and_options_that_cannot_work_are_named(capsys, vits_file, tmp_path: Path) -> None:
+    source = vits_file[0]
+    out = str(tmp_path / "out")
+    _fails(capsys, [str(source), "--format", "hf", "--resolution", "42x70", "--out", out], "42x70", "square", "--format onnx")
+    _fails(capsys, [str(source), "--format", "onnx", "--resolution", "40", "--out", out], "40x40", "multiple of the patch size 14")
+    _fails(capsys, [str(source), "--format", "onnx", "--dynamic", "--resolution", "42", "--out", out], "--dynamic", "--resolution")
+    for argv, message in ((["--format", "timm", "--with-onnx"], "--with-onnx adds model.onnx to an hf folder"),
+                          (["--format", "dune", "--dynamic"], "--dynamic is for ONNX graphs"),
+                          (["--format", "onnx", "--resolution", "4x"], "is not H or HxW")):
+        with pytest.raises(SystemExit) as stop:
+            export_main([str(source), *argv, "--out", out])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_launch_script_runs_as_a_program(vits_file, tmp_path: Path) -> None:

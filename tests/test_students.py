@@ -124,8 +124,8 @@ def test_export_names_the_student(group_run: Path, tmp_path: Path, capsys: pytes
         ("[{name: 'a/b'}]", "students.0.name: 'a/b' is not allowed"),
         ("[{name: a, distill: {norm_momentum_end: 0.1}}]", "students.0.distill.norm_momentum_end: 0.1 is not allowed; every"),
         ("[{name: a}, {name: b, student: {patch_size: 16}}]", "students.1.student.patch_size: 16 is not allowed; every"),
-        # Merged key by key: the top level's custom width stays unless the entry unsets it (null).
-        ("[{name: a, student: {arch: vit_small}}]", "students.0 (a): student.embed_dim: 48 is not allowed; only"),
+        # Merged key by key; a named arch drops the top level's custom shape, but not a shape given with it.
+        ("[{name: a, student: {arch: vit_small, depth: 3}}]", "students.0 (a): student.depth: 3 is not allowed; only"),
         ("[{name: a, student: {arch: vit_tiny}}]", "students.0 (a): student.arch: 'vit_tiny' is not allowed"),
         ("[{name: a, optim: {learning_rate: 1}}]", "students.0 (a): unknown config key optim.learning_rate"),
         ("[{name: a, train: {batch_size_per_rank: 2}}]", "unknown config key students.0.train"),

@@ -48,7 +48,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dune_scale import distributed
-from dune_scale.config import Config, ConfigError, load_config
+from dune_scale.config import Config, ConfigError, EvalConfig, load_config
 from dune_scale.data.mixture import Mixture
 from dune_scale.distributed import DistInfo, rank_seed
 from dune_scale.engine.compose import RunPlan, build_encoder, build_trainer, check_run
@@ -154,6 +154,12 @@ def random_init_overrides(cfg: Config) -> list[str]:
     for i in range(len(cfg.teachers.models)):
         overrides += [f"teachers.models.{i}.checkpoint=null", f"teachers.models.{i}.random_init=true"]
     return overrides
+
+
+def without_evaluation(cfg: Config) -> Config:
+    """``cfg`` with every ``eval`` setting off: the benchmark times training steps, and validation,
+    the k-NN probe and feature pictures are not part of one (nor is their data connected here)."""
+    return dataclasses.replace(cfg, eval=EvalConfig())
 
 
 def synthetic_batches(cfg: Config, mixture: Mixture, device: torch.device, rank: int) -> list[dict[str, Any]]:
@@ -352,6 +358,7 @@ def run_variant(
         cfg = load_config(config_path, overrides)
         if options.random_init:
             cfg = load_config(config_path, [*overrides, *random_init_overrides(cfg)])
+        cfg = without_evaluation(cfg)
         result.batch_size_per_rank = cfg.train.batch_size_per_rank
         result.grad_accum_steps = cfg.train.grad_accum_steps
         result.global_batch_size = cfg.global_batch_size(dist.world_size)
@@ -605,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     """0 when every variant ran, 1 when one failed (the report still lists it), 2 on a bad base config."""
     args = parse_args(argv)
     try:
-        base = load_config(args.config, args.overrides)
+        base = without_evaluation(load_config(args.config, args.overrides))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

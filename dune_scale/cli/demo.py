@@ -1,11 +1,12 @@
 """`make demo`: synthetic MDS shards → tiny_cpu training on CPU (~60 steps) → loss summary.
 
 Starts fresh each time (the demo's own output folder, ``runs/demo`` under the current directory, is
-replaced); real runs resume instead.
+replaced, once the arguments are read and the configuration is valid); real runs resume instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -21,18 +22,20 @@ DEMO_DIR = Path("runs") / "demo"
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = sys.argv[1:] if argv is None else argv
-    return run_program(lambda: _demo(overrides))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/tiny_cpu.yaml")
+    args = parser.parse_args(argv)
+    return run_program(lambda: _demo(args.overrides))
 
 
 def _demo(overrides: list[str]) -> int:
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
     shards = DEMO_DIR / "shards"
-    write_demo_shards(shards)
     cfg = load_config(
         recipe_path("tiny_cpu"),
         [f"run.output_dir={DEMO_DIR / 'run'}", f"data.remote_root={shards}", *overrides],
     )
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    write_demo_shards(shards)
     train(cfg)
     output = Path(cfg.run.output_dir)
     records = [r for r in read_metrics(output / "metrics.jsonl") if r.get("kind", "train") == "train"]

@@ -10,12 +10,15 @@ them), ``student.safetensors`` (or any of our weights files), an official DUNE `
 folders :func:`write_hf` / :func:`write_timm` produce. Nothing is unpickled but tensors and, in
 official ``.pth`` files, their ``argparse.Namespace`` of training arguments and, in official
 training checkpoints (``checkpoint.pth``), the numpy arrays and scalars those hold.
+``--resolution`` resamples the positional table once, at export (:func:`at_resolution`); the ONNX
+writer lives in :mod:`dune_scale.engine.onnx_export`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -37,7 +40,7 @@ from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, Checkpointer, is_complete, read_trainer_state
 from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-from dune_scale.models.vit import VisionTransformer
+from dune_scale.models.vit import VisionTransformer, pos_embed_for_grid
 from dune_scale.safe_load import UnreadableCheckpoint, official_training_globals, torch_load
 from dune_scale.teachers.registry import TEACHER_SPECS
 
@@ -51,7 +54,8 @@ TIMM_NAMES = {
 HUB_ENTRY = {"vit_small": "dune_vits14", "vit_base": "dune_vitb14", "vit_large": "dune_vitl14"}
 STUDENT_WEIGHTS = "student.safetensors"
 HF_WEIGHTS, HF_CONFIG, HF_CARD, HF_HUBCONF = "model.safetensors", "config.json", "README.md", "hubconf.py"
-FORMATS = ("dune", "timm", "hf")
+HF_ONNX = "model.onnx"
+FORMATS = ("dune", "timm", "hf", "onnx")
 # Wrappers that training may leave in key names (DDP/DeepSpeed, torch.compile, activation checkpointing).
 _WRAPPER_PARTS = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module)\.")
 
@@ -113,6 +117,7 @@ class StudentWeights:
     run_dir: Path | None = None
     num_heads: int | None = None
     recorded_spec: StudentSpec | None = None  # as an exported folder records it
+    resampled_from: int | None = None  # the training size, when the table was resampled at export
 
     @functools.cached_property
     def spec(self) -> StudentSpec:
@@ -533,6 +538,34 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path
 # ------------------------------------------------------------------------------------- writing
 
 
+def check_resolution(resolution: tuple[int, int], patch_size: int) -> tuple[int, int]:
+    height, width = resolution
+    if min(height, width) < 1 or height % patch_size or width % patch_size:
+        raise StudentFileError(f"--resolution {height}x{width}: each side must be a positive multiple of the patch size {patch_size}")
+    return height, width
+
+
+def at_resolution(weights: StudentWeights, resolution: tuple[int, int] | None) -> StudentWeights:
+    """``weights`` made for ``resolution`` (H, W) inputs: the positional table resampled once, by
+    the rule the encoder applies at that size, and that size recorded as the student's. The
+    formats that store a square table (dune, timm, hf) take square sizes only."""
+    spec = weights.spec
+    if resolution is None or resolution == (spec.image_size, spec.image_size):
+        return weights
+    height, width = check_resolution(resolution, spec.patch_size)
+    if height != width:
+        raise StudentFileError(f"--resolution {height}x{width}: this format stores a square positional table; "
+                               "a non-square size is for --format onnx")
+    with torch.device("meta"):
+        vit = spec.build_encoder()  # for its resampling settings only
+    grid = height // spec.patch_size
+    state = dict(weights.state)
+    state["encoder.pos_embed"] = pos_embed_for_grid(state["encoder.pos_embed"], grid, grid, vit.interpolate_offset,
+                                                    vit.interpolate_antialias)
+    return dataclasses.replace(weights, state=state, recorded_spec=dataclasses.replace(spec, image_size=height),
+                               resampled_from=spec.image_size)
+
+
 def _official_arch(weights: StudentWeights) -> str:
     arch = weights.spec.arch
     if arch == "custom" or weights.spec.patch_size != 14:
@@ -544,9 +577,10 @@ def _official_arch(weights: StudentWeights) -> str:
     return arch
 
 
-def write_dune(weights: StudentWeights, out: Path) -> Path:
+def write_dune(weights: StudentWeights, out: Path, resolution: tuple[int, int] | None = None) -> Path:
     """The official DUNE ``.pth``: ``model`` (its key layout), ``args`` (what its loader builds
     from: image_size, enc_args, proj_args, teachers) and ``iter``."""
+    weights = at_resolution(weights, resolution)
     arch = _official_arch(weights)
     spec = weights.spec
     for name, dim in spec.teacher_dims.items():
@@ -595,9 +629,10 @@ def _timm_config(weights: StudentWeights, arch: str) -> dict[str, Any]:
     }
 
 
-def write_timm(weights: StudentWeights, out: Path) -> Path:
+def write_timm(weights: StudentWeights, out: Path, resolution: tuple[int, int] | None = None) -> Path:
     """A timm local folder: ``timm.create_model("local-dir:OUT", pretrained=True)`` loads it (a
     custom shape keeps the ``vit_small`` name with its sizes in ``model_args``)."""
+    weights = at_resolution(weights, resolution)
     from safetensors.torch import save_file
 
     arch = weights.spec.arch if weights.spec.arch != "custom" else "vit_small"
@@ -607,11 +642,14 @@ def write_timm(weights: StudentWeights, out: Path) -> Path:
     return out
 
 
-def write_hf(weights: StudentWeights, out: Path) -> Path:
+def write_hf(weights: StudentWeights, out: Path, resolution: tuple[int, int] | None = None, with_onnx: bool = False,
+             dynamic: bool = False) -> Path:
     """A Hugging Face-style folder: full student weights, ``config.json``, a model card and a
-    ``hubconf.py`` (``torch.hub.load(OUT, "dune_vitb14", source="local")``)."""
+    ``hubconf.py`` (``torch.hub.load(OUT, "dune_vitb14", source="local")``); ``with_onnx`` adds
+    ``model.onnx``, the encoder at the folder's size (any size when ``dynamic``)."""
     from safetensors.torch import save_file
 
+    weights = at_resolution(weights, resolution)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.state.items()}, str(out / HF_WEIGHTS))
     config = {
@@ -624,7 +662,18 @@ def write_hf(weights: StudentWeights, out: Path) -> Path:
     (out / HF_CONFIG).write_text(json.dumps(config, indent=2))
     (out / HF_CARD).write_text(model_card(weights))
     (out / HF_HUBCONF).write_text(_hubconf(weights.spec.arch))
+    if with_onnx:
+        write_onnx(weights, out / HF_ONNX, dynamic=dynamic)
     return out
+
+
+def write_onnx(weights: StudentWeights, out: Path, resolution: tuple[int, int] | None = None, dynamic: bool = False) -> Path:
+    """:func:`dune_scale.engine.onnx_export.write_onnx`, imported here because its packages are an extra."""
+    try:
+        from dune_scale.engine import onnx_export
+    except ImportError as err:
+        raise StudentFileError(f"format onnx needs the onnx extra (pip install 'dune_scale[onnx]'): {err}") from None
+    return onnx_export.write_onnx(weights, out, resolution, dynamic)
 
 
 def _hubconf(arch: str) -> str:
@@ -668,6 +717,8 @@ def model_card(weights: StudentWeights) -> str:
         f"- width {spec.embed_dim}, {spec.depth} blocks, {spec.num_heads} heads, {spec.num_register_tokens} registers",
         "- projectors: " + ", ".join(f"{t} → {d} ({'+'.join(spec.teacher_tokens[t])})" for t, d in spec.teacher_dims.items()),
         f"- steps trained: {weights.step if weights.step is not None else 'unknown'}",
+        *([f"- input size {spec.image_size} px: positional embedding resampled at export from the {weights.resampled_from} px "
+           "it was trained at (as the encoder resamples it at that size)"] if weights.resampled_from else []),
         "",
         "## Recipe",
     ]
@@ -745,12 +796,14 @@ def _validation_lines(run_dir: Path | None) -> list[str]:
     return [f"- step {record.get('step')}"] + [f"- {k}: {v}" for k, v in sorted(record.items()) if k.startswith("val")]
 
 
-WRITERS = {"dune": write_dune, "timm": write_timm, "hf": write_hf}
+WRITERS = {"dune": write_dune, "timm": write_timm, "hf": write_hf, "onnx": write_onnx}
 
 
-def export(source: str | Path, fmt: str, out: str | Path, student: str | None = None) -> Path:
+def export(source: str | Path, fmt: str, out: str | Path, student: str | None = None,
+           resolution: tuple[int, int] | None = None, **options: bool) -> Path:
     """Read ``source`` (``student``: one of several students of a run) and write it as ``fmt`` (one
-    of :data:`FORMATS`) to ``out``."""
+    of :data:`FORMATS`) to ``out``, at ``resolution`` (H, W; default the training size);
+    ``options``: the writer's own (``dynamic`` for onnx; ``with_onnx``, ``dynamic`` for hf)."""
     if fmt not in WRITERS:
         raise StudentFileError(f"format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
-    return WRITERS[fmt](read_student(source, student), Path(out))
+    return WRITERS[fmt](read_student(source, student), Path(out), resolution=resolution, **options)

@@ -151,6 +151,17 @@ def resample_pos_embed(
     return torch.cat([pos[:, :1], grid], dim=1).to(pos_embed.dtype)
 
 
+def pos_embed_for_grid(
+    pos_embed: torch.Tensor, rows: int, cols: int, offset: float = 0.1, antialias: bool = False
+) -> torch.Tensor:
+    """The table a ``rows`` × ``cols`` token grid uses (DINOv2's rule): the stored one at its own
+    square grid, else :func:`resample_pos_embed`. Forward passes, exported students at another
+    resolution and the ONNX graph's run-time resampling (checked against it) all follow it."""
+    if rows == cols == math.isqrt(pos_embed.shape[1] - 1):
+        return pos_embed
+    return resample_pos_embed(pos_embed, rows, cols, offset, antialias)
+
+
 def init_linear_trunc_normal(module: nn.Module) -> None:
     """DINOv2/timm init for training from scratch: trunc-normal(0.02) weights, zero biases."""
     if isinstance(module, nn.Linear):
@@ -225,22 +236,15 @@ class VisionTransformer(nn.Module):
         self.apply(init_linear_trunc_normal)
 
     def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
-        """The (1, 1+N, D) positional embedding for a ``height`` × ``width`` pixel input (DINOv2 rule).
-
-        The stored table is returned as is only at the native grid with a square input; otherwise
-        the grid is resampled bicubically by scale factors (H/p + offset)/M, (W/p + offset)/M.
-        """
-        stored = self.pos_embed.shape[1] - 1
-        if num_patches == stored and height == width:
-            return self.pos_embed
-        return self._derived.get(
-            ("pos_embed", height // self.patch_size, width // self.patch_size), [self.pos_embed],
-            lambda: self._resample_pos_embed(height, width),
-        )
+        """The (1, 1+N, D) positional embedding for a ``height`` × ``width`` pixel input
+        (:func:`pos_embed_for_grid`: as stored at the native square grid, else resampled
+        bicubically by scale factors (H/p + offset)/M, (W/p + offset)/M)."""
+        rows, cols = height // self.patch_size, width // self.patch_size
+        return self._derived.get(("pos_embed", rows, cols), [self.pos_embed], lambda: self._resample_pos_embed(height, width))
 
     def _resample_pos_embed(self, height: int, width: int) -> torch.Tensor:
         rows, cols = height // self.patch_size, width // self.patch_size
-        return resample_pos_embed(self.pos_embed, rows, cols, self.interpolate_offset, self.interpolate_antialias)
+        return pos_embed_for_grid(self.pos_embed, rows, cols, self.interpolate_offset, self.interpolate_antialias)
 
     def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[cls, registers, patches]; registers are inserted after the positional embedding."""
