@@ -113,4 +113,129 @@ def test_segmentation_and_depth_probes_beat_chance_for_a_student_and_a_teacher(
     for found in (student_seg, teacher_seg):
         assert found["miou"] > 0.6 and found["pixel_accuracy"] > 0.75, found
     assert student_depth["delta1"] > 0.6 and student_depth["abs_rel"] < 0.25, student_depth
-    print(student_seg, teacher_seg, student_depth)
+
+    # One JSON per probe in RUN/eval (the teacher's too: --config named this run), with what ran.
+    results = {path.name: json.loads(path.read_text()) for path in (student_run / "eval").glob("*.json")}
+    assert sorted(results) == ["depth_nyu_tiny_student_encoder.json", "linear-seg_ade_tiny_dino2reg_vitlarge_14_encoder.json",
+                               "linear-seg_ade_tiny_student_encoder.json"]
+    record = results["linear-seg_ade_tiny_student_encoder.json"]
+    assert record["metrics"]["miou"] == pytest.approx(student_seg["miou"], abs=1e-4)
+    assert (record["images"], record["skipped_count"], record["seed"], record["image_size"]) == ({"train": 24, "val": 12}, 0, 0, 56)
+    assert record["options"]["num_classes"] == 3 and record["options"]["data"] == str(ade20k)
+    from dune_scale.engine.export import model_card, read_student, sha256_file
+
+    assert record["source"] == {"kind": "student", "name": "student", "path": str(student_run / "student.safetensors"),
+                                "sha256": sha256_file(student_run / "student.safetensors"), "step": None}
+    teacher = results["linear-seg_ade_tiny_dino2reg_vitlarge_14_encoder.json"]["source"]
+    assert (teacher["kind"], teacher["path"], teacher["sha256"]) == ("teacher", "random init", None)
+
+    # The report: the student's row above the teacher's, one column per metric, values as printed.
+    assert _eval_report(student_run) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == ("| model | features | linear-seg ade_tiny mIoU ↑ | linear-seg ade_tiny pixel acc. ↑ | depth nyu_tiny RMSE (m) ↓ "
+                        "| depth nyu_tiny AbsRel ↓ | depth nyu_tiny δ<1.25 ↑ |")
+    assert table[2].startswith(f"| student | encoder | {100 * student_seg['miou']:.1f} | ")
+    assert table[3] == (f"| dino2reg_vitlarge_14 (teacher) | encoder | {100 * teacher_seg['miou']:.1f} | "
+                        f"{100 * teacher_seg['pixel_accuracy']:.1f} | – | – | – |")
+    # The exported model card carries the same table.
+    card = model_card(read_student(student_run))
+    assert "\n".join(table) in card and "## Probes on frozen features" in card
+
+
+def _eval_report(run: Path) -> int:
+    from dune_scale.cli.eval import main
+
+    return main(["report", str(run)])
+
+
+def test_projector_features_and_a_fixed_seed(student_run: Path, ade20k: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--features projector:NAME`` probes what a projector predicts; a seed fixes the head."""
+    seg = ("linear-seg", "--data", str(ade20k), "--num-classes", "3", "--epochs", "3", "--checkpoint", str(student_run),
+           "--out", str(tmp_path))
+    runs = []
+    for features, seed in (("projector:dino2reg_vitlarge_14", "1"), ("projector:dino2reg_vitlarge_14", "1"), ("encoder", "1")):
+        assert _eval(*seg, "--features", features, "--seed", seed) == 0
+        runs.append(_printed(capsys))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    record = json.loads((tmp_path / "linear-seg_ade_tiny_student_projector-dino2reg_vitlarge_14.json").read_text())
+    assert record["features"] == "projector:dino2reg_vitlarge_14" and record["seed"] == 1
+    assert not (student_run / "eval" / "linear-seg_ade_tiny_student_projector-dino2reg_vitlarge_14.json").exists()  # --out
+
+
+def _copy(tree: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tree, to))
+
+
+def test_a_file_at_fault_is_skipped_and_named(tmp_path: Path, student_run: Path, capsys: pytest.CaptureFixture) -> None:
+    ade = write_ade20k(tmp_path / "ade", per_split=(6, 3))
+    Image.new("L", (40, 40)).save(ade / "annotations" / "training" / "ADE_0001.png")  # another size than its image
+    (ade / "images" / "validation" / "ADE_0002.jpg").write_bytes(b"not a jpeg")
+    (ade / "annotations" / "training" / "ADE_0003.png").unlink()
+    nyu = write_nyu(tmp_path / "nyu", per_split=(6, 3))
+    Image.new("L", (SIDE, SIDE)).save(nyu / "train" / "0002.png")  # 8-bit: not millimetres
+    out = tmp_path / "out"
+    common = ("--checkpoint", str(student_run), "--epochs", "1", "--out", str(out))
+    assert _eval("linear-seg", "--data", str(ade), "--num-classes", "3", *common) == 0
+    assert _eval("depth", "--data", str(nyu), *common) == 0
+    printed = capsys.readouterr().out
+    seg = json.loads((out / "linear-seg_ade_student_encoder.json").read_text())
+    assert (seg["images"], seg["skipped_count"]) == ({"train": 4, "val": 2}, 3)
+    reasons = {Path(item["path"]).name: item["reason"] for item in seg["skipped"]}
+    assert reasons["ADE_0001.png"] == "size 40x40 differs from its image's 84x84"
+    assert reasons["ADE_0002.jpg"].startswith("cannot read the image")
+    assert reasons["ADE_0003.jpg"] == "no label file ADE_0003.png beside it"
+    assert f"skipped {ade / 'annotations' / 'training' / 'ADE_0001.png'}: size 40x40" in printed
+    depth = json.loads((out / "depth_nyu_student_encoder.json").read_text())
+    assert depth["skipped"] == [{"path": str(nyu / "train" / "0002.png"), "reason": "depth must be a uint16 PNG of millimetres, found mode L"}]
+    assert depth["images"] == {"train": 5, "val": 3}
+
+
+def test_what_makes_every_number_wrong_stops_with_one_message(
+    tmp_path: Path, student_run: Path, ade20k: Path, nyu: Path, capsys: pytest.CaptureFixture
+) -> None:
+    seg = ("linear-seg", "--checkpoint", str(student_run), "--epochs", "1", "--out", str(tmp_path / "out"))
+    cases = [
+        ((*seg, "--data", str(ade20k), "--num-classes", "2"), "class id 3 is above --num-classes 2"),
+        ((*seg, "--data", str(tmp_path / "nowhere")), "images/training: missing; the ADE20K layout holds"),
+        (("depth", "--checkpoint", str(student_run), "--data", str(ade20k)), "ade_tiny/train: missing; the NYU layout holds"),
+        ((*seg, "--data", str(ade20k), "--num-classes", "0"), "--num-classes: 0 is not allowed; it must be at least 1"),
+        ((*seg, "--data", str(ade20k), "--features", "decoder"), "--features: features 'decoder' is unknown"),
+        ((*seg, "--data", str(ade20k), "--features", "projector:nobody"), "this student has no projector for 'nobody'"),
+        (("depth", "--data", str(nyu), "--teacher", "dino2reg_vitlarge_14"), "--teacher needs --config"),
+        (("depth", "--data", str(nyu), "--teacher", "nobody", "--config", str(student_run)), "--teacher nobody: not a teacher"),
+        (("depth", "--data", str(nyu), "--teacher", "mast3r_vitlarge_16", "--config", str(student_run), "--features",
+          "projector:mast3r_vitlarge_16"), "a teacher has no projectors"),
+        (("depth", "--data", str(nyu), "--checkpoint", str(student_run), "--teacher", "x"), "give either --checkpoint"),
+        (("depth", "--data", str(nyu), "--max-depth", "-1", "--checkpoint", str(student_run)), "--max-depth: -1.0 is not allowed"),
+    ]
+    for argv, message in cases:
+        assert _eval(*argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "out").exists()
+    assert _eval_report(tmp_path) == 2 and "no probe results" in capsys.readouterr().err
+
+
+def test_probe_specs_of_a_run_are_checked_before_training(tmp_path: Path, demo_shards: Path, ade20k: Path) -> None:
+    from conftest import tiny_overrides
+    from dune_scale.config import ConfigError
+    from dune_scale.distributed import DistInfo
+    from dune_scale.engine.compose import check_run
+
+    def check(*probes: str) -> None:
+        check_run(load_config(TINY_CPU, tiny_overrides(tmp_path, demo_shards, "eval.probe_every_steps=2", *probes)), DistInfo())
+
+    check(f"eval.probes=[{{kind: linear-seg, data: {ade20k}, num_classes: 3}}]")
+    for probes, message in (
+        ("eval.probes=[{kind: segmentation, data: x}]", "eval.probes.0.kind: 'segmentation' is not a probe; choose one of knn"),
+        (f"eval.probes=[{{kind: linear-seg, data: {ade20k}, classes: 3}}]", "eval.probes.0.classes: unknown for linear-seg"),
+        ("eval.probes=[{kind: depth}]", "eval.probes.0.data: missing"),
+        (f"eval.probes=[{{kind: depth, data: {ade20k}, epochs: two}}]", "eval.probes.0.epochs: 'two' is not a valid int"),
+        (f"eval.probes=[{{kind: depth, data: {ade20k}}}]", f"eval.probes (depth): {ade20k}/train: missing; the NYU layout"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check(probes)
+    with pytest.raises(ConfigError, match="eval.probe_every_steps: 2 is not allowed; it needs eval.probes"):
+        check()

@@ -48,7 +48,7 @@ def result_record(spec: ProbeSpec, result: ProbeResult, source: dict[str, Any], 
 def write_result(folder: Path, record: dict[str, Any]) -> Path:
     """``folder/<probe>_<dataset>_<source>_<features>.json``, written atomically."""
     parts = (record["probe"], record["dataset"], record["source"]["name"], record["features"])
-    path = Path(folder) / ("_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", part) for part in parts) + ".json")
+    path = Path(folder) / ("_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", part) for part in parts) + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1))
