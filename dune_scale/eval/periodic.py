@@ -107,7 +107,7 @@ class PeriodicEvaluation:
                 records[name].append(self._knn(student.strategy, step, samples_seen))
         if self.probes and self._due(self.cfg.probe_every_steps, step, final) and not self._any_rank_stopping(stop_requested):
             for name, student in students.items():
-                records[name] += [self._probe(spec, name, student.strategy, step, samples_seen) for spec in self.probes]
+                records[name] += [self._run_probe(spec, name, student.strategy, step, samples_seen) for spec in self.probes]
         return records
 
     def _any_rank_stopping(self, stop_requested: Callable[[], bool]) -> bool:
@@ -124,7 +124,7 @@ class PeriodicEvaluation:
         return {"step": step, "samples_seen": samples_seen, "kind": "knn", "dataset": Path(self.cfg.knn_val).name,
                 "top1": result.top1, "top5": result.top5, "k": result.k, "temperature": result.temperature}
 
-    def _probe(self, spec: ProbeSpec, name: str, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
+    def _run_probe(self, spec: ProbeSpec, name: str, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
         """One probe of ``eval.probes`` on the student, spread over the ranks (collective)."""
         settings = ProbeSettings(self.image_size, self.dist.device, spec.batch_size, rank=self.dist.rank,
                                  world=self.dist.world_size)
