@@ -241,7 +241,8 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_batch_size: int = _at_least(64, 1)
     # Probes on frozen features (dune_scale.eval.registry: each entry a mapping with ``kind`` and its
-    # settings, e.g. {kind: linear-seg, data: /data/ade20k_small}), every N steps and at the end.
+    # settings, e.g. {kind: linear-seg, data: /data/ade20k_small}): at the end of training, and every
+    # probe_every_steps steps when that is set.
     probes: list[dict[str, Any]] = field(default_factory=list)
     probe_every_steps: int | None = None
 

@@ -93,8 +93,8 @@ def probe_sets(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def probed(knn_sets: tuple[str, str], probes: str) -> tuple[str, ...]:
     """Validation and the k-NN probe (the encoder called on its own) every 2 steps, the probes of
-    eval.probes (spread over the ranks) at the end."""
-    return "eval.every_steps=2", "eval.knn_every_steps=2", *knn_sets, probes, "eval.probe_every_steps=5"
+    eval.probes (spread over the ranks; no eval.probe_every_steps) at the end only."""
+    return "eval.every_steps=2", "eval.knn_every_steps=2", *knn_sets, probes
 
 
 @pytest.fixture(scope="module")

@@ -209,6 +209,7 @@ def test_what_makes_every_number_wrong_stops_with_one_message(
           "projector:mast3r_vitlarge_16"), "a teacher has no projectors"),
         (("depth", "--data", str(nyu), "--checkpoint", str(student_run), "--teacher", "x"), "give either --checkpoint"),
         (("depth", "--data", str(nyu), "--max-depth", "-1", "--checkpoint", str(student_run)), "--max-depth: -1.0 is not allowed"),
+        (("depth", "--data", str(nyu), "--image-size", "50", "--checkpoint", str(student_run)), "a multiple of the patch size 14"),
     ]
     for argv, message in cases:
         assert _eval(*argv) == 2, argv

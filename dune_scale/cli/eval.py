@@ -114,6 +114,9 @@ def _probe(args: argparse.Namespace) -> int:
     spec.options.check_data()  # before any model is loaded
     device = pick_device(args.device)
     probed = _teacher(args, device) if args.teacher else _student(args, device)
+    if probed.image_size < 1 or probed.image_size % probed.source.patch_size:
+        raise ValueError(f"--image-size: {probed.image_size} is not allowed; it must be a multiple of the patch size "
+                         f"{probed.source.patch_size}")
     settings = ProbeSettings(probed.image_size, device, spec.batch_size, args.workers, not args.no_progress, args.cache_dir)
     result = spec.run(probed.source, settings)
     metrics = " ".join(f"{key} {value:.4f}" for key, value in result.metrics.items())

@@ -205,7 +205,7 @@ def build_evaluation(
     if cfg.eval.every_steps is not None:
         names, loaders = val
         validator = Validator(loaders, names, teachers, dist.device, cfg.eval.max_batches)
-    probes = probe_specs(cfg) if cfg.eval.probe_every_steps is not None else []
+    probes = probe_specs(cfg)
     if validator is None and cfg.eval.knn_every_steps is None and not probes:
         return None
     return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, validator, feature_pictures, probes)

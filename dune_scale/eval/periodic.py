@@ -85,8 +85,12 @@ class PeriodicEvaluation:
     def due(self, step: int, final: bool) -> bool:
         """Is anything to run after ``step``?"""
         validates = self.validator is not None and self._due(self.cfg.every_steps, step, final)
-        probes = bool(self.probes) and self._due(self.cfg.probe_every_steps, step, final)
-        return validates or probes or self._due(self.cfg.knn_every_steps, step, final)
+        return validates or self._probes_due(step, final) or self._due(self.cfg.knn_every_steps, step, final)
+
+    def _probes_due(self, step: int, final: bool) -> bool:
+        """``eval.probes`` run every ``eval.probe_every_steps`` (when set) and at the end."""
+        every = self.cfg.probe_every_steps
+        return bool(self.probes) and (final or (every is not None and step % every == 0))
 
     def run(
         self, students: Mapping[str, EvaluatedStudent], step: int, samples_seen: int, final: bool,
@@ -105,7 +109,7 @@ class PeriodicEvaluation:
         if self._due(self.cfg.knn_every_steps, step, final) and not self._any_rank_stopping(stop_requested):
             for name, student in students.items():
                 records[name].append(self._knn(student.strategy, step, samples_seen))
-        if self.probes and self._due(self.cfg.probe_every_steps, step, final) and not self._any_rank_stopping(stop_requested):
+        if self._probes_due(step, final) and not self._any_rank_stopping(stop_requested):
             for name, student in students.items():
                 records[name] += [self._run_probe(spec, name, student.strategy, step, samples_seen) for spec in self.probes]
         return records
