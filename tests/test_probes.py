@@ -5,6 +5,7 @@ bad-input rules, and the probes during training leaving the training bitwise unc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -240,3 +241,22 @@ def test_probe_specs_of_a_run_are_checked_before_training(tmp_path: Path, demo_s
             check(probes)
     with pytest.raises(ConfigError, match="eval.probe_every_steps: 2 is not allowed; it needs eval.probes"):
         check()
+
+
+def test_a_rank_without_images_still_runs_its_forwards_and_learns_the_feature_shape(student_run: Path, ade20k: Path) -> None:
+    """Spread over more ranks than images, a rank holds nothing but runs the same (blank) forwards
+    and knows the token shape, so the head it builds matches the others'."""
+    from dune_scale.engine.export import build_student_from, read_student
+    from dune_scale.eval.dense import feature_statistics
+    from dune_scale.eval.features import extract, feature_cache, student_source
+    from dune_scale.eval.probe_data import SegmentationSet, ade20k_pairs
+
+    calls = []
+    source = student_source(build_student_from(read_student(student_run)), "encoder")
+    counted = dataclasses.replace(source, tokens=lambda images: calls.append(len(images)) or source.tokens(images))
+    data = SegmentationSet(ade20k_pairs(ade20k, "val")[:1], 56, 3)
+    with feature_cache() as cache:
+        found = extract(counted, data, "patch", cache, "val", torch.device("cpu"), batch_size=4, rank=1, world=2)
+        mean, var = feature_statistics(found, torch.device("cpu"))
+    assert calls == [1] and found.features.shape == (0, 16, 48) and found.grid == (4, 4)
+    assert mean.shape == var.shape == (48,)

@@ -173,7 +173,8 @@ def extract(
                         collate_fn=collate_kept)
     valid = torch.zeros(len(dataset), dtype=torch.float64)
     skipped: list[Skipped] = []
-    features = targets = None
+    features: np.ndarray | None = None
+    targets: np.ndarray | None = None
     grid = (0, 0)
     iterator = iter(loader)
     with _progress(progress, f"{source.label} {name}", batches) as advance:
@@ -185,17 +186,20 @@ def extract(
             images = torch.stack([image for image, _, _ in kept]) if kept else _blank(dataset)
             with source.autocast():
                 out = source.tokens(images.to(device, non_blocking=True))[token]
+            grid = (images.shape[-2] // source.patch_size, images.shape[-1] // source.patch_size)
+            if features is None:  # shaped by the first forward, a blank one too: every rank learns D
+                features = _store(cache, f"{name}_features_{rank}", np.dtype(np.float16), (len(indices), *out.shape[1:]))
             if kept:
-                grid = (images.shape[-2] // source.patch_size, images.shape[-1] // source.patch_size)
-                if features is None:
-                    features, targets = _allocate(cache, name, rank, len(indices), out.shape[1:], kept[0][1])
+                if targets is None:
+                    first = np.asarray(kept[0][1])
+                    targets = _store(cache, f"{name}_targets_{rank}", first.dtype, (len(indices), *first.shape))
                 rows = [index // world for _, _, index in kept]
                 features[rows] = out.float().cpu().numpy().astype(np.float16)
                 targets[rows] = np.stack([np.asarray(target) for _, target, _ in kept])
                 valid[[index for _, _, index in kept]] = 1.0
             advance()
-    if features is None:  # nothing kept on this rank
-        features, targets = np.zeros((0,), np.float16), np.zeros((0,), np.float32)
+    if targets is None:  # nothing kept on this rank: its rows are never read
+        targets = np.zeros((0,), np.float32)
     valid = all_reduce_sum(valid.to(device)).cpu() > 0
     return Extracted(features, targets, valid, skipped, grid, rank, world)
 
@@ -220,13 +224,11 @@ def _blank(dataset: Dataset) -> torch.Tensor:
     return torch.zeros(1, 3, dataset.image_size, dataset.image_size)
 
 
-def _allocate(cache: str, name: str, rank: int, rows: int, shape: torch.Size, target: Any) -> tuple[np.ndarray, np.ndarray]:
-    target = np.asarray(target)
-    features = np.lib.format.open_memmap(f"{cache}/{name}_features_{rank}.npy", mode="w+", dtype=np.float16,
-                                         shape=(rows, *shape))
-    targets = np.lib.format.open_memmap(f"{cache}/{name}_targets_{rank}.npy", mode="w+", dtype=target.dtype,
-                                        shape=(rows, *target.shape))
-    return features, targets
+def _store(cache: str, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A memory-mapped array in the cache folder (in memory when empty: nothing to map)."""
+    if not shape[0]:
+        return np.zeros(shape, dtype)
+    return np.lib.format.open_memmap(f"{cache}/{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
 
 @contextlib.contextmanager
