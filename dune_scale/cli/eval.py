@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         how.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction batch")
         how.add_argument("--image-size", type=int, default=None, help="default: the training resolution")
         how.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-        how.add_argument("--workers", type=int, default=4, help="image-decoding processes")
+        how.add_argument("--workers", type=int, default=4, help="image-decoding processes (linear-seg, depth)")
         how.add_argument("--cache-dir", default=None, help="where the feature cache goes (default: the system's temp folder)")
         how.add_argument("--out", default=None, help=f"folder for the result JSON (default: RUN/{RESULTS_FOLDER}/)")
         how.add_argument("--no-progress", action="store_true", help="no progress bar")

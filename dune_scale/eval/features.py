@@ -237,8 +237,10 @@ def _progress(show: bool, label: str, total: int) -> Iterator[Callable[[], None]
     if not show:
         yield lambda: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    with Progress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+    columns = ("[bold]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:  # stdout keeps the result
         task = bar.add_task(f"features {label}", total=total)
         yield lambda: bar.advance(task)
