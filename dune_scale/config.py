@@ -246,6 +246,11 @@ class EvalConfig:
     knn_k: int = _at_least(20, 1)
     knn_temperature: float = 0.07
     knn_batch_size: int = _at_least(64, 1)
+    # Probes on frozen features (dune_scale.eval.registry: each entry a mapping with ``kind`` and its
+    # settings, e.g. {kind: linear-seg, data: /data/ade20k_small}): at the end of training, and every
+    # probe_every_steps steps when that is set.
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    probe_every_steps: int | None = None
 
 
 # The sections a ``students:`` entry may set; the rest (data, teachers, train, strategy, ...) is the
@@ -694,13 +699,15 @@ def parse_step_range(text: str) -> tuple[int, int]:
 def _check_eval_and_telemetry(config: Config) -> None:
     e = config.eval
     for key, value in (("eval.every_steps", e.every_steps), ("eval.max_batches", e.max_batches),
-                       ("eval.knn_every_steps", e.knn_every_steps)):
+                       ("eval.knn_every_steps", e.knn_every_steps), ("eval.probe_every_steps", e.probe_every_steps)):
         if value is not None and value < 1:
             _fail(key, value, "a positive number (or leave it unset to switch it off)")
     if e.knn_temperature <= 0:
         _fail("eval.knn_temperature", e.knn_temperature, "a positive temperature (DINO uses 0.07)")
     if e.knn_every_steps is not None and not (e.knn_train and e.knn_val):
         _fail("eval.knn_every_steps", e.knn_every_steps, "it needs eval.knn_train and eval.knn_val (labelled image folders)")
+    if e.probe_every_steps is not None and not e.probes:
+        _fail("eval.probe_every_steps", e.probe_every_steps, "it needs eval.probes (a list of probe settings)")
     if config.run.profile_steps is not None:
         try:
             parse_step_range(config.run.profile_steps)

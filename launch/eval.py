@@ -1,4 +1,5 @@
-"""Evaluate a trained student: `python launch/eval.py knn --checkpoint RUN_OR_FILE --train DIR --val DIR`."""
+"""Probe frozen features: `python launch/eval.py {knn,linear-seg,depth} --checkpoint RUN_OR_FILE ...`
+(or `--teacher NAME --config RUN`), and `python launch/eval.py report RUN` for the results table."""
 
 import sys
 

@@ -80,15 +80,29 @@ def accumulating(strategy: str) -> tuple[str, str]:
     return "train.grad_accum_steps=2", f"train.batch_size_per_rank={12 // LAUNCHER[strategy][1]}"
 
 
-def probed(knn_sets: tuple[str, str]) -> tuple[str, ...]:
-    """Validation and the k-NN probe (the encoder called on its own) every 2 steps."""
-    return "eval.every_steps=2", "eval.knn_every_steps=2", *knn_sets
+@pytest.fixture(scope="module")
+def probe_sets(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """eval.probes: linear segmentation on the encoder and depth on a projector (test_probes' sets)."""
+    from test_probes import write_ade20k, write_nyu
+
+    root = tmp_path_factory.mktemp("probes")
+    ade, nyu = write_ade20k(root / "ade", (6, 3)), write_nyu(root / "nyu", (6, 3))
+    return (f"eval.probes=[{{kind: linear-seg, data: {ade}, num_classes: 3, epochs: 3}}, "
+            f"{{kind: depth, data: {nyu}, epochs: 3, features: 'projector:dino2reg_vitlarge_14'}}]")
+
+
+def probed(knn_sets: tuple[str, str], probes: str) -> tuple[str, ...]:
+    """Validation and the k-NN probe (the encoder called on its own) every 2 steps, the probes of
+    eval.probes (spread over the ranks; no eval.probe_every_steps) at the end only."""
+    return "eval.every_steps=2", "eval.knn_every_steps=2", *knn_sets, probes
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path, knn_sets: tuple[str, str]) -> tuple[Path, list[dict]]:
+def single_run(
+    tmp_path_factory: pytest.TempPathFactory, demo_shards: Path, knn_sets: tuple[str, str], probe_sets: str
+) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("single") / "run"
-    return out, run_training("single", out, demo_shards, "train.max_steps=5", *accumulating("single"), *probed(knn_sets), STUDENTS,
+    return out, run_training("single", out, demo_shards, "train.max_steps=5", *accumulating("single"), *probed(knn_sets, probe_sets), STUDENTS,
                              with_val=True, student="main")
 
 
@@ -98,13 +112,13 @@ def single_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path, knn_
 @pytest.mark.parametrize("strategy, stage, resume", [("fsdp", 0, False), ("deepspeed", 2, False), ("deepspeed", 3, True)])
 def test_strategy_trains_checkpoints_resumes_and_matches_single(
     strategy: str, stage: int, resume: bool, tmp_path: Path, demo_shards: Path, single_run: tuple[Path, list[dict]],
-    knn_sets: tuple[str, str]
+    knn_sets: tuple[str, str], probe_sets: str
 ) -> None:
     single_dir, single = single_run
     out = tmp_path / "run"
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     first = run_training(strategy, out, demo_shards, "train.max_steps=5", "checkpoint.every_steps=3", *accumulating(strategy),
-                         *probed(knn_sets), STUDENTS, f"checkpoint.async_save={strategy == 'fsdp'}", stage=stage or 2,
+                         *probed(knn_sets, probe_sets), STUDENTS, f"checkpoint.async_save={strategy == 'fsdp'}", stage=stage or 2,
                          with_val=True, student="main")
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before  # DeepSpeed's segments are freed
     assert global_batches(out) == global_batches(single_dir)  # same samples per global batch
@@ -132,6 +146,14 @@ def test_strategy_trains_checkpoints_resumes_and_matches_single(
     assert [r[0] for r in knn] == [r[0] for r in single_knn] == [2, 4, 5]
     assert all(abs(a - b) <= 0.25 for mine, reference in zip(knn, single_knn) for a, b in zip(mine[1:], reference[1:]))
     assert knn[-1] == single_knn[-1]
+    # The dense probes, each rank extracting and training on its stride of the images, train the head
+    # one process trains (up to float sums: a pixel's argmax may flip).
+    for kind, keys in (("linear-seg", ("miou", "pixel_accuracy")), ("depth", ("rmse", "abs_rel", "delta1"))):
+        mine, reference = ([r for r in records if r["kind"] == kind] for records in (first, single))
+        assert [(r["step"], r["images"], r["train_images"]) for r in mine] == [(5, 3, 6)]
+        assert [(r["step"], r["images"], r["train_images"]) for r in reference] == [(5, 3, 6)]
+        for key in keys:
+            assert mine[0][key] == pytest.approx(reference[0][key], abs=0.02), (kind, key)
     # The second student trained on the same teacher pass, as under `single`.
     small, single_small = (read_metrics(folder / "students" / "small" / "metrics.jsonl") for folder in (out, single_dir))
     assert losses(small) == pytest.approx(losses(single_small), rel=1e-4) and losses(small) != losses(first)

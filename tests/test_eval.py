@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import types
 from pathlib import Path
 
@@ -78,11 +79,31 @@ def test_resume_mid_run_gives_the_same_validation_numbers(tmp_path: Path, demo_s
     assert [r["loss"] for r in resumed if r["kind"] == "train"] == [r["loss"] for r in straight if r["kind"] == "train"]
 
 
-def test_validation_does_not_change_training(tmp_path: Path, demo_shards: Path) -> None:
+def test_validation_and_probes_do_not_change_training(tmp_path: Path, demo_shards: Path) -> None:
+    """Validation and the probes of eval.probes (issue 26) leave the training bitwise as it was."""
+    from safetensors.torch import load_file
+    from test_probes import write_ade20k, write_nyu
+
+    ade, nyu = write_ade20k(tmp_path / "ade", (6, 3)), write_nyu(tmp_path / "nyu", (6, 3))
+    probes = (f"eval.probes=[{{kind: linear-seg, data: {ade}, num_classes: 3, epochs: 2}}, "
+              f"{{kind: depth, data: {nyu}, epochs: 2, features: 'projector:dino2reg_vitlarge_14'}}]")
     plain = _run(tmp_path / "plain", demo_shards, "train.max_steps=6", "distill.teacher_drop=lowest_loss")
+    streams = [(torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())]  # training seeds them itself
     with_val = _run(tmp_path / "val", demo_shards, "train.max_steps=6", "distill.teacher_drop=lowest_loss",
-                    "eval.every_steps=2")
+                    "eval.every_steps=2", probes, "eval.probe_every_steps=4")
+    streams.append((torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()))
     assert [r["loss"] for r in with_val if r["kind"] == "train"] == [r["loss"] for r in plain]
+    assert torch.equal(streams[0][0], streams[1][0]) and np.array_equal(streams[0][1], streams[1][1])
+    assert streams[0][2] == streams[1][2]
+    weights = [load_file(str(tmp_path / run / "student.safetensors")) for run in ("plain", "val")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    # The probes ran after step 4 and at the end, into the same records as validation.
+    seg = [r for r in with_val if r["kind"] == "linear-seg"]
+    depth = [r for r in with_val if r["kind"] == "depth"]
+    assert [r["step"] for r in seg] == [r["step"] for r in depth] == [4, 6]
+    assert seg[0]["dataset"] == "ade" and (seg[0]["images"], seg[0]["train_images"], seg[0]["skipped"]) == (3, 6, 0)
+    assert 0 <= seg[-1]["miou"] <= 1 and 0 <= seg[-1]["pixel_accuracy"] <= 1
+    assert depth[0]["dataset"] == "nyu.projector:dino2reg_vitlarge_14" and depth[-1]["rmse"] > 0
 
 
 def test_feature_pictures_are_written_as_png_at_each_validation(tmp_path: Path, demo_shards: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -100,19 +101,48 @@ def test_eval_program_names_bad_inputs(tmp_path: Path, labelled: tuple[Path, Pat
 
 
 def test_mds_shards_with_labels_give_the_imagefolder_result(tmp_path: Path, labelled: tuple[Path, Path]) -> None:
+    """Shards of convert_data.py --labels folders (``image`` + ``label``) and of earlier versions
+    (``jpeg`` + ``label``) read as the folders they came from; shards without labels are named."""
     from streaming import MDSWriter
 
-    def to_shards(folder: Path) -> Path:
-        out = tmp_path / f"{folder.name}_mds"
+    from dune_scale.cli.convert_data import main as convert
+    from dune_scale.eval.probe_data import ProbeDataError
+
+    def old_shards(folder: Path) -> Path:
+        out = tmp_path / f"{folder.name}_jpeg"
         with MDSWriter(out=str(out), columns={"jpeg": "bytes", "label": "int"}) as writer:
             for label, class_dir in enumerate(sorted(folder.iterdir())):
                 for image in sorted(class_dir.iterdir()):
                     writer.write({"jpeg": image.read_bytes(), "label": label})
         return out
 
+    def converted(folder: Path, *extra: str) -> Path:
+        assert convert([str(folder), str(tmp_path / "mds"), "--name", folder.name, "--workers", "1", "--no-progress", *extra]) == 0
+        return tmp_path / "mds" / folder.name
+
     train_dir, val_dir = labelled
     torch.manual_seed(0)
     encoder = build_encoder(load_config(TINY_CPU, ["data.remote_root=/nonexistent", "data.mixture=in1k"])).eval()
     from_folders = knn_probe(class_token(encoder), train_dir, val_dir, 56, torch.device("cpu"), k=5)
-    from_shards = knn_probe(class_token(encoder), to_shards(train_dir), to_shards(val_dir), 56, torch.device("cpu"), k=5)
-    assert (from_shards.top1, from_shards.top5, from_shards.val_images) == (from_folders.top1, from_folders.top5, 32)
+    for shards in ((old_shards(train_dir), old_shards(val_dir)),
+                   (converted(train_dir, "--labels", "folders"), converted(val_dir, "--labels", "folders"))):
+        from_shards = knn_probe(class_token(encoder), *shards, 56, torch.device("cpu"), k=5)
+        assert (from_shards.top1, from_shards.top5, from_shards.val_images) == (from_folders.top1, from_folders.top5, 32)
+    assert json.loads((tmp_path / "mds" / "val" / "convert_report.json").read_text())["classes"] == [f"class_{i}" for i in range(4)]
+    unlabelled = converted(train_dir)  # again without --labels: converted anew, no label column
+    with pytest.raises(ProbeDataError, match="hold no 'label' column; convert the class folders with .*--labels folders"):
+        knn_probe(class_token(encoder), unlabelled, val_dir, 56, torch.device("cpu"))
+
+
+def test_an_unreadable_image_is_skipped_and_counted(tmp_path: Path, labelled: tuple[Path, Path]) -> None:
+    import shutil
+
+    train_dir, val_dir = labelled
+    broken = Path(shutil.copytree(val_dir, tmp_path / "val"))
+    (broken / "class_1" / "3.png").write_bytes(b"\x89PNG truncated")
+    torch.manual_seed(0)
+    cfg = load_config(TINY_CPU, ["data.remote_root=/nonexistent", "data.mixture=in1k"])
+    encoder = build_encoder(cfg).eval()
+    result = knn_probe(class_token(encoder), train_dir, broken, 56, torch.device("cpu"))
+    assert (result.val_images, [item.path for item in result.skipped]) == (31, [str(broken / "class_1" / "3.png")])
+    assert "cannot decode image" in result.skipped[0].reason

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dune_scale.data.convert import DEFAULT_MAX_PIXELS, LAYOUTS, REPORT_NAME, SPLITS, convert_dataset
+from dune_scale.data.convert import DEFAULT_MAX_PIXELS, LABELS, LAYOUTS, REPORT_NAME, SPLITS, convert_dataset
 from dune_scale.data.errors import DataError
 from dune_scale.object_store import configure_s3_endpoint
 
@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quality", type=int, default=None,
         help="re-encode non-JPEG images as JPEG at this quality (default: keep JPEG/PNG/WebP bytes, others as PNG)",
     )
+    parser.add_argument("--labels", choices=LABELS, default="none",
+                        help="folders: store each image's class (its ImageFolder sub-folder) as a label column, for k-NN sets")
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible store endpoint (else S3_ENDPOINT_URL)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split=args.split,
             timeout=args.timeout,
             progress=not args.no_progress,
+            labels=args.labels,
         )
     except (ValueError, OSError, DataError) as err:  # bad arguments or sources, unreachable or refusing storage
         print(f"error: {err}", file=sys.stderr)

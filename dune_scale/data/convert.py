@@ -18,7 +18,10 @@ training crops end at a few hundred pixels). Images the official loader rotates 
 frames, see ``ROTATIONS``) carry that angle in the ``rotate`` column; the loader applies it. Every
 image is fully decoded first: corrupt or unreadable files are skipped and listed in
 ``convert_report.json``, never abort the conversion. ``index`` is the file's position in the sorted
-list (gaps where files were skipped), so it names the same file on every rerun.
+list (gaps where files were skipped), so it names the same file on every rerun. With
+``labels="folders"`` (an ImageFolder source) each sample also holds ``label``: its class folder's
+position among the sorted class folders, as torchvision's ``ImageFolder`` numbers them (the k-NN
+probe reads such shards).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ROTATIONS = {"bedlam": (("closeup", -90),)}
 SPLITS = ("train", "val")
 LAYOUTS = ("auto", "imagefolder", "folder", "glob", "filelist")
+LABELS = ("none", "folders")
 MARKER_DIR = ".convert"
 REPORT_NAME = "convert_report.json"
 
@@ -74,6 +78,7 @@ class ConvertReport:
     chunks_reused: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
     downscaled: list[dict[str, Any]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # label i's class folder (labels="folders")
 
 
 @dataclass(frozen=True)
@@ -94,11 +99,15 @@ class _Chunk:
     items: tuple[tuple[int, str], ...]  # (index in the dataset, file path)
     policy: ImagePolicy = ImagePolicy()
     root: str = "/"  # the source's folder: rotation patterns match paths below it
+    classes: tuple[str, ...] = ()  # class folders whose position is the ``label`` column (none: no labels)
+
+    def label(self, path: str) -> int:
+        return self.classes.index(Path(os.path.relpath(path, self.root)).parts[0])
 
     @property
     def digest(self) -> str:
-        """Identifies the chunk's inputs: paths, sizes and the image policy (a change changes it)."""
-        h = hashlib.sha1(repr(self.policy).encode())
+        """Identifies the chunk's inputs: paths, sizes, the image policy and the classes (a change changes it)."""
+        h = hashlib.sha1(repr(self.policy).encode() + (repr(self.classes).encode() if self.classes else b""))
         for index, path in self.items:
             h.update(f"{index}\t{path}\t{os.path.getsize(path) if os.path.exists(path) else -1}\n".encode())
         return h.hexdigest()
@@ -133,6 +142,13 @@ def list_sources(source: str, layout: str = "auto") -> list[str]:
     if not files:
         raise FileNotFoundError(f"no images found in {source} (layout {layout})")
     return [os.path.abspath(p) for p in files]
+
+
+def class_folders(source: str, layout: str) -> tuple[str, ...]:
+    """The class folders of an ImageFolder source, sorted (label i is the i-th)."""
+    if (_guess_layout(source) if layout == "auto" else layout) != "imagefolder":
+        raise ValueError(f"labels from folders need an ImageFolder source (one sub-folder per class); {source} is not one")
+    return tuple(sorted(d.name for d in Path(source).iterdir() if d.is_dir()))
 
 
 def source_root(source: str) -> str:
@@ -277,7 +293,8 @@ def _write_chunk(chunk: _Chunk, name: str, output: _Output) -> dict[str, Any]:
     basename = f"shard.{chunk.number:05}.mds"
     with tempfile.TemporaryDirectory(dir=os.path.join(output.local, MARKER_DIR)) as tmp:
         folder = os.path.join(tmp, "mds")
-        with MDSWriter(out=folder, columns=MDS_COLUMNS, hashes=MDS_HASHES, size_limit=None) as writer:
+        columns = {**MDS_COLUMNS, "label": "int"} if chunk.classes else MDS_COLUMNS
+        with MDSWriter(out=folder, columns=columns, hashes=MDS_HASHES, size_limit=None) as writer:
             for index, path in chunk.items:
                 try:
                     image = image_bytes(path, chunk.policy)
@@ -288,7 +305,8 @@ def _write_chunk(chunk: _Chunk, name: str, output: _Output) -> dict[str, Any]:
                     marker["skipped"].append({"index": index, "path": path, "error": f"{type(err).__name__}: {err}"})
                     continue
                 rotate = chunk.policy.rotation(os.path.relpath(path, chunk.root))
-                writer.write({"image": image.data, "format": image.format, "rotate": rotate, "dataset": name, "index": index})
+                sample = {"image": image.data, "format": image.format, "rotate": rotate, "dataset": name, "index": index}
+                writer.write({**sample, "label": chunk.label(path)} if chunk.classes else sample)
                 marker["written"] += 1
                 marker["reencoded"] += int(image.reencoded)
                 marker["rotated"] += int(rotate != 0)
@@ -321,9 +339,10 @@ def convert_dataset(
     split: str = "train",
     timeout: float = 60.0,
     progress: bool = True,
+    labels: str = "none",
 ) -> ConvertReport:
     """Convert one dataset's ``split`` into ``<out_root>/<name>`` (train) or ``<out_root>/<name>/val``
-    (a folder, ``s3://…`` or ``gs://…``)."""
+    (a folder, ``s3://…`` or ``gs://…``); ``labels="folders"`` stores class labels (see the module)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     if split not in SPLITS:
@@ -332,16 +351,20 @@ def convert_dataset(
         raise ValueError(f"max_pixels must be 0 (no limit) or positive, got {max_pixels}")
     if quality is not None and not 1 <= quality <= 100:
         raise ValueError(f"quality must be between 1 and 100, got {quality}")
+    if labels not in LABELS:
+        raise ValueError(f"labels {labels!r} is unknown; choose one of {' | '.join(LABELS)}")
     policy = ImagePolicy(quality, max_pixels, ROTATIONS.get(name.lower(), ()))
     files = list_sources(source, layout)
     root = source_root(source)
+    classes = class_folders(source, layout) if labels == "folders" else ()
     url = f"{out_root.rstrip('/')}/{name}" + ("/val" if split == "val" else "")
     check_bucket(url, timeout)
     staging = tempfile.mkdtemp(prefix="dune_convert_") if "://" in url else url
     try:
         output = _Output(url, staging, timeout)
         chunks = [
-            _Chunk(k, tuple((i, files[i]) for i in range(start, min(start + samples_per_shard, len(files)))), policy, root)
+            _Chunk(k, tuple((i, files[i]) for i in range(start, min(start + samples_per_shard, len(files)))), policy, root,
+                   classes)
             for k, start in enumerate(range(0, len(files), samples_per_shard))
         ]
         try:
@@ -366,6 +389,7 @@ def convert_dataset(
             chunks_reused=len(reused),
             skipped=[s for m in markers for s in m["skipped"]],
             downscaled=[d for m in markers for d in m["downscaled"]],
+            classes=list(classes),
         )
         _write_json(output, REPORT_NAME, asdict(report))
         _write_json(output, "index.json", {"version": 2, "shards": [m["shard"] for m in markers if m["shard"]]})

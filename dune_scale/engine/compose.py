@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dune_scale.config import Config, ConfigError, student_configs, student_subdir
+from dune_scale.data.errors import DataError
 from dune_scale.data.mixture import Mixture, MixtureError, resolve_mixture
 from dune_scale.distill.losses import fused_distill_loss, reference_distill_loss
 from dune_scale.distill.objective import DistillObjective
@@ -26,6 +27,7 @@ from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategies import build_strategy
 from dune_scale.engine.trainer import StudentRun, Trainer
 from dune_scale.eval.periodic import FeaturePictures, PeriodicEvaluation
+from dune_scale.eval.registry import ProbeSpec, parse_probe
 from dune_scale.eval.validation import Validator
 from dune_scale.models import vit
 from dune_scale.teachers import TEACHER_SPECS, build_teacher_ensemble, get_teacher_spec
@@ -69,6 +71,11 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
                 f"{key}: {folder!r} is not an existing folder; give an ImageFolder tree (one sub-folder per "
                 "class) or MDS shards with a label column"
             )
+    for spec in probe_specs(cfg):
+        try:
+            spec.options.check_data()
+        except DataError as err:
+            raise ConfigError(f"eval.probes ({spec.kind}): {err}") from None
     if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install tensorboard (or leave it unset)")
     if cfg.run.wandb_project and importlib.util.find_spec("wandb") is None:
@@ -169,6 +176,17 @@ def build_objective(cfg: Config, teacher_names: list[str], world_size: int) -> D
     )
 
 
+def probe_specs(cfg: Config) -> list[ProbeSpec]:
+    """``eval.probes`` read against the probe registry; ConfigError naming the entry's key."""
+    specs = []
+    for i, raw in enumerate(cfg.eval.probes):
+        try:
+            specs.append(parse_probe(raw, lambda name, i=i: f"eval.probes.{i}.{name}"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return specs
+
+
 # Validation data: dataset names and re-iterable loaders of training-style batches.
 ValidationData = tuple[Sequence[str], Sequence[Iterable[Any]]]
 
@@ -188,9 +206,10 @@ def build_evaluation(
     if cfg.eval.every_steps is not None:
         names, loaders = val
         validator = Validator(loaders, names, teachers, dist.device, cfg.eval.max_batches)
-    if validator is None and cfg.eval.knn_every_steps is None:
+    probes = probe_specs(cfg)
+    if validator is None and cfg.eval.knn_every_steps is None and not probes:
         return None
-    return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, validator, feature_pictures)
+    return PeriodicEvaluation(cfg.eval, cfg.train.image_size, dist, validator, feature_pictures, probes)
 
 
 def build_trainer(

@@ -39,6 +39,7 @@ from dune_scale.data.transforms import ValTransform
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, Checkpointer, is_complete, read_trainer_state
+from dune_scale.eval.results import run_results_lines
 from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import VisionTransformer, pos_embed_for_grid
 from dune_scale.safe_load import UnreadableCheckpoint, official_training_globals, torch_load
@@ -706,7 +707,8 @@ def sha256_file(path: Path) -> str:
 
 def model_card(weights: StudentWeights) -> str:
     """Markdown: architecture, recipe, data mixture with sizes, teachers with checkpoint hashes,
-    steps and the last validation numbers of ``metrics.jsonl`` (what the run folder tells)."""
+    steps, the last validation numbers of ``metrics.jsonl`` and the probe results table of the run
+    (what the run folder tells)."""
     spec, config = weights.spec, weights.config or {}
     lines = [
         f"# DUNE student: {spec.arch} (patch {spec.patch_size}, {spec.image_size} px)",
@@ -732,6 +734,7 @@ def model_card(weights: StudentWeights) -> str:
         lines.append(f"- unknown (exported from {weights.source}, no run config beside it)")
     lines += ["", "## Data mixture", *_mixture_lines(config), "", "## Teachers", *_teacher_lines(config, weights.run_dir)]
     lines += ["", "## Last validation", *_validation_lines(weights.run_dir)]
+    lines += ["", "## Probes on frozen features", *run_results_lines(weights.run_dir)]
     lines += ["", "## Use", "```python", "from dune_scale import load_encoder", "encoder = load_encoder(\"THIS_FOLDER\")",
               "features = encoder.forward_features(encoder.preprocess(image_uint8_chw)[None])  # cls, patch (before the final norm)",
               "```", ""]

@@ -9,14 +9,17 @@ reflects the frozen features alone and is cheap enough to watch during training.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dune_scale.data.transforms import build_val_transform, decode_image
+from dune_scale.data.transforms import CorruptImageError, build_val_transform, decode_image, decode_stored_image
+from dune_scale.eval.features import Skipped, collate_kept
+from dune_scale.eval.probe_data import ProbeDataError
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -30,36 +33,48 @@ class KnnResult:
     temperature: float
     train_images: int
     val_images: int
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 class LabelledImages(Dataset):
-    """An ImageFolder tree (one sub-folder of images per class) with the validation transform."""
+    """An ImageFolder tree (one sub-folder of images per class) with the validation transform; a file
+    PIL cannot read becomes :class:`Skipped`."""
 
     def __init__(self, root: str | Path, image_size: int) -> None:
         from torchvision.datasets import ImageFolder
 
-        self.folder = ImageFolder(str(root))
-        self.classes = list(self.folder.classes)
+        folder = ImageFolder(str(root), loader=str)  # lists the files; they are decoded in __getitem__
+        self.samples = folder.samples
+        self.classes = list(folder.classes)
         self.transform = build_val_transform(image_size)
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        import torchvision.transforms.v2.functional as TF
-
-        image, label = self.folder[index]
-        return self.transform(TF.pil_to_tensor(image.convert("RGB"))), label
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | Skipped:
+        path, label = self.samples[index]
+        try:
+            image = decode_image(Path(path).read_bytes())
+        except (CorruptImageError, OSError) as err:
+            return Skipped(path, str(err))
+        return self.transform(image), label, index
 
 
 class LabelledShards(Dataset):
-    """A local MDS folder whose samples hold ``jpeg`` bytes and an integer ``label``; every sample is
-    read on every rank (unlike a StreamingDataset, which splits them over ranks)."""
+    """A local MDS folder whose samples hold an image (``image``, or the ``jpeg`` of older shards) and
+    an integer ``label`` (``convert_data.py --labels folders``); every sample is read on every rank
+    (unlike a StreamingDataset, which splits them over ranks)."""
 
     def __init__(self, root: str | Path, image_size: int) -> None:
         from streaming.base.local import LocalDataset
 
+        self.root = Path(root)
         self.samples = LocalDataset(str(root))
+        if len(self.samples) and "label" not in self.samples[0]:
+            raise ProbeDataError(
+                f"{root}: its samples hold no 'label' column; convert the class folders with "
+                "launch/convert_data.py --labels folders"
+            )
         self.labels = [int(self.samples[i]["label"]) for i in range(len(self.samples))]
         self.classes = [str(label) for label in range(max(self.labels, default=-1) + 1)]
         self.transform = build_val_transform(image_size)
@@ -67,8 +82,12 @@ class LabelledShards(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(decode_image(self.samples[index]["jpeg"])), self.labels[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | Skipped:
+        try:
+            image = decode_stored_image(self.samples[index])
+        except CorruptImageError as err:
+            return Skipped(f"{self.root} sample {index}", str(err))
+        return self.transform(image), self.labels[index], index
 
 
 def labelled_set(root: str | Path, image_size: int) -> LabelledImages | LabelledShards:
@@ -80,14 +99,19 @@ def labelled_set(root: str | Path, image_size: int) -> LabelledImages | Labelled
 
 @torch.no_grad()
 def extract_features(
-    features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L2-normalised fp32 features [N, D], labels [N]) of every batch, on ``device``."""
-    feats, labels = [], []
-    for images, batch_labels in batches:
-        feats.append(F.normalize(features(images.to(device)).float(), dim=-1))
-        labels.append(batch_labels.to(device))
-    return torch.cat(feats), torch.cat(labels)
+    features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[list[Any], list[Skipped]]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[Skipped]]:
+    """(L2-normalised fp32 features [N, D], labels [N], skipped files) of every batch, on ``device``."""
+    feats, labels, skipped = [], [], []
+    for kept, bad in batches:
+        skipped += bad
+        if kept:
+            images = torch.stack([image for image, _, _ in kept])
+            feats.append(F.normalize(features(images.to(device)).float(), dim=-1))
+            labels.append(torch.tensor([label for _, label, _ in kept], device=device))
+    if not feats:
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device), skipped
+    return torch.cat(feats), torch.cat(labels), skipped
 
 
 @torch.no_grad()
@@ -133,14 +157,21 @@ def knn_probe(
     ``features`` maps images to class tokens."""
     train, val = labelled_set(train_dir, image_size), labelled_set(val_dir, image_size)
     if isinstance(train, LabelledImages) and isinstance(val, LabelledImages) and train.classes != val.classes:
-        raise ValueError(f"{val_dir} has classes {val.classes}, {train_dir} has {train.classes}")
-    if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"k-NN needs images in both {train_dir} ({len(train)}) and {val_dir} ({len(val)})")
-    train_feats, train_labels = extract_features(features, DataLoader(train, batch_size=batch_size), device)
-    val_feats, val_labels = extract_features(features, DataLoader(val, batch_size=batch_size), device)
+        raise ProbeDataError(f"{val_dir} has classes {val.classes}, {train_dir} has {train.classes}")
+    train_feats, train_labels, skipped = extract_features(
+        features, DataLoader(train, batch_size=batch_size, collate_fn=collate_kept), device)
+    val_feats, val_labels, val_skipped = extract_features(
+        features, DataLoader(val, batch_size=batch_size, collate_fn=collate_kept), device)
+    skipped += val_skipped
+    if len(train_labels) == 0 or len(val_labels) == 0:
+        raise ProbeDataError(
+            f"k-NN needs images in both {train_dir} ({len(train_labels)} readable) and {val_dir} ({len(val_labels)} readable)"
+            + (f"; skipped: {skipped[0].path} ({skipped[0].reason})" if skipped else "")
+        )
     num_classes = max(len(train.classes), len(val.classes))
     top1, top5 = weighted_knn(train_feats, train_labels, val_feats, val_labels, num_classes, k, temperature)
-    return KnnResult(top1=top1, top5=top5, k=k, temperature=temperature, train_images=len(train), val_images=len(val))
+    return KnnResult(top1=top1, top5=top5, k=k, temperature=temperature, train_images=len(train_labels),
+                     val_images=len(val_labels), skipped=skipped)
 
 
 def class_token(encoder: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

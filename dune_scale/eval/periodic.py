@@ -1,5 +1,7 @@
 """What the trainer runs between steps to show that the student learns: held-out validation, the k-NN
-probe and feature pictures, each on its own schedule and at the end of training.
+probe, the probes of ``eval.probes`` and feature pictures, each on its own schedule and at the end of
+training. None of them draws from the training's random streams or leaves a module changed, so a run
+with them trains exactly as one without.
 
 The trainer calls :meth:`PeriodicEvaluation.run` after every step on every rank (the student's forward
 is collective under sharded strategies) with every student it trains, and writes the records it
@@ -20,7 +22,10 @@ import torch
 from torch import nn
 
 from dune_scale.distributed import DistInfo, all_reduce_max
+from dune_scale.eval.features import ENCODER, student_source
 from dune_scale.eval.knn import class_token, knn_probe
+from dune_scale.eval.probes import ProbeSettings
+from dune_scale.eval.registry import ProbeSpec
 from dune_scale.eval.validation import Validator, eval_mode, preserved_rng
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,10 @@ class PeriodicEvaluation:
         dist: DistInfo,
         validator: Validator | None = None,
         feature_pictures: FeaturePictures | None = None,
+        probes: list[ProbeSpec] | None = None,
     ) -> None:
         self.cfg = eval_cfg
+        self.probes = probes or []
         self.image_size = image_size
         self.dist = dist
         self.validator = validator
@@ -78,7 +85,12 @@ class PeriodicEvaluation:
     def due(self, step: int, final: bool) -> bool:
         """Is anything to run after ``step``?"""
         validates = self.validator is not None and self._due(self.cfg.every_steps, step, final)
-        return validates or self._due(self.cfg.knn_every_steps, step, final)
+        return validates or self._probes_due(step, final) or self._due(self.cfg.knn_every_steps, step, final)
+
+    def _probes_due(self, step: int, final: bool) -> bool:
+        """``eval.probes`` run every ``eval.probe_every_steps`` (when set) and at the end."""
+        every = self.cfg.probe_every_steps
+        return bool(self.probes) and (final or (every is not None and step % every == 0))
 
     def run(
         self, students: Mapping[str, EvaluatedStudent], step: int, samples_seen: int, final: bool,
@@ -97,6 +109,9 @@ class PeriodicEvaluation:
         if self._due(self.cfg.knn_every_steps, step, final) and not self._any_rank_stopping(stop_requested):
             for name, student in students.items():
                 records[name].append(self._knn(student.strategy, step, samples_seen))
+        if self._probes_due(step, final) and not self._any_rank_stopping(stop_requested):
+            for name, student in students.items():
+                records[name] += [self._run_probe(spec, name, student.strategy, step, samples_seen) for spec in self.probes]
         return records
 
     def _any_rank_stopping(self, stop_requested: Callable[[], bool]) -> bool:
@@ -112,6 +127,17 @@ class PeriodicEvaluation:
             )
         return {"step": step, "samples_seen": samples_seen, "kind": "knn", "dataset": Path(self.cfg.knn_val).name,
                 "top1": result.top1, "top5": result.top5, "k": result.k, "temperature": result.temperature}
+
+    def _run_probe(self, spec: ProbeSpec, name: str, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
+        """One probe of ``eval.probes`` on the student, spread over the ranks (collective)."""
+        settings = ProbeSettings(self.image_size, self.dist.device, spec.batch_size, rank=self.dist.rank,
+                                 world=self.dist.world_size)
+        with eval_mode(strategy.module) as module, preserved_rng(self.dist.device), whole_encoder(module):
+            result = spec.run(student_source(module, spec.features, name or "student", strategy.autocast), settings)
+        dataset = spec.options.dataset if spec.features == ENCODER else f"{spec.options.dataset}.{spec.features}"
+        return {"step": step, "samples_seen": samples_seen, "kind": spec.kind, "dataset": dataset, **result.metrics,
+                "features": spec.features, "images": result.val_images, "train_images": result.train_images,
+                "skipped": result.skipped_count}
 
     def _probe_images(self) -> torch.Tensor:
         """The first images of the first validation loader: the same pictures at every validation."""
