@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from dune_scale.data.convert import DEFAULT_MAX_PIXELS
 from dune_scale.data.errors import DataError
-from dune_scale.data.prepare import REPORT, Part, Settings, format_report, prepare_mixture
+from dune_scale.data.prepare import Part, Settings, format_report, prepare_mixture
 from dune_scale.object_store import configure_s3_endpoint
 
 
@@ -58,13 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join(format_report(report)))
-    if report.complete:
-        print(f"complete: report in {args.out.rstrip('/')}/{REPORT}")
-        return 0
+    pending = [f"{r.dataset}/{r.split} ({r.status})" for r in report.splits if r.status not in ("converted", "complete")]
+    print(f"{'complete' if not pending else 'not complete: ' + ', '.join(pending)}; report in {', '.join(report.written_to)}")
     waiting = [f"{r.dataset}/{r.split}" for r in report.splits if r.status == "partial"]
     if args.merge and waiting:
         print(
-            f"not complete: {', '.join(waiting)} still miss shards (chunk k is part k mod N): run those parts, and give "
+            f"--merge: {', '.join(waiting)} still miss shards (chunk k is part k mod N): run those parts, and give "
             "--merge the parts' --samples-per-shard, --max-side, --max-pixels and --quality",
             file=sys.stderr,
         )

@@ -256,7 +256,6 @@ class _Output:
         self.remote = "://" in url
         self.local = staging if self.remote else url
         self.timeout = timeout
-        os.makedirs(self.local, exist_ok=True)
         self._uploader: Any = None
         self._downloader: Any = None
 

@@ -151,6 +151,7 @@ class PrepareReport:
     ignored_datasets: list[str]  # datasets SOURCES names outside the mixture
     workers: int
     seconds: float = 0.0
+    written_to: list[str] = field(default_factory=list)  # the report files this run wrote
 
     @property
     def complete(self) -> bool:
@@ -380,11 +381,14 @@ def prepare_mixture(
     records += [refresh(SplitRecord(name, split, "not prepared"), None, out, timeout) for name, split in plan.others]
     report = PrepareReport(out, mixture, f"{part.index}/{part.count}", asdict(settings), records, plan.missing,
                            plan.ignored, workers or os.cpu_count() or 1, time.monotonic() - start)  # fmt: skip
+    if part.count > 1:
+        report.written_to.append(PART_REPORT.format(index=part.index, count=part.count))
+    if part.count == 1 or report.complete:
+        report.written_to.append(REPORT)
     with open_output(out, timeout, check=False) as root:
-        if part.count > 1:
-            write_json(root, PART_REPORT.format(index=part.index, count=part.count), report.to_json())
-        if part.count == 1 or report.complete:
-            write_json(root, REPORT, report.to_json())
+        for name in report.written_to:
+            write_json(root, name, report.to_json())
+    report.written_to = [f"{out.rstrip('/')}/{name}" for name in report.written_to]
     return report
 
 
