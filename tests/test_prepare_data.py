@@ -66,10 +66,11 @@ def build_miniature(src: Path) -> tuple[Path, dict[tuple[str, str], dict[str, An
     expected["gldv2", "train"] = {"found": 4, "left_out": {"directly in the split folder, not in a class folder": 1,
                                                            "extension not among torchvision's IMG_EXTENSIONS": 1}}
     expected["gldv2", "val"] = {"found": 2}
-    # mapillarystreet: everything below train_val/ and test/, recursively.
-    images("mapillary/train_val/x.jpg", "mapillary/train_val/city/y.jpeg", "mapillary/train_val/city/deep/z.webp", "mapillary/test/t.jpg")
+    # mapillarystreet: everything below train_val/ and test/, recursively (hidden files too: no filter but the extension).
+    images("mapillary/train_val/x.jpg", "mapillary/train_val/city/y.jpeg", "mapillary/train_val/city/deep/z.webp",
+           "mapillary/train_val/.h.jpg", "mapillary/test/t.jpg")  # fmt: skip
     _text(src / "mapillary/train_val/readme.md")
-    expected["mapillarystreet", "train"] = {"found": 3, "left_out": {"extension not among torchvision's IMG_EXTENSIONS": 1}}
+    expected["mapillarystreet", "train"] = {"found": 4, "left_out": {"extension not among torchvision's IMG_EXTENSIONS": 1}}
     expected["mapillarystreet", "val"] = {"found": 1}
     # MASt3R: (root, image list) cache pickles; one with a root that is not a folder.
     for name in MAST3R_DATASETS:
@@ -92,10 +93,11 @@ def build_miniature(src: Path) -> tuple[Path, dict[tuple[str, str], dict[str, An
     expected["agora", "train"] = {"found": 3, "written": 2, "skipped": {"not an image file PIL can read": 1},
                                   "left_out": {"hidden file (name starts with '.')": 1}}
     expected["agora", "val"] = {"found": 1}
-    # cuffs: everything below its root; no validation split.
+    # cuffs: everything below its root, symbolic links to folders followed; no validation split.
     images("cuffs/a.jpg", "cuffs/s/b.jpg")
     _text(src / "cuffs/c.txt")
-    expected["cuffs", "train"] = {"found": 2, "left_out": {"extension not among torchvision's IMG_EXTENSIONS": 1}}
+    (src / "cuffs/linked").symlink_to(src / "gldv2/test/c1", target_is_directory=True)
+    expected["cuffs", "train"] = {"found": 3, "left_out": {"extension not among torchvision's IMG_EXTENSIONS": 1}}
     # ubody: the sorted keys of its annotation pickles (numpy arrays inside), under videos/.
     images("ubody/videos/clip1/0.jpg", "ubody/videos/clip1/1.jpg", "ubody/videos/clip2/0.jpg", "ubody/videos/unlisted.jpg")
     box = np.arange(4, dtype=np.float32)
@@ -236,7 +238,7 @@ def test_rerun_skips_finished_splits_and_reports_missing_datasets(one_run: tuple
     assert report["run"]["images"] == 0 and written_files(out) == before
     # --strict-counts: the miniature is not the recipe's data.
     assert run(partial, out, "--only", "cuffs", "--strict-counts") == 2
-    assert "cuffs (train): 2 images written where the recipe counts 54,944" in capsys.readouterr().err
+    assert "cuffs (train): 3 images written where the recipe counts 54,944" in capsys.readouterr().err
 
 
 def test_two_parts_and_merge_equal_one_run(one_run: tuple[Path, str], miniature: tuple[Path, dict], tmp_path: Path,
@@ -244,7 +246,7 @@ def test_two_parts_and_merge_equal_one_run(one_run: tuple[Path, str], miniature:
     sources, out = miniature[0], tmp_path / "parts"
     assert run(sources, out, "--part", "0/2") == 0
     assert not (out / "gldv2" / "index.json").exists()  # gldv2 train has chunks 0, 1: part 1/2 owns chunk 1
-    assert (out / "cuffs" / "index.json").exists()  # a single chunk: part 0/2 had everything
+    assert (out / "agora" / "val" / "index.json").exists()  # a single chunk: part 0/2 had everything
     assert not (out / REPORT).exists() and (out / "prepare_report.part-0-of-2.json").exists()
     assert run(sources, out, "--merge") == 1
     assert "gldv2/train" in capsys.readouterr().err
