@@ -142,6 +142,8 @@ class SplitRecord:
 
 @dataclass
 class PrepareReport:
+    """What a run did and what OUT holds; ``prepare_report.json`` (a part's own file as well)."""
+
     out: str
     mixture: str
     part: str
@@ -364,6 +366,8 @@ def prepare_mixture(
     """Prepare every split of the mixture's datasets that SOURCES names (or ``only`` those); write the
     report (``prepare_report.json`` when complete, a single run or ``merge``; a part's own otherwise)."""
     settings.check()
+    if workers is not None and workers < 1:
+        raise PrepareError(f"--workers must be at least 1, got {workers}")
     if merge and part.count > 1:
         raise PrepareError("--merge joins the parts' shards; give it without --part")
     start = time.monotonic()
