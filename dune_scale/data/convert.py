@@ -272,20 +272,23 @@ class _Output:
         if self.remote:
             self.uploader().upload_file(basename)
 
-    def markers(self, wanted: set[int] | None = None) -> dict[int, dict[str, Any]]:
-        """The markers already stored (of the ``wanted`` chunks only, when given), by chunk number."""
+    def stored_chunks(self) -> set[int]:
+        """The numbers of the chunks whose marker is stored (one listing, no file read)."""
         if not self.remote:
             names = [p.name for p in Path(self.local, MARKER_DIR).glob("chunk.*.json")]
         else:
             names = [os.path.basename(k) for k in self.uploader().list_objects(f"{MARKER_DIR}/") or []]
             names = [n for n in names if n.startswith("chunk.") and n.endswith(".json")]
+        return {int(name.split(".")[1]) for name in names}
+
+    def markers(self, wanted: set[int] | None = None) -> dict[int, dict[str, Any]]:
+        """The markers already stored (of the ``wanted`` chunks only, when given), by chunk number."""
         found = {}
-        for name in names:
-            if wanted is not None and int(name.split(".")[1]) not in wanted:
-                continue
-            marker = self.read_json(f"{MARKER_DIR}/{name}")
-            if marker is not None:
-                found[int(marker["chunk"])] = marker
+        for number in self.stored_chunks():
+            if wanted is None or number in wanted:
+                marker = self.read_json(f"{MARKER_DIR}/chunk.{number:05}.json")
+                if marker is not None:
+                    found[int(marker["chunk"])] = marker
         return found
 
     def read_json(self, basename: str) -> Any:

@@ -323,9 +323,13 @@ def prepare_split(job: Job, out: str, settings: Settings, part: Part, *, merge: 
         record.converted_bytes = sum(m["shard"]["raw_data"]["bytes"] for m in fresh if m["shard"])
         record.reused, record.shards = len(reused), len(chunks)
         others = {c.number for c in chunks} - set(markers)
-        stored = output.markers(others) if others else {}
-        markers.update({n: m for n, m in stored.items() if m.get("sources") == chunks[n].digest})
-        record.missing = [c.number for c in chunks if c.number not in markers]
+        present = output.stored_chunks() if others else set()
+        if others <= present:  # other parts' markers are read, and their files' sizes checked, once all are there
+            stored = output.markers(others) if others else {}
+            markers.update({n: m for n, m in stored.items() if m.get("sources") == chunks[n].digest})
+            record.missing = [c.number for c in chunks if c.number not in markers]
+        else:
+            record.missing = sorted(others - present)
         if record.missing:
             return record
         ordered = [markers[c.number] for c in chunks]
