@@ -11,11 +11,19 @@ from dune_scale.data.errors import DataError
 from dune_scale.object_store import configure_s3_endpoint
 
 
-def add_conversion_options(parser: argparse.ArgumentParser) -> None:
-    """Options every conversion shares (this program and prepare_data): shards, processes, image
-    storage, object store."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Convert one dataset, print a summary; exit 0 (1 if nothing was written, 2 on bad input)."""
+    parser = argparse.ArgumentParser(
+        description="Convert a dataset of images into MDS shards: the training split to OUT/NAME, "
+        "the validation split (--split val) to OUT/NAME/val.",
+    )
+    parser.add_argument("source", help="image folder, class folders (ImageFolder), a file list, or a glob pattern")
+    parser.add_argument("out", help="output root: a local folder, s3://bucket/prefix or gs://bucket/prefix")
+    parser.add_argument("--name", required=True, help="dataset name (= folder name the mixture refers to)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="how SOURCE lists images (default: guess)")
     parser.add_argument("--samples-per-shard", type=int, default=512, help="images per shard (default 512, ~50 MB of ImageNet JPEGs)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    parser.add_argument("--split", choices=SPLITS, default="train", help="which split SOURCE holds (default train)")
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
         help=f"downscale larger images to this many pixels (default {DEFAULT_MAX_PIXELS:,}; 0: no limit)",
@@ -27,20 +35,6 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible store endpoint (else S3_ENDPOINT_URL)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Convert one dataset, print a summary; exit 0 (1 if nothing was written, 2 on bad input)."""
-    parser = argparse.ArgumentParser(
-        description="Convert a dataset of images into MDS shards: the training split to OUT/NAME, "
-        "the validation split (--split val) to OUT/NAME/val.",
-    )
-    parser.add_argument("source", help="image folder, class folders (ImageFolder), a file list, or a glob pattern")
-    parser.add_argument("out", help="output root: a local folder, s3://bucket/prefix or gs://bucket/prefix")
-    parser.add_argument("--name", required=True, help="dataset name (= folder name the mixture refers to)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="how SOURCE lists images (default: guess)")
-    parser.add_argument("--split", choices=SPLITS, default="train", help="which split SOURCE holds (default train)")
-    add_conversion_options(parser)
     args = parser.parse_args(argv)
     configure_s3_endpoint(args.s3_endpoint_url)
     try:
