@@ -21,9 +21,10 @@ def fsync_path(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is flushed, renamed over
-    ``path`` and the folder flushed. On failure the temporary file is removed and ``path`` untouched."""
+    ``path`` and the folder flushed. On failure the temporary file is removed and ``path`` untouched.
+    Each process writes its own temporary, so processes writing one file at once never mix."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         fsync_path(tmp)

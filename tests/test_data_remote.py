@@ -213,3 +213,32 @@ def test_val_split_converted_to_s3_and_read_back_in_order(s3_env: SeaweedS3, sou
     assert [len(b["index"]) for b in batches] == [5, 5, 5, 5, 4]
     assert sorted(int(i) for b in batches for i in b["index"]) == [i for i in range(26) if i not in (12, 25)]
     assert list((tmp_path / "cache" / "people" / "val").glob("shard.*.mds"))
+
+
+def test_prepare_parts_to_s3_write_what_one_local_run_writes(s3_env: SeaweedS3, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """launch/prepare_data.py to s3://: two parts (the last joins), then a rerun that skips; the
+    bucket holds the files one local run writes."""
+    import yaml
+
+    from dune_scale.cli.prepare_data import main
+
+    rng = np.random.default_rng(0)
+    for path in ("train/a.png", "train/s/b.jpg", "train/c.jpg", "train/.hidden.png", "validation/v.png"):
+        (tmp_path / "agora" / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "agora" / path)
+    (tmp_path / "SOURCES.yaml").write_text(yaml.safe_dump({"agora": str(tmp_path / "agora")}))
+    common = [str(tmp_path / "SOURCES.yaml"), "--workers", "1", "--no-progress", "--samples-per-shard", "2"]
+    local = tmp_path / "local"
+    assert main([common[0], str(local), *common[1:]]) == 0
+    url = f"s3://{s3_env.bucket}/prepare"
+    for part in ("0/2", "1/2", "0/2"):
+        assert main([common[0], url, *common[1:], "--part", part]) == 0
+    assert "agora            train           3           3        0         1" in capsys.readouterr().out
+    client = s3_env.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_env.bucket, Prefix="prepare/")["Contents"]]
+    stored = {k.removeprefix("prepare/"): client.get_object(Bucket=s3_env.bucket, Key=k)["Body"].read()
+              for k in keys if k.endswith((".mds", "/index.json"))}  # fmt: skip
+    expected = {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.suffix == ".mds" or p.name == "index.json"}
+    assert stored == expected and len(expected) == 5  # 2 + 1 shards, 2 indexes
+    report = json.loads(client.get_object(Bucket=s3_env.bucket, Key="prepare/prepare_report.part-0-of-2.json")["Body"].read())
+    assert [s["status"] for s in report["splits"]] == ["complete", "complete"] and report["run"]["images"] == 0

@@ -14,7 +14,8 @@ JPEG, PNG and WebP files are stored byte for byte with their format (lossless: t
 loader reads BEDLAM's PNGs as they are); other formats are re-encoded as PNG, or as JPEG when a
 ``quality`` is given. Images above ``max_pixels`` are downscaled to fit and listed in the report
 (decoding a 121-megapixel photo cost each loader worker 1.2 GB and a second per sample, while
-training crops end at a few hundred pixels). Images the official loader rotates (BEDLAM "closeup"
+training crops end at a few hundred pixels); a ``max_side`` (``prepare_data.py --max-side``) caps
+the longer side of every image the same way, counted per chunk. Images the official loader rotates (BEDLAM "closeup"
 frames, see ``ROTATIONS``) carry that angle in the ``rotate`` column; the loader applies it. Every
 image is fully decoded first: corrupt or unreadable files are skipped and listed in
 ``convert_report.json``, never abort the conversion. ``index`` is the file's position in the sorted
@@ -26,6 +27,7 @@ probe reads such shards).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -45,7 +47,7 @@ from streaming.base.storage import CloudDownloader, CloudUploader
 from dune_scale.data.remote import check_bucket, storage_error
 from dune_scale.data.schema import MDS_COLUMNS, MDS_HASHES
 from dune_scale.files import atomic_write
-from dune_scale.object_store import bounded_s3_client
+from dune_scale.object_store import MISSING_CODES, bounded_s3_client, error_code
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Formats stored byte for byte; anything else is re-encoded.
@@ -80,6 +82,22 @@ class ConvertReport:
     downscaled: list[dict[str, Any]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)  # label i's class folder (labels="folders")
 
+    @classmethod
+    def from_markers(cls, dataset: str, output: str, files: int, markers: Sequence[dict[str, Any]], reused: int) -> ConvertReport:
+        """The report of a split whose chunks' markers (in chunk order) are all there."""
+        return cls(
+            dataset=dataset,
+            output=output,
+            files=files,
+            written=sum(m["written"] for m in markers),
+            reencoded=sum(m["reencoded"] for m in markers),
+            rotated=sum(m["rotated"] for m in markers),
+            shards=sum(m["shard"] is not None for m in markers),
+            chunks_reused=reused,
+            skipped=[s for m in markers for s in m["skipped"]],
+            downscaled=[d for m in markers for d in m["downscaled"]],
+        )
+
 
 @dataclass(frozen=True)
 class ImagePolicy:
@@ -88,9 +106,30 @@ class ImagePolicy:
     quality: int | None = None  # None: lossless (PNG) re-encoding; else JPEG at this quality
     max_pixels: int = DEFAULT_MAX_PIXELS
     rotations: tuple[tuple[str, int], ...] = ()
+    max_side: int = field(default=0, repr=False)  # longer side at most this (0: no limit); see identity()
 
     def rotation(self, path: str) -> int:
         return next((angle for pattern, angle in self.rotations if pattern in path), 0)
+
+    def identity(self) -> str:
+        """What chunk digests hash. ``max_side`` enters only when set, so the markers of conversions
+        written before it existed still match."""
+        return repr(self) + (f"+max_side={self.max_side}" if self.max_side else "")
+
+    def too_many_pixels(self, size: tuple[int, int]) -> bool:
+        return bool(self.max_pixels) and size[0] * size[1] > self.max_pixels
+
+    def stored_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The size an image of ``size`` is stored at: within ``max_pixels``, then within ``max_side``."""
+        if self.too_many_pixels(size):
+            size = _fitting(size, self.max_pixels)
+        width, height = size
+        if self.max_side and max(width, height) > self.max_side:
+            scale = self.max_side / max(width, height)
+            if width >= height:
+                return self.max_side, max(1, round(height * scale))
+            return max(1, round(width * scale)), self.max_side
+        return size
 
 
 @dataclass(frozen=True)
@@ -107,7 +146,7 @@ class _Chunk:
     @property
     def digest(self) -> str:
         """Identifies the chunk's inputs: paths, sizes, the image policy and the classes (a change changes it)."""
-        h = hashlib.sha1(repr(self.policy).encode() + (repr(self.classes).encode() if self.classes else b""))
+        h = hashlib.sha1(self.policy.identity().encode() + (repr(self.classes).encode() if self.classes else b""))
         for index, path in self.items:
             h.update(f"{index}\t{path}\t{os.path.getsize(path) if os.path.exists(path) else -1}\n".encode())
         return h.hexdigest()
@@ -194,17 +233,17 @@ def image_bytes(path: str, policy: ImagePolicy = ImagePolicy()) -> StoredImage:
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as img:
         source_size = img.size
-        if policy.max_pixels and img.width * img.height > policy.max_pixels:
-            img.draft("RGB", _fitting(img.size, policy.max_pixels))  # JPEG: decode at a reduced scale
+        size = policy.stored_size(source_size)
+        if size != source_size:
+            img.draft("RGB", size)  # JPEG: decode at a reduced scale
         img.load()  # a full decode: truncated and damaged files fail here, not at training time
         kept = KEPT_FORMATS.get(img.format or "")
-        too_big = bool(policy.max_pixels) and source_size[0] * source_size[1] > policy.max_pixels
-        if kept and not too_big and (policy.quality is None or kept == "jpeg"):
+        if kept and size == source_size and (policy.quality is None or kept == "jpeg"):
             return StoredImage(data, kept, False, source_size, source_size)
         # Training decodes to RGB: converting first loses nothing it would see.
         out = img.convert("RGB")
-        if too_big:
-            out = out.resize(_fitting(source_size, policy.max_pixels), Image.Resampling.LANCZOS)
+        if size != source_size:
+            out = out.resize(size, Image.Resampling.LANCZOS)
         # A JPEG source stays JPEG when shrunk; others are lossless unless a quality asks for JPEG.
         as_jpeg = policy.quality is not None or img.format == "JPEG"
         buffer = io.BytesIO()
@@ -233,8 +272,8 @@ class _Output:
         self.remote = "://" in url
         self.local = staging if self.remote else url
         self.timeout = timeout
-        os.makedirs(os.path.join(self.local, MARKER_DIR), exist_ok=True)
         self._uploader: Any = None
+        self._downloader: Any = None
 
     def uploader(self) -> Any:
         """Streaming's uploader; on S3 with a client bounded by ``timeout`` (its own waits minutes)."""
@@ -249,26 +288,47 @@ class _Output:
         if self.remote:
             self.uploader().upload_file(basename)
 
-    def markers(self) -> dict[int, dict[str, Any]]:
-        """The markers already stored, by chunk number."""
+    def stored_chunks(self) -> set[int]:
+        """The numbers of the chunks whose marker is stored (one listing, no file read)."""
         if not self.remote:
             names = [p.name for p in Path(self.local, MARKER_DIR).glob("chunk.*.json")]
         else:
             names = [os.path.basename(k) for k in self.uploader().list_objects(f"{MARKER_DIR}/") or []]
             names = [n for n in names if n.startswith("chunk.") and n.endswith(".json")]
+        return {int(name.split(".")[1]) for name in names}
+
+    def markers(self, wanted: set[int] | None = None) -> dict[int, dict[str, Any]]:
+        """The markers already stored (of the ``wanted`` chunks only, when given), by chunk number."""
         found = {}
-        for name in names:
-            path = os.path.join(self.local, MARKER_DIR, name)
-            if self.remote:
-                CloudDownloader.direct_download(f"{self.url}/{MARKER_DIR}/{name}", path, self.timeout)
-            marker = json.loads(Path(path).read_text())
-            found[int(marker["chunk"])] = marker
-            if self.remote:
-                os.remove(path)
+        for number in self.stored_chunks():
+            if wanted is None or number in wanted:
+                marker = self.read_json(f"{MARKER_DIR}/chunk.{number:05}.json")
+                if marker is not None:
+                    found[int(marker["chunk"])] = marker
         return found
 
+    def read_json(self, basename: str) -> Any:
+        """A JSON file of the output, or None when it is not there."""
+        path = os.path.join(self.local, basename)
+        if not self.remote:
+            return json.loads(Path(path).read_text()) if os.path.isfile(path) else None
+        if self._downloader is None:  # one client for all the files read
+            self._downloader = CloudDownloader.get(self.url)
+        try:
+            self._downloader.download(f"{self.url}/{basename}", path, self.timeout)
+        except Exception as err:
+            if isinstance(err, FileNotFoundError) or error_code(err) in MISSING_CODES:
+                return None
+            raise
+        try:
+            return json.loads(Path(path).read_text())
+        finally:
+            os.remove(path)
 
-def _write_json(output: _Output, basename: str, obj: Any) -> None:
+
+def write_json(output: _Output, basename: str, obj: Any) -> None:
+    """``obj`` as ``basename`` of the output, replaced atomically (then uploaded when remote)."""
+    Path(output.local, basename).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(Path(output.local) / basename) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     output.store(basename)
@@ -289,8 +349,9 @@ def _convert_chunk(job: tuple[_Chunk, str, str, str, float]) -> dict[str, Any]:
 
 def _write_chunk(chunk: _Chunk, name: str, output: _Output) -> dict[str, Any]:
     marker: dict[str, Any] = {"chunk": chunk.number, "sources": chunk.digest, "shard": None, "written": 0,
-                              "reencoded": 0, "rotated": 0, "skipped": [], "downscaled": []}
+                              "reencoded": 0, "rotated": 0, "resized": 0, "skipped": [], "downscaled": []}
     basename = f"shard.{chunk.number:05}.mds"
+    os.makedirs(os.path.join(output.local, MARKER_DIR), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.join(output.local, MARKER_DIR)) as tmp:
         folder = os.path.join(tmp, "mds")
         columns = {**MDS_COLUMNS, "label": "int"} if chunk.classes else MDS_COLUMNS
@@ -310,7 +371,8 @@ def _write_chunk(chunk: _Chunk, name: str, output: _Output) -> dict[str, Any]:
                 marker["written"] += 1
                 marker["reencoded"] += int(image.reencoded)
                 marker["rotated"] += int(rotate != 0)
-                if image.size != image.source_size:
+                marker["resized"] += int(image.size != image.source_size)
+                if chunk.policy.too_many_pixels(image.source_size):
                     marker["downscaled"].append(
                         {"index": index, "path": path, "from": list(image.source_size), "to": list(image.size)}
                     )
@@ -322,8 +384,59 @@ def _write_chunk(chunk: _Chunk, name: str, output: _Output) -> dict[str, Any]:
             marker["shard"] = shard
     if marker["shard"] is not None:
         output.store(basename)
-    _write_json(output, f"{MARKER_DIR}/chunk.{chunk.number:05}.json", marker)
+    write_json(output, f"{MARKER_DIR}/chunk.{chunk.number:05}.json", marker)
     return marker
+
+
+def plan_chunks(
+    files: Sequence[str], root: str, policy: ImagePolicy, samples_per_shard: int, classes: Sequence[str] = ()
+) -> list[_Chunk]:
+    """``files`` cut into chunks of ``samples_per_shard``: chunk ``k`` becomes ``shard.{k:05}.mds``
+    (with a ``label`` column when ``classes`` are given)."""
+    return [
+        _Chunk(k, tuple((i, files[i]) for i in range(start, min(start + samples_per_shard, len(files)))), policy, root,
+               tuple(classes))
+        for k, start in enumerate(range(0, len(files), samples_per_shard))
+    ]
+
+
+@contextlib.contextmanager
+def open_output(url: str, timeout: float, check: bool = True) -> Iterator[_Output]:
+    """The output folder ``url`` (its bucket answering, unless ``check`` is off because the caller
+    checked it); a remote one is staged in a temporary folder, removed at the end."""
+    if check:
+        check_bucket(url, timeout)
+    staging = tempfile.mkdtemp(prefix="dune_convert_") if "://" in url else url
+    try:
+        yield _Output(url, staging, timeout)
+    finally:
+        if staging != url:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def convert_chunks(
+    chunks: Sequence[_Chunk], name: str, output: _Output, *, workers: int | None, progress: bool, label: str
+) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    """Every chunk's marker, by chunk number, and the numbers of those kept from an earlier run (a
+    stored marker matching the chunk's sources); the others are converted in parallel processes."""
+    try:
+        stored = output.markers({c.number for c in chunks})
+        reused = {c.number for c in chunks if stored.get(c.number, {}).get("sources") == c.digest}
+        done = {n: stored[n] for n in reused}
+        jobs = [(c, name, output.url, output.local, output.timeout) for c in chunks if c.number not in reused]
+        for marker in _run(jobs, workers, progress, total=sum(len(job[0].items) for job in jobs), label=label) if jobs else ():
+            done[marker["chunk"]] = marker
+    except Exception as err:
+        raise storage_error(output.url, err) from None
+    return done, reused
+
+
+def write_index(output: _Output, markers: Sequence[dict[str, Any]], report: ConvertReport, **extra: Any) -> None:
+    """``convert_report.json``, then ``index.json`` from the chunks' markers in chunk order (last: it
+    marks the split complete); ``extra`` keys go beside ``shards`` (Streaming reads only ``version``
+    and ``shards``)."""
+    write_json(output, REPORT_NAME, asdict(report))
+    write_json(output, "index.json", {"version": 2, "shards": [m["shard"] for m in markers if m["shard"]], **extra})
 
 
 def convert_dataset(
@@ -355,48 +468,16 @@ def convert_dataset(
         raise ValueError(f"labels {labels!r} is unknown; choose one of {' | '.join(LABELS)}")
     policy = ImagePolicy(quality, max_pixels, ROTATIONS.get(name.lower(), ()))
     files = list_sources(source, layout)
-    root = source_root(source)
     classes = class_folders(source, layout) if labels == "folders" else ()
+    chunks = plan_chunks(files, source_root(source), policy, samples_per_shard, classes)
     url = f"{out_root.rstrip('/')}/{name}" + ("/val" if split == "val" else "")
-    check_bucket(url, timeout)
-    staging = tempfile.mkdtemp(prefix="dune_convert_") if "://" in url else url
-    try:
-        output = _Output(url, staging, timeout)
-        chunks = [
-            _Chunk(k, tuple((i, files[i]) for i in range(start, min(start + samples_per_shard, len(files)))), policy, root,
-                   classes)
-            for k, start in enumerate(range(0, len(files), samples_per_shard))
-        ]
-        try:
-            stored = output.markers()
-            reused = {c.number: stored[c.number] for c in chunks if stored.get(c.number, {}).get("sources") == c.digest}
-            todo = [c for c in chunks if c.number not in reused]
-            done = dict(reused)
-            jobs = [(c, name, url, staging, timeout) for c in todo]
-            for marker in _run(jobs, workers, progress, total=sum(len(c.items) for c in todo), label=name):
-                done[marker["chunk"]] = marker
-        except Exception as err:
-            raise storage_error(url, err) from None
+    with open_output(url, timeout) as output:
+        done, reused = convert_chunks(chunks, name, output, workers=workers, progress=progress, label=name)
         markers = [done[c.number] for c in chunks]
-        report = ConvertReport(
-            dataset=name,
-            output=url,
-            files=len(files),
-            written=sum(m["written"] for m in markers),
-            reencoded=sum(m["reencoded"] for m in markers),
-            rotated=sum(m["rotated"] for m in markers),
-            shards=sum(m["shard"] is not None for m in markers),
-            chunks_reused=len(reused),
-            skipped=[s for m in markers for s in m["skipped"]],
-            downscaled=[d for m in markers for d in m["downscaled"]],
-            classes=list(classes),
-        )
-        _write_json(output, REPORT_NAME, asdict(report))
-        _write_json(output, "index.json", {"version": 2, "shards": [m["shard"] for m in markers if m["shard"]]})
+        report = ConvertReport.from_markers(name, url, len(files), markers, len(reused))
+        report.classes = list(classes)
+        write_index(output, markers, report=report)
         return report
-    finally:
-        if staging != url:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _run(jobs: Sequence[tuple[Any, ...]], workers: int | None, progress: bool, total: int, label: str) -> Iterator[dict[str, Any]]:
