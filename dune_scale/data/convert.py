@@ -41,7 +41,7 @@ from streaming.base.storage import CloudDownloader, CloudUploader
 
 from dune_scale.data.remote import check_bucket, storage_error
 from dune_scale.data.schema import MDS_COLUMNS, MDS_HASHES
-from dune_scale.files import atomic_write
+from dune_scale.files import atomic_write, is_plain_name
 from dune_scale.object_store import bounded_s3_client
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -324,6 +324,8 @@ def convert_dataset(
 ) -> ConvertReport:
     """Convert one dataset's ``split`` into ``<out_root>/<name>`` (train) or ``<out_root>/<name>/val``
     (a folder, ``s3://…`` or ``gs://…``)."""
+    if not is_plain_name(name):
+        raise ValueError(f"dataset name {name!r} must be a folder name (not empty, no '/', not '..'): it names {out_root}/NAME")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     if split not in SPLITS:
