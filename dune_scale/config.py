@@ -202,7 +202,7 @@ class DataConfig:
     download_retry: int = _at_least(2, 0)
     s3_endpoint_url: str | None = None
     crop_scale: tuple[float, float] = (0.4, 1.0)
-    # Undecodable images beyond this share of the samples read (or of an epoch, early on) stop the run.
+    # Undecodable images beyond this share of the samples read (at least of those the shards hold) stop the run.
     max_corrupt_fraction: float = 0.01
 
 

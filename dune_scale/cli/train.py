@@ -53,7 +53,8 @@ def _start_and_train(
     cfg: Config, dist: distributed.DistInfo, preemption: PreemptionWatcher, built: list[Any],
     val: ValidationData | None, feature_pictures: FeaturePictures | None,
 ) -> bool:
-    """Start-up (each part checked for a stop signal on every rank), then training."""
+    """Start-up (each part checked for a stop signal on every rank), then training. The trainer
+    lives only in here: its sharded modules are gone before the process group is torn down."""
     output_dir = Path(cfg.run.output_dir)
 
     def stopped(during: str) -> bool:

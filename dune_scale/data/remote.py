@@ -47,11 +47,8 @@ def file_hash(path: str) -> str:
     """The :data:`SHARD_HASH` digest of a file, read in pieces."""
     import xxhash
 
-    digest = xxhash.xxh64()
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, xxhash.xxh64).hexdigest()
 
 
 class StorageAccessError(DataError, PermissionError):
