@@ -99,7 +99,7 @@ def single_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path, knn_
 @pytest.mark.parametrize("strategy, stage, resume", [("fsdp", 0, False), ("deepspeed", 2, False), ("deepspeed", 3, True)])
 def test_strategy_trains_checkpoints_resumes_and_matches_single(
     strategy: str, stage: int, resume: bool, tmp_path: Path, demo_shards: Path, single_run: tuple[Path, list[dict]],
-    knn_sets: tuple[str, str], capsys: pytest.CaptureFixture
+    knn_sets: tuple[str, str]
 ) -> None:
     single_dir, single = single_run
     out = tmp_path / "run"
@@ -148,7 +148,7 @@ def test_strategy_trains_checkpoints_resumes_and_matches_single(
     # A payload planted in the checkpoint (its manifest rewritten to match) never runs.
     planted = {0: "fsdp/.metadata", 2: "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                3: "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"}[stage]
-    assert_planted_payload_refused(out / "checkpoints" / "step_000000005", f"students/main/{planted}", tmp_path, capsys, "--student", "main")
+    assert_planted_payload_refused(out / "checkpoints" / "step_000000005", f"students/main/{planted}", tmp_path, "--student", "main")
     if not resume:
         return
     resumed = run_training(strategy, out, demo_shards, "train.max_steps=7", "checkpoint.every_steps=3", *accumulating(strategy),
