@@ -328,12 +328,12 @@ def convert_dataset(
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is unknown; choose one of {' | '.join(SPLITS)}")
+    if not is_plain_name(name):
+        raise ValueError(f"dataset name {name!r} must be a folder name (not empty, no '/', not '..'): it names {out_root}/NAME")
     if max_pixels < 0:
         raise ValueError(f"max_pixels must be 0 (no limit) or positive, got {max_pixels}")
     if quality is not None and not 1 <= quality <= 100:
         raise ValueError(f"quality must be between 1 and 100, got {quality}")
-    if not is_plain_name(name):
-        raise ValueError(f"dataset name {name!r} must be a folder name (not empty, no '/', not '..'): it names {out_root}/NAME")
     policy = ImagePolicy(quality, max_pixels, ROTATIONS.get(name.lower(), ()))
     files = list_sources(source, layout)
     root = source_root(source)
