@@ -11,6 +11,7 @@ one (found by saving real checkpoints of every strategy), and anything else stop
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 from collections.abc import Iterator
@@ -51,24 +52,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from or read (named in the message)."""
 
 
-def _resolve(qualified: str) -> Any:
-    import importlib
-
-    module, _, name = qualified.rpartition(".")
-    return getattr(importlib.import_module(module), name, None)
-
-
 def _found(names: tuple[str, ...]) -> dict[str, Any]:
-    """Pickle name → object for the names this Python and torch have (a name missing here cannot
-    be in a file they could read anyway)."""
+    """Pickle name → object for the names this Python, torch and DeepSpeed have (a name missing
+    here cannot be in a file they could read anyway)."""
     resolved = {}
-    for name in names:
+    for qualified in names:
+        module, _, name = qualified.rpartition(".")
         try:
-            obj = _resolve(name)
+            obj = getattr(importlib.import_module(module), name, None)
         except ImportError:
             continue
         if obj is not None:
-            resolved[name] = obj
+            resolved[qualified] = obj
     return resolved
 
 
@@ -79,6 +74,7 @@ def dcp_metadata_globals() -> dict[str, Any]:
 
 
 def deepspeed_globals() -> dict[str, Any]:
+    """The classes DeepSpeed's files hold besides tensors and containers."""
     return _found(_DEEPSPEED_CLASSES)
 
 
@@ -110,8 +106,9 @@ class RestrictedDCPReader(FileSystemReader):
 
 @contextlib.contextmanager
 def _dcp_errors(folder: Path) -> Iterator[None]:
-    """DCP reports a rank's failure wrapped (``CheckpointException``, a BaseException, with every
-    rank's traceback): raise ours, naming the file, instead."""
+    """Around DCP's reads: the non-tensor values it stored (``torch.load(weights_only=False)`` in
+    DCP) load tensors and containers only; a refusal, which DCP reports wrapped with every rank's
+    traceback (``CheckpointException``, a BaseException), is one :class:`CheckpointError`."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
