@@ -184,6 +184,9 @@ class TrainConfig:
     # exits) or skip it and go on, up to max_nonfinite_skips consecutive skipped steps.
     nonfinite: str = _choice("stop", "stop", "skip")
     max_nonfinite_skips: int = _at_least(10, 0)
+    # A rank on which no batch and no optimizer step completes for this long (after the first step)
+    # writes every thread's stack to stall_rank<R>.txt and ends the job.
+    stall_timeout_s: float = 900.0
 
 
 @dataclass
@@ -205,6 +208,8 @@ class DataConfig:
     download_retry: int = _at_least(2, 0)
     s3_endpoint_url: str | None = None
     crop_scale: tuple[float, float] = (0.4, 1.0)
+    # Undecodable images beyond this share of the samples read (at least of those the shards hold) stop the run.
+    max_corrupt_fraction: float = 0.01
 
 
 @dataclass
@@ -219,6 +224,8 @@ class StrategyConfig:
     # FSDP2 student sharding: over all ranks, or within each node and replicated across nodes (HSDP:
     # parameter all-gathers stay on the node's links; gradients are all-reduced across nodes).
     fsdp_shard: str = _choice("world", "world", "node")
+    # Seconds a collective may wait for the other ranks (unset: torch's default).
+    collective_timeout_s: float | None = None
 
 
 @dataclass
@@ -590,6 +597,8 @@ def _check_fields(node: Any, prefix: str) -> None:
         minimum = fld.metadata.get("min")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{key}: {value!r} is too small; it must be at least {minimum}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not allowed; it must be a finite number")
         pattern = fld.metadata.get("pattern")
         if pattern is not None and value is not None and not re.fullmatch(pattern, value):
             raise ConfigError(f"{key}: {value!r} is not allowed; it must be {fld.metadata['allowed']}")
@@ -740,6 +749,30 @@ def _check_students(config: Config) -> None:
             raise ConfigError(f"students.{i} ({name}): {err}") from None
 
 
+def _check_positive_settings(config: Config) -> None:
+    """Settings whose meaning needs a positive value (a weight may also be 0)."""
+    positive = {
+        "distill.norm_eps": (config.distill.norm_eps, "a positive floor for the teacher-feature std (the recipe: 1e-3)"),
+        "data.download_timeout": (config.data.download_timeout, "a positive number of seconds"),
+        "train.stall_timeout_s": (config.train.stall_timeout_s, "a positive number of seconds"),
+        "strategy.collective_timeout_s": (config.strategy.collective_timeout_s, "a positive number of seconds (or leave it unset)"),
+    }
+    for key, (value, allowed) in positive.items():
+        if value is not None and not value > 0:
+            _fail(key, value, allowed)
+    loss = config.loss
+    for key, value in (("loss.w_cos", loss.w_cos), ("loss.w_sl1", loss.w_sl1)):
+        if value < 0:
+            _fail(key, value, "a loss weight ≥ 0")
+    if loss.w_cos + loss.w_sl1 == 0:
+        _fail("loss.w_cos", loss.w_cos, "loss.w_cos and loss.w_sl1 cannot both be 0 (nothing would be learned)")
+    if loss.beta < 0:
+        _fail("loss.beta", loss.beta, "a smooth-L1 threshold ≥ 0 (0: plain L1; the recipe: 1.0)")
+    if not 0.0 <= config.data.max_corrupt_fraction <= 1.0:
+        _fail("data.max_corrupt_fraction", config.data.max_corrupt_fraction, "a fraction in [0, 1]")
+
+
 _RULES = (
     _check_image_size, _check_student, _check_teachers, _check_speed_switches, _check_ranges, _check_eval_and_telemetry,
+    _check_positive_settings,
 )

@@ -72,16 +72,18 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+def init_distributed(requested_device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Join the process group the launcher set up (no-op for a single process); the returned
-    :class:`DistInfo` is passed explicitly to everything that needs rank, world or device."""
+    :class:`DistInfo` is passed explicitly to everything that needs rank, world or device.
+    ``timeout_s``: how long a collective waits for the other ranks (None: torch's default)."""
     device = pick_device(requested_device)
     world = launched_world_size()
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # The device's default backend: NCCL on CUDA, gloo on CPU.
-        dist.init_process_group(backend=dist.get_default_backend_for_device(device), timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend=dist.get_default_backend_for_device(device), timeout=timeout)
     return DistInfo(
         rank=dist.get_rank() if dist.is_initialized() else 0,
         world_size=dist.get_world_size() if dist.is_initialized() else 1,

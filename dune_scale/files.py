@@ -33,3 +33,18 @@ def atomic_write(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def is_plain_name(name: str) -> bool:
+    """A name that stays one entry of the folder it is joined to: not empty, no separator, not
+    ``.`` or ``..`` (names that come from users or files and become paths)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def escapes(root: Path, relative: str) -> bool:
+    """Whether ``root / relative`` (a path a file names) would lead outside ``root``: absolute,
+    through ``..``, or through a symbolic link."""
+    path = Path(relative)
+    if path.is_absolute() or ".." in path.parts:
+        return True
+    return not (root / path).resolve().is_relative_to(root.resolve())

@@ -9,13 +9,15 @@ with :class:`RefusedGlobal`, naming the global. Callers name the file in their o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -33,6 +35,10 @@ _NUMPY_DTYPE_CLASSES = (
     "Complex128DType", "StrDType", "BytesDType",
 )  # fmt: skip
 _REFUSED = re.compile(r"GLOBAL (\S+)")
+_LISTED_AT_MOST = 8  # a refusal names the allowed globals when they are this few
+# torch's own loader, also while :func:`torch_loads_restricted` stands in for ``torch.load``.
+_TORCH_LOAD = torch.load
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's switch, read at every load
 
 
 class UnreadableCheckpoint(ValueError):
@@ -44,9 +50,10 @@ class RefusedGlobal(UnreadableCheckpoint):
 
     def __init__(self, name: str, allowed: Iterable[str]) -> None:
         self.name = name
+        listed = ", ".join(sorted(allowed)) if len(allowed) <= _LISTED_AT_MOST else f"the {len(allowed)} names its format needs"
         super().__init__(
             f"it holds a pickled Python object of class {name}, which is not allow-listed "
-            f"(only {', '.join(sorted(allowed))}); refusing to unpickle it"
+            f"(only {listed}); refusing to unpickle it"
         )
 
 
@@ -102,15 +109,20 @@ def load_pickle(path: Path, allowed: Mapping[str, Any]) -> Any:
         raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {err}") from None
 
 
-def torch_load(path: Path, allowed: Mapping[str, Any] | None = None, mmap: bool | None = None) -> Any:
-    """``torch.load(weights_only=True)`` on CPU with ``allowed`` (pickle name → object) added to
-    torch's tensor-only allow-list; any failure is one :class:`UnreadableCheckpoint` saying why and
-    never a hint to load unsafely. ``mmap`` defaults to "where the file is a zip archive"."""
+def torch_load(
+    source: Path | IO[bytes], allowed: Mapping[str, Any] | None = None, mmap: bool | None = None, map_location: Any = "cpu"
+) -> Any:
+    """``torch.load(weights_only=True)`` (on CPU unless ``map_location`` says otherwise) of a file
+    or a binary stream, with ``allowed`` (pickle name → object) added to torch's tensor-only
+    allow-list; any failure is one :class:`UnreadableCheckpoint` saying why and never a hint to load
+    unsafely. ``mmap`` defaults to "where the file is a zip archive"."""
     allowed = dict(allowed or {})
     extra = [(obj, name) for name, obj in allowed.items()]
     try:
+        if mmap is None:
+            mmap = isinstance(source, (str, os.PathLike)) and zipfile.is_zipfile(source)
         with torch.serialization.safe_globals(extra):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path) if mmap is None else mmap)
+            return _TORCH_LOAD(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         refused = _REFUSED.search(str(err))
         if refused:
@@ -118,6 +130,35 @@ def torch_load(path: Path, allowed: Mapping[str, Any] | None = None, mmap: bool 
         raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {_first_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, bad header, not a checkpoint …
         raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {_first_line(err)}") from None
+
+
+@contextlib.contextmanager
+def torch_loads_restricted(allowed: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, every ``torch.load`` of this process reads like :func:`torch_load` with
+    ``allowed``, whatever its caller asks: libraries that load their own files with
+    ``weights_only=False`` (DeepSpeed, DCP's non-tensor values) then cannot run code from them. A
+    refused or unreadable file raises :class:`UnreadableCheckpoint` naming it. Processes forked
+    inside the block inherit it; other child processes get ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``.
+    Process-wide while it lasts: for loading phases, not while other threads may load."""
+
+    def restricted(f: Any, map_location: Any = None, pickle_module: Any = None, *, weights_only: Any = None,
+                   mmap: bool | None = None, **kwargs: Any) -> Any:
+        try:
+            return torch_load(f, allowed, mmap=mmap, map_location=map_location)
+        except UnreadableCheckpoint as err:
+            name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "an object stored in one of its files")
+            raise UnreadableCheckpoint(f"{name}: {err}") from None
+
+    previous, forced = torch.load, os.environ.get(_FORCE_WEIGHTS_ONLY)
+    torch.load, os.environ[_FORCE_WEIGHTS_ONLY] = restricted, "1"
+    try:
+        yield
+    finally:
+        torch.load = previous
+        if forced is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = forced
 
 
 def _first_line(err: BaseException) -> str:

@@ -222,7 +222,7 @@ def test_loader_yields_contracted_batches_with_two_workers(demo: tuple[Path, lis
     assert len(batches) == 20  # 3 × 40 samples / 6
     names = {m["name"] for m in mixture}
     for batch in batches:
-        assert list(batch) == ["images", "dataset", "index", "corrupt"]
+        assert list(batch) == ["images", "dataset", "index", "corrupt", "corrupt_shards"]
         assert batch["images"].shape == (6, 3, 28, 28) and batch["images"].dtype == torch.float32
         assert set(batch["dataset"]) == names and Counter(batch["dataset"]).most_common(1)[0][1] == 2
         assert batch["index"].dtype == torch.int64 and batch["index"].shape == (6,)
@@ -392,6 +392,8 @@ def test_corrupt_samples_are_replaced_the_same_way_every_run(tmp_path: Path) -> 
         bad = Counter(int(i) for b in batches for d, i in zip(b["dataset"], b["index"]) if d == "bad_b")
         assert not {3, 4, 17} & set(bad)  # replaced by the next good image of the shard ...
         assert bad[5] == 3 and bad[18] == 2  # ... 3, 4 → 5 and 17 → 18
+        assert all(bool(b["corrupt_shards"]) == bool(b["corrupt"]) for b in batches)  # ... and the shards named
+        assert {s.split("/")[0] for b in batches for s in b["corrupt_shards"]} == {"bad_b"}
     for a, b in zip(*runs):
         assert torch.equal(a["images"], b["images"]) and a["corrupt"] == b["corrupt"]
 
@@ -442,7 +444,7 @@ def test_val_loader_reads_each_sample_once_the_same_way_every_time(tmp_path: Pat
     loader = build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8)
     batches = batches_of(loader)
     assert [len(b["index"]) for b in batches] == [8, 8, 3]  # the short last batch is kept
-    assert list(batches[0]) == ["images", "dataset", "index", "corrupt"]
+    assert list(batches[0]) == ["images", "dataset", "index", "corrupt", "corrupt_shards"]
     assert sorted(int(i) for b in batches for i in b["index"]) == list(range(19))
     assert {d for b in batches for d in b["dataset"]} == {"synth_mast3r"}
     stored = StreamingDataset(local=str(tmp_path / "synth_mast3r" / "val"), batch_size=1)[5]

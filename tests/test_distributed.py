@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_eval import val_sets
+from test_hardening import assert_planted_payload_refused
 
 from conftest import REPO, TINY_CPU, global_batches, launch_command, launcher_env, tiny_overrides
 from dune_scale.cli.export import main as export_main
@@ -166,6 +167,10 @@ def test_strategy_trains_checkpoints_resumes_and_matches_single(
         weights = read_student(out / "checkpoints" / "step_000000005", name)
         assert set(weights.state) == set(exported) and all(torch.equal(weights.state[k], v) for k, v in exported.items())
     assert export_main([str(out), "--student", "small", "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    # A payload planted in the checkpoint (its manifest rewritten to match) never runs.
+    planted = {0: "fsdp/.metadata", 2: "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+               3: "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"}[stage]
+    assert_planted_payload_refused(out / "checkpoints" / "step_000000005", f"students/main/{planted}", tmp_path, "--student", "main")
     if not resume:
         return
     resumed = run_training(strategy, out, demo_shards, "train.max_steps=7", "checkpoint.every_steps=3", *accumulating(strategy),

@@ -71,7 +71,8 @@ def test_corrupt_images_are_replaced_and_counted_in_metrics(tmp_path: Path) -> N
     for name in ("synth_dino2", "synth_mast3r", "synth_multihmr"):
         bad = range(0, 48, 3) if name == "synth_mast3r" else ()
         write_synthetic_dataset(shards, name, 48, image_size=48, corrupt=bad)
-    runs = [_run(tmp_path / f"run{i}", shards, "train.max_steps=6") for i in range(2)]
+    # A third of one domain's images is damaged: above data.max_corrupt_fraction's default (test_hardening).
+    runs = [_run(tmp_path / f"run{i}", shards, "train.max_steps=6", "data.max_corrupt_fraction=0.5") for i in range(2)]
     counts = [sum(r["corrupt_samples"] for r in records) for records in runs]
     assert counts[0] > 0 and counts[0] == counts[1]
     assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]  # same replacements both times

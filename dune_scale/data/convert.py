@@ -46,7 +46,7 @@ from streaming.base.storage import CloudDownloader, CloudUploader
 
 from dune_scale.data.remote import check_bucket, storage_error
 from dune_scale.data.schema import MDS_COLUMNS, MDS_HASHES
-from dune_scale.files import atomic_write
+from dune_scale.files import atomic_write, is_plain_name
 from dune_scale.object_store import MISSING_CODES, bounded_s3_client, error_code
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -460,6 +460,8 @@ def convert_dataset(
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is unknown; choose one of {' | '.join(SPLITS)}")
+    if not is_plain_name(name):
+        raise ValueError(f"dataset name {name!r} must be a folder name (not empty, no '/', not '..'): it names {out_root}/NAME")
     if max_pixels < 0:
         raise ValueError(f"max_pixels must be 0 (no limit) or positive, got {max_pixels}")
     if quality is not None and not 1 <= quality <= 100:

@@ -7,6 +7,7 @@ On top of Streaming it adds grouped batching (``batching.py``), per-sample augme
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 from concurrent.futures import Future
@@ -20,7 +21,7 @@ from streaming.base.shared.memory import SharedMemory
 from dune_scale.data.batching import GROUPED, register_grouped_batching, samples_per_epoch, worker_positions
 from dune_scale.data.errors import DataError
 from dune_scale.data.mixture import Mixture
-from dune_scale.data.remote import StorageAccessError
+from dune_scale.data.remote import SHARD_HASH, StorageAccessError, file_hash
 from dune_scale.data.transforms import CorruptImageError, decode_stored_image, sample_generator
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,12 @@ class MixtureDataset(StreamingDataset):
 
     ``dataset`` is the mixture's name of the sample's stream, ``index`` the sample's index within
     its dataset (the MDS ``index`` column), ``corrupt`` 1 when the stored image could not be decoded
-    and was replaced by the next decodable image of the same shard (the same one on every run).
+    and was replaced by the next decodable image of the same shard (the same one on every run), and
+    ``corrupt_shard`` then names that shard (``dataset/shard file``; "" otherwise).
+
+    A local shard is checked against the hash its index.json records once per process, before its
+    first sample is read (downloaded shards are checked as they arrive): a shard damaged in place
+    stops the run, named, instead of training on garbled samples.
     """
 
     def __init__(
@@ -62,18 +68,25 @@ class MixtureDataset(StreamingDataset):
         self._positions = np.zeros(0, np.int64)
         self._position: int | None = None
         self._background_error: BaseException | None = None
+        self._verified: set[int] = set()  # local shards whose hash this process has checked
 
     def release_shared_memory(self) -> None:
-        """Close (and, where this process created them, unlink) the dataset's shared-memory segments.
+        """Close (and, where this process created them, unlink) the dataset's shared-memory segments,
+        and remove its lock files.
 
         Streaming keeps every segment alive until the interpreter exits, and each new dataset in the
         same process opens all earlier ones while choosing its prefix: a process that builds loaders
         again and again (benchmark variants, validation sets, tests) would run out of file
-        descriptors. Call it once the loader is done with; the dataset cannot be iterated after.
+        descriptors. Its lock files (``NNNNNN_barrier_filelock``, ``NNNNNN_cache_filelock`` in the
+        system temp folder) are never removed: one set per run would pile up. Call it once the
+        loader is done with; the dataset cannot be iterated after.
         """
         for segment in _shared_memory_of(self):
             segment.cleanup()  # idempotent: a second call finds nothing left to unlink
             atexit.unregister(segment.cleanup)
+        for lock in (self._shared_barrier.filelock_path, self._cache_filelock_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
 
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         """Streaming's resume state, with a finished epoch saved as the start of the next one.
@@ -148,10 +161,28 @@ class MixtureDataset(StreamingDataset):
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         shard_id, _ = self.spanner[sample_id]
         name = self.mixture.streams[self.stream_per_shard[shard_id]].name
+        if shard_id not in self._verified:
+            self._verify_local_shard(shard_id, name)
         raw, image, replaced = self._decoded(sample_id, name, retry)
         epoch, position = (self._epoch, self._position) if self._position is not None else (0, sample_id)
         images = self.transform(image, sample_generator(self.shuffle_seed, epoch, position))
-        return {"images": images, "dataset": name, "index": int(raw["index"]), "corrupt": int(replaced)}
+        shard = f"{name}/{self.shards[shard_id].file_pairs[0][0].basename}" if replaced else ""
+        return {"images": images, "dataset": name, "index": int(raw["index"]), "corrupt": int(replaced), "corrupt_shard": shard}
+
+    def _verify_local_shard(self, shard_id: int, name: str) -> None:
+        """A local shard's files against the hash index.json records for them (where it records one)."""
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        if stream.remote is None:
+            for raw, _ in self.shards[shard_id].file_pairs:
+                path = os.path.join(stream.local, stream.split or "", raw.basename)
+                expected = raw.hashes.get(SHARD_HASH)
+                # A missing or shorter file is named by the read that fails on it.
+                if expected and os.path.isfile(path) and os.path.getsize(path) >= raw.bytes and file_hash(path) != expected:
+                    raise DataError(
+                        f"dataset {name}, shard {path}: its content does not match the {SHARD_HASH} hash its index.json "
+                        "records (damaged in place); re-convert the dataset or restore the file"
+                    )
+        self._verified.add(shard_id)
 
     def _decoded(self, sample_id: int, name: str, retry: int) -> tuple[dict[str, Any], torch.Tensor, bool]:
         """The sample and its image; an undecodable one is swapped for the next good one in its shard."""

@@ -35,7 +35,8 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples → ``{images (B,3,H,W) float32, dataset list[str], index (B,) int64, corrupt int}``.
+    """Samples → ``{images (B,3,H,W) float32, dataset list[str], index (B,) int64, corrupt int,
+    corrupt_shards list[str]}`` (the shards that held the ``corrupt`` undecodable images).
 
     ``images`` comes first: StreamingDataLoader counts a batch by its first value.
     """
@@ -44,6 +45,7 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "dataset": [s["dataset"] for s in samples],
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "corrupt": sum(s["corrupt"] for s in samples),
+        "corrupt_shards": sorted({s["corrupt_shard"] for s in samples if s["corrupt"]}),
     }
 
 

@@ -14,7 +14,6 @@ per-rank batch is fixed (the loader's grouped batching enforces it, see ``batchi
 from __future__ import annotations
 
 import importlib.resources
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Any, Sequence
 import yaml
 
 from dune_scale.data.errors import MissingDataError
+from dune_scale.data.schema import index_shards
+from dune_scale.files import is_plain_name
 
 BALANCES = ("teacher_domains", "proportional", "weights")
 _ENTRY_KEYS = {"name", "domain", "size", "val_size", "weight"}
@@ -194,8 +195,8 @@ def _check_entry(item: Any, i: int, where: str) -> dict[str, Any]:
         raise MixtureError(f"{where}: entry {i} has unknown key {unknown[0]!r}; allowed: {', '.join(sorted(_ENTRY_KEYS))}")
     for key in ("name", "domain"):
         value = item.get(key)
-        if not isinstance(value, str) or not value or "/" in value:
-            raise MixtureError(f"{where}: entry {i} needs a {key} (a non-empty string without '/'), got {value!r}")
+        if not isinstance(value, str) or not is_plain_name(value):
+            raise MixtureError(f"{where}: entry {i} needs a {key} (a folder name: not empty, no '/', not '..'), got {value!r}")
     for key in ("size", "val_size"):
         value = item.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -215,5 +216,4 @@ def _size_from_index(remote_root: str, name: str) -> int:
             f"dataset {name} has no size and it is needed to weight it inside its group; give its "
             f"size in the mixture (it is only read from a local {os.path.join(remote_root, name, 'index.json')})"
         )
-    shards = json.loads(index.read_text())["shards"]
-    return sum(int(s["samples"]) for s in shards)
+    return sum(shard["samples"] for shard in index_shards(index, name))

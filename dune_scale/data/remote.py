@@ -17,7 +17,6 @@ On top of Streaming's downloads this module adds what a long run on shared stora
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -33,6 +32,8 @@ from streaming.base.format import Reader, get_index_basename
 
 from dune_scale.data.errors import DataError, MissingDataError
 from dune_scale.data.mixture import Mixture
+from dune_scale.data.schema import index_shards
+from dune_scale.files import escapes
 from dune_scale.object_store import DENIED_CODES, MISSING_CODES, bounded_s3_client, error_code
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,14 @@ logger = logging.getLogger(__name__)
 # The hash the converter writes and the loader checks on every downloaded shard (fast, in MDS).
 SHARD_HASH = "xxh64"
 _BACKOFF_S = 1.0
+
+
+def file_hash(path: str) -> str:
+    """The :data:`SHARD_HASH` digest of a file, read in pieces."""
+    import xxhash
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, xxhash.xxh64).hexdigest()
 
 
 class StorageAccessError(DataError, PermissionError):
@@ -79,6 +88,32 @@ def storage_error(url: str, err: Exception) -> Exception:
     return err
 
 
+class LocalStream(Stream):
+    """A Stream over a local folder whose index.json errors name the file."""
+
+    def get_shards(self, world: Any, allow_unsafe_types: bool) -> list[Reader]:
+        return _checked_shards(self, lambda: super(LocalStream, self).get_shards(world, allow_unsafe_types))
+
+
+def _checked_shards(stream: Stream, read: Any) -> list[Reader]:
+    """Streaming's readers of ``stream``'s index.json (``read()``): a file it cannot parse, or that
+    names a shard outside the stream's folder, is one :class:`DataError` naming it."""
+    index = Path(stream.local, stream.split or "", get_index_basename())
+    dataset = os.path.basename((stream.remote or stream.local).rstrip("/"))
+    try:
+        shards = read()
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        if index.is_file():
+            index_shards(index, dataset)  # names the field, where it can
+        raise DataError(f"dataset {dataset}: {index} is not a usable MDS index ({type(err).__name__}: {err})") from None
+    for shard in shards:
+        for raw, packed in shard.file_pairs:
+            for info in (raw, packed):
+                if info is not None and escapes(index.parent, info.basename):
+                    raise DataError(f"dataset {dataset}: {index} names shard file {info.basename!r}, outside {index.parent}")
+    return shards
+
+
 class RemoteStream(Stream):
     """A Stream whose downloads name 403s, skip pointless retries and re-fetch a bad shard once."""
 
@@ -104,7 +139,7 @@ class RemoteStream(Stream):
 
     def get_shards(self, world: Any, allow_unsafe_types: bool) -> list[Reader]:
         """Read the index; check downloads against the shards' hash when the index lists it."""
-        shards = super().get_shards(world, allow_unsafe_types)
+        shards = _checked_shards(self, lambda: super(RemoteStream, self).get_shards(world, allow_unsafe_types))
         if self.validate_hash is None and shards and all(
             SHARD_HASH in raw.hashes for shard in shards for raw, _ in shard.file_pairs
         ):
@@ -221,7 +256,7 @@ def build_streams(
             continue
         folder = Path(remote_root, spec.name, split or "")
         check_local_shards(folder, spec.name, split)
-        streams.append(Stream(local=str(folder.resolve()), proportion=spec.proportion))
+        streams.append(LocalStream(local=str(folder.resolve()), proportion=spec.proportion))
     return streams
 
 
@@ -236,10 +271,7 @@ def check_local_shards(folder: Path, name: str, split: str | None = None) -> Non
             f"dataset {name}: no MDS index at {index} (data.remote_root must hold one MDS folder per "
             f"dataset, named after it{_split_layout(split)})"
         )
-    try:
-        shards = json.loads(index.read_text())["shards"]
-    except (ValueError, KeyError) as err:
-        raise DataError(f"dataset {name}: {index} is not an MDS index ({err})") from None
+    shards = index_shards(index, name)
     listed = set(os.listdir(folder))
 
     def present(basename: str) -> bool:  # a merged index may name shards in subfolders

@@ -20,13 +20,14 @@ previous checkpoint as ``latest``. One save is in flight at a time: the next sav
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,9 +36,10 @@ import torch
 import torch.distributed as dist
 
 from dune_scale.config import CheckpointConfig, DataConfig
-from dune_scale.distributed import DistInfo, barrier
+from dune_scale.distributed import DistInfo
+from dune_scale.engine.checkpoint_files import CheckpointError, read_torch_file
 from dune_scale.engine.strategies import Strategy
-from dune_scale.files import atomic_write, fsync_path
+from dune_scale.files import atomic_write, escapes, fsync_path, is_plain_name
 
 if TYPE_CHECKING:
     from dune_scale.engine.remote_checkpoints import RemoteCheckpoints
@@ -47,10 +49,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "COMPLETE"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (named in the message)."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -85,11 +83,17 @@ def _listing(folder: Path) -> list[str]:
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / MANIFEST).read_text())["files"]
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+        if not isinstance(listed, dict):
+            raise TypeError(f"'files' is a {type(listed).__name__}, not a mapping")
+        outside = [name for name in listed if escapes(folder, name)]
     except FileNotFoundError:
         raise CheckpointError(f"{folder.name}: no {MANIFEST} manifest (a save that did not finish)") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder.name}: unreadable {MANIFEST} manifest ({err})") from None
+    if outside:
+        raise CheckpointError(f"{folder.name}: its {MANIFEST} manifest lists {outside[0]!r}, a path outside the checkpoint folder")
+    return listed
 
 
 def size_problems(folder: Path) -> list[str]:
@@ -188,29 +192,73 @@ class Checkpointer:
         rank_state = {name: component.state_dict() for name, component in rank_components.items()}
         final = self.folder_for(step)
         tmp = self.root / f".tmp_step_{step:09d}"
-        if self.dist.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for subdir in strategies:
-                (tmp / subdir).mkdir(parents=True, exist_ok=True)
-        barrier()
-        torch.save(rank_state, tmp / f"rank_{self.dist.rank:05d}.pt")
-        if self.dist.is_main:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-        if not self.async_save:
-            for subdir, strategy in strategies.items():
-                strategy.save(tmp / subdir)
-            self._commit(tmp, final, step, [], None)
-            log.info("checkpoint %s: training blocked %.3f s", final.name, time.perf_counter() - started)
-            return final
-        written = [strategy.save_async(tmp / subdir, self._background_group(f"write:{subdir}")) for subdir, strategy in strategies.items()]
+        try:
+            self._together(lambda: self._prepare(tmp, final, strategies))
+            self._together(lambda: self._write_states(tmp, final, trainer_state, rank_state))
+            if not self.async_save:
+                for subdir, strategy in strategies.items():
+                    with self._writing(final, f"the model and optimizer files in {tmp / subdir}"):
+                        strategy.save(tmp / subdir)
+                self._commit(tmp, final, step, [], None)
+                log.info("checkpoint %s: training blocked %.3f s", final.name, time.perf_counter() - started)
+                return final
+            written = [
+                strategy.save_async(tmp / subdir, self._background_group(f"write:{subdir}")) for subdir, strategy in strategies.items()
+            ]
+        except CheckpointError:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # give back the space a partial save took
+            raise
         executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit")
         commit_group = self._background_group("commit")
         self._pending = executor.submit(self._commit, tmp, final, step, [w for w in written if w is not None], commit_group)
         executor.shutdown(wait=False)  # the submitted commit still runs to its end
         log.info("checkpoint %s: training blocked %.3f s (being written in the background)", final.name, time.perf_counter() - started)
         return final
+
+    def _prepare(self, tmp: Path, final: Path, strategies: Mapping[str, Strategy]) -> None:
+        """The main rank makes the empty temporary folder of a save."""
+        if self.dist.is_main:
+            with self._writing(final, f"the folder {tmp}"):
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                for subdir in strategies:
+                    (tmp / subdir).mkdir(parents=True, exist_ok=True)
+
+    def _write_states(self, tmp: Path, final: Path, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        rank_file = tmp / f"rank_{self.dist.rank:05d}.pt"
+        with self._writing(final, str(rank_file)):
+            torch.save(rank_state, rank_file)
+        if self.dist.is_main:
+            with self._writing(final, str(tmp / TRAINER_STATE)):
+                torch.save(trainer_state, tmp / TRAINER_STATE)
+
+    @contextlib.contextmanager
+    def _writing(self, final: Path, what: str) -> Iterator[None]:
+        """An OSError while writing ``what`` of checkpoint ``final`` (a full disk, a quota, a
+        read-only mount; DCP wraps a rank's in its own exception) → one :class:`CheckpointError`
+        naming the folder, the file and what stays resumable."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            yield
+        except OSError as err:
+            raise CheckpointError(self._write_failure(final, what, err)) from None
+        except CheckpointException as err:
+            failure = next((f for f, _ in err.failures.values() if isinstance(f, OSError)), None)
+            if failure is None:
+                raise
+            raise CheckpointError(self._write_failure(final, what, failure)) from None
+
+    def _write_failure(self, final: Path, what: str, err: OSError) -> str:
+        pointer = self.root / LATEST
+        kept = (
+            f"the previous checkpoint {pointer.read_text().strip()} stays the latest and is what a resume loads"
+            if pointer.is_file() else "no earlier checkpoint exists"
+        )
+        cause = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        return f"checkpoint {final} could not be saved: writing {what} failed ({cause}); {kept}"
 
     def _background_group(self, purpose: str) -> Any:
         """The process group of one kind of background work (made in the same order on every rank:
@@ -232,7 +280,8 @@ class Checkpointer:
         them, write the manifest, rename the folder into place, move ``latest``; then upload it.
         Collective over ``group``."""
         for write in written:
-            write.result()
+            with self._writing(final, f"the model and optimizer files in {tmp}"):
+                write.result()
         if dist.is_initialized():
             dist.barrier(group=group)
         names = _listing(tmp)
@@ -241,20 +290,30 @@ class Checkpointer:
             self.dist,
             group,
         )
-        if self.dist.is_main:
-            for name in names:
-                fsync_path(tmp / name)
-            _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_path(self.root)
-            _write_atomic(self.root / LATEST, final.name + "\n")
-            self._prune()
-        if dist.is_initialized():
-            dist.barrier(group=group)
+        self._together(lambda: self._publish(tmp, final, step, names, files), group)
         if self.remote is not None:
             self._upload(final, names, group)
+
+    def _publish(self, tmp: Path, final: Path, step: int, names: list[str], files: dict[str, Any]) -> None:
+        """Main rank: flush the files, write the manifest, rename the folder into place, move
+        ``latest``. A failure removes the temporary folder: ``latest`` still names the previous one."""
+        if not self.dist.is_main:
+            return
+        try:
+            with self._writing(final, f"the {MANIFEST} manifest and the rename of {tmp}"):
+                for name in names:
+                    fsync_path(tmp / name)
+                _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                fsync_path(self.root)
+            with self._writing(final, f"the pointer {self.root / LATEST}"):
+                _write_atomic(self.root / LATEST, final.name + "\n")
+        except CheckpointError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune()
 
     def _upload(self, folder: Path, names: list[str], group: Any) -> None:
         """Each rank uploads its share of the files (the share it hashed: the upload bandwidth of
@@ -296,10 +355,9 @@ class Checkpointer:
         :class:`CheckpointError` listing the problems when checkpoints exist but none is usable.
         Collective (the ranks share the hashing)."""
         folders = sorted(self.root.glob("step_*"), reverse=True) if self.root.is_dir() else []
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            named = self.root / pointer.read_text().strip()
-            folders = [named] + [f for f in folders if f != named] if named.is_dir() else folders
+        named = self.latest_named()
+        if named is not None and named.is_dir():
+            folders = [named] + [f for f in folders if f != named]
         problems: list[str] = []
         for folder in folders:
             found = verify(folder, self.dist)
@@ -313,6 +371,26 @@ class Checkpointer:
                 + "\nuse checkpoint.resume=never to start over (overwriting them), or a new run.output_dir"
             )
         return None
+
+    def latest_named(self) -> Path | None:
+        """The folder the ``latest`` pointer names (None without a pointer). A pointer that leads
+        outside the checkpoints folder (a symbolic link, ``..``, an absolute path) is refused: a
+        file in a shared folder must not make the run read, and unpickle, a checkpoint elsewhere."""
+        pointer = self.root / LATEST
+        if not (pointer.is_file() or pointer.is_symlink()):
+            return None
+        if pointer.is_symlink():
+            raise CheckpointError(
+                f"{pointer}: `latest` is a symbolic link to {os.readlink(pointer)}, not the pointer file checkpoints "
+                f"write; refusing to follow it (remove it: the newest complete checkpoint is then used)"
+            )
+        name = pointer.read_text().strip()
+        if not is_plain_name(name) or escapes(self.root, name):
+            raise CheckpointError(
+                f"{pointer}: `latest` points to {name!r}, outside {self.root}; refusing to read a checkpoint from "
+                "there (remove it: the newest complete checkpoint is then used)"
+            )
+        return self.root / name
 
     def resume_folder(self, resume: str) -> Path | None:
         """What ``checkpoint.resume`` names: ``auto`` (the latest intact one, or None for a new run),
@@ -363,7 +441,7 @@ class Checkpointer:
         trainer_state = read_trainer_state(folder)
         rank_file = folder / f"rank_{self.dist.rank:05d}.pt"
         # A rank that did not exist at save time (resumed on more ranks) gets empty states (fresh RNG streams).
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else {}
+        rank_state = read_torch_file(rank_file) if rank_file.is_file() else {}
         for subdir, strategy in strategies.items():
             strategy.load(folder / subdir)
         for name, component in components.items():
@@ -375,4 +453,4 @@ class Checkpointer:
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     """The global components' states of a checkpoint folder (``{component: state}``), for resuming
     and for tools that read a run's step and config (resume checks, export)."""
-    return torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    return read_torch_file(folder / TRAINER_STATE)

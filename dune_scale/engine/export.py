@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import re
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from dune_scale.config import STUDENTS_FOLDER, resolve_student_dicts, student_su
 from dune_scale.data.transforms import ValTransform
 from dune_scale.distill.student import DuneStudent
 from dune_scale.distributed import DistInfo
+from dune_scale.engine.checkpoint_files import CheckpointError, deepspeed_loads, read_dcp_keys, read_torch_file
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, Checkpointer, is_complete, read_trainer_state
 from dune_scale.eval.results import run_results_lines
 from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
@@ -366,12 +366,21 @@ def _read_checkpoint_folder(
     """(state, step, config) of one student in one checkpoint folder, whatever strategy wrote it."""
     if not is_complete(folder):
         raise StudentFileError(f"{folder}: checkpoint is incomplete or corrupt (its {MANIFEST} manifest does not match)")
+    try:
+        return _read_checkpoint_files(folder, student)
+    except CheckpointError as err:  # a file that cannot be read safely, named
+        raise StudentFileError(str(err)) from None
+
+
+def _read_checkpoint_files(
+    folder: Path, student: str | None
+) -> tuple[dict[str, torch.Tensor], int | None, dict[str, Any] | None]:
     trainer = read_trainer_state(folder)
     step, config = trainer["progress"]["step"], trainer["run"]["config"]
     name, config = _student_config(config, student, folder)
     weights = folder / student_subdir(name)
     if (weights / "model.pt").is_file():
-        state = _check_tensors(weights / "model.pt", torch.load(weights / "model.pt", map_location="cpu", weights_only=True))
+        state = _check_tensors(weights / "model.pt", read_torch_file(weights / "model.pt"))
     elif (weights / "fsdp").is_dir():
         state = _read_dcp(weights / "fsdp")
     elif (weights / "deepspeed").is_dir():
@@ -401,11 +410,7 @@ def _student_config(config: dict[str, Any] | None, student: str | None, source: 
 
 def _read_dcp(folder: Path) -> dict[str, torch.Tensor]:
     """The ``model`` entry of an FSDP DCP checkpoint, merged in this process (no process group)."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        return _load_state_dict_from_keys({"model"}, checkpoint_id=str(folder))["model"]
+    return read_dcp_keys(folder, {"model"})["model"]
 
 
 def _read_zero(folder: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -415,12 +420,12 @@ def _read_zero(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     except ImportError:
         raise StudentFileError(f"{folder}: DeepSpeed ZeRO shards; reading them needs the deepspeed package") from None
     # Its progress report is not ours to print.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), deepspeed_loads():
         state = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag))
     # ZeRO-1/2 merges only trainable parameters; the frozen final norm is whole in the module file.
     module_file = folder / tag / "mp_rank_00_model_states.pt"
     if module_file.is_file():
-        module = torch.load(module_file, map_location="cpu", weights_only=True)["module"]
+        module = read_torch_file(module_file)["module"]
         state.update({k: v for k, v in module.items() if k not in state})
     return state
 
@@ -483,7 +488,10 @@ def read_student(source: str | Path, student: str | None = None) -> StudentWeigh
 
 
 def _latest_complete(root: Path) -> Path | None:
-    return Checkpointer(root, keep_last=1, every_steps=1, dist=DistInfo()).find_latest()
+    try:
+        return Checkpointer(root, keep_last=1, every_steps=1, dist=DistInfo()).find_latest()
+    except CheckpointError as err:
+        raise StudentFileError(str(err)) from None
 
 
 def _read_exported_folder(folder: Path) -> StudentWeights:

@@ -37,8 +37,15 @@ class PreemptionWatcher:
         self._group = None
 
     def install(self) -> None:
+        """Note stop signals from now on (the first thing a training program does: a signal during
+        start-up then stops the run at the next safe point, with the requeue code). Signals that
+        ``launch/train.py`` held back while it imported are delivered here."""
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+    def join_ranks(self) -> None:
+        """Agree with the other ranks from now on (once the process group exists; collective)."""
         if dist.is_initialized() and dist.get_world_size() > 1:
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dune_scale.config import Config, parse_step_range, student_subdir
+from dune_scale.data.errors import CorruptSampleBudget
 from dune_scale.distill.objective import DistillObjective, Stats, batch_statistics, update_running_statistics
 from dune_scale.distributed import DistInfo, all_reduce_sum
 from dune_scale.engine.checkpointer import Checkpointer, Stateful
@@ -33,6 +34,7 @@ from dune_scale.engine.rng import RankRandomState
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategies import Strategy
+from dune_scale.engine.watchdog import StallWatchdog
 from dune_scale.eval.periodic import EvaluatedStudent, PeriodicEvaluation
 from dune_scale.files import atomic_write
 from dune_scale.telemetry.metrics import ConsoleReporter, MetricsFile, StudentView, Throughput, WandbSink, finite_or_none
@@ -169,6 +171,10 @@ class Trainer:
         self.stop_step = min(total_steps, cfg.train.max_steps or total_steps)
         profile_steps = parse_step_range(cfg.run.profile_steps) if cfg.run.profile_steps else None
         self.profiler = StepProfiler(profile_steps, output_dir, dist.rank, dist.device)
+        dataset_samples = getattr(getattr(loader, "dataset", None), "num_samples", None)  # the shards' samples
+        self.corrupt_budget = CorruptSampleBudget(cfg.data.max_corrupt_fraction, dataset_samples)
+        self.corrupt_shards: set[str] = set()  # this rank's shards that held undecodable images
+        self.watchdog = StallWatchdog(cfg.train.stall_timeout_s, output_dir / f"stall_rank{dist.rank}.txt", dist.rank)
 
     # ------------------------------------------------------------------ state
     def components(self) -> dict[str, Stateful]:
@@ -263,8 +269,10 @@ class Trainer:
         for _ in range(self.cfg.train.grad_accum_steps):
             with self.phases.phase("data"):
                 batch = next(batches)
+                self.watchdog.beat()
                 images = batch["images"].to(self.dist.device, non_blocking=True)
                 done.corrupt += int(batch.get("corrupt", 0))
+                self.corrupt_shards.update(batch.get("corrupt_shards", ()))
             if self.sample_log is not None:
                 ids = [f"{name}/{index}" for name, index in zip(batch["dataset"], batch["index"].tolist())]
                 self.sample_log.write({"step": step + 1, "samples": ids})
@@ -313,8 +321,9 @@ class Trainer:
     def _logs_at(self, step: int) -> bool:
         return step % self.cfg.run.log_every == 0 or step == self.stop_step
 
-    def fit(self) -> bool:
-        """Train to ``stop_step``; returns False when a stop signal ended the run early (after saving)."""
+    def fit(self, preemption: PreemptionWatcher) -> bool:
+        """Train to ``stop_step``; returns False when a stop signal (``preemption``, installed by the
+        caller) ended the run early, after saving. The stall watchdog runs meanwhile."""
         console = ConsoleReporter(self.cfg.run.console if self.dist.is_main else "none", self.stop_step, self.state.step)
         sinks, closing = self._open_sinks()
         throughput = Throughput()
@@ -323,13 +332,13 @@ class Trainer:
         batches = self.batches()
         for student in self.students:
             student.strategy.module.train()
-        preemption = PreemptionWatcher()
-        preemption.install()
+        self.watchdog.start()
         try:
             while self.state.step < self.stop_step:
                 with self.profiler.around(self.state.step + 1):
                     pending.append(self.train_step(batches))
                 step = self.state.step
+                self.watchdog.beat(step)
                 if self._logs_at(step):
                     self._log(pending, throughput.rate(self.state.samples_seen), sinks, console)
                     pending = []
@@ -347,9 +356,9 @@ class Trainer:
                     return False
             return True
         finally:
+            self.watchdog.stop()
             self.checkpointer.finish()  # a save still in flight (checkpoint.async_save) completes first
             self.profiler.finish()
-            preemption.uninstall()
             console.close()
             for sink in closing:
                 sink.close()
@@ -394,14 +403,26 @@ class Trainer:
                 for sink in sinks[student.name]:
                     sink.write(record)
             records[student.name] = record
+        # Every student trained on the same batches: their corrupt counts are one (all-reduced) number.
+        if self.corrupt_budget.record(records[self.students[0].name]["corrupt_samples"], len(pending) * self.state.global_batch):
+            raise self.corrupt_budget.error(self._all_corrupt_shards())
         console.update(records)
+
+    def _all_corrupt_shards(self) -> list[str]:
+        """The shards that held undecodable images, on any rank (collective)."""
+        found = [sorted(self.corrupt_shards)]
+        if self.dist.world_size > 1 and torch.distributed.is_initialized():
+            found = [[] for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather_object(found, sorted(self.corrupt_shards))
+        return sorted({shard for shards in found for shard in shards})
 
     def _evaluate(self, sinks: dict[str, list[Any]], preemption: PreemptionWatcher) -> bool:
         """Validation, k-NN, pictures when due after this step (all ranks, every student); True when
         any ran."""
         step = self.state.step
 
-        def stop_requested() -> bool:
+        def stop_requested() -> bool:  # asked once per validation batch: progress, too
+            self.watchdog.beat()
             return preemption.signalled is not None
 
         ran = self.evaluation.due(step, step == self.stop_step)

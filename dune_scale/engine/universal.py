@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from dune_scale.distributed import DistInfo
+from dune_scale.engine.checkpoint_files import CheckpointError, deepspeed_loads, read_torch_file
 from dune_scale.files import fsync_path
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def saved_model_state(zero_folder: Path) -> dict[str, Any]:
     model_files = sorted(zero_folder.glob("*model_states.pt"))
     if not model_files:
         raise FileNotFoundError(f"{zero_folder} holds no DeepSpeed model-state file (*model_states.pt)")
-    return torch.load(model_files[0], map_location="cpu", weights_only=True, mmap=True)
+    return read_torch_file(model_files[0], mmap=True)
 
 
 def zero_files_layout(zero_folder: Path) -> tuple[int, int]:
@@ -66,7 +67,7 @@ def convert_to_universal(zero_folder: Path, universal_root: Path, workers: int =
         input_folder=str(zero_folder), output_folder=str(tmp / zero_folder.name), num_extract_workers=workers,
         num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=True,
     )
-    with _quiet():
+    with _quiet(), deepspeed_loads():
         ds_to_universal.main(args)
     for path in tmp.rglob("*"):
         if path.is_file():
@@ -79,19 +80,21 @@ def convert_to_universal(zero_folder: Path, universal_root: Path, workers: int =
 def ensure_universal(checkpoint_folder: Path, zero_folder: Path, dist: DistInfo) -> Path:
     """The universal form of ``zero_folder`` inside ``checkpoint_folder``, converted by rank 0 if it
     is not there yet while the other ranks wait (collective; a failed conversion raises on every
-    rank rather than leaving them waiting)."""
+    rank rather than leaving them waiting, as one :class:`CheckpointError`)."""
     universal_root = checkpoint_folder / UNIVERSAL_FOLDER
     problem = None
     if dist.is_main and not universal_root.is_dir():
         log.info("converting %s to a DeepSpeed universal checkpoint in %s", zero_folder, universal_root)
         try:
             convert_to_universal(zero_folder, universal_root)
-        except Exception as err:  # reported on every rank below
+        except CheckpointError as err:  # reported on every rank below
+            problem = str(err)
+        except Exception as err:
             problem = f"{type(err).__name__}: {err}"
     if dist.world_size > 1 and torch.distributed.is_initialized():
         shared = [problem]
         torch.distributed.broadcast_object_list(shared, src=0)
         problem = shared[0]
     if problem:
-        raise RuntimeError(f"converting {zero_folder} to a DeepSpeed universal checkpoint failed: {problem}")
+        raise CheckpointError(f"converting {zero_folder} to a DeepSpeed universal checkpoint failed: {problem}")
     return universal_root

@@ -29,6 +29,7 @@ from torch import nn
 
 from dune_scale.config import ConfigError, deep_merge
 from dune_scale.distributed import barrier
+from dune_scale.engine.checkpoint_files import deepspeed_loads
 from dune_scale.engine.optim import build_adamw, clip_per_parameter_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
 
@@ -196,9 +197,10 @@ class DeepSpeedStrategy(Strategy):
                     buffer.copy_(saved[name])
 
     def _load_zero_files(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(directory), tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
-        )
+        with deepspeed_loads():
+            path, _ = self.engine.load_checkpoint(
+                str(directory), tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+            )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory / ZERO_TAG}")
 

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from dune_scale.engine.checkpoint_files import load_dcp
 from dune_scale.engine.optim import build_adamw, param_groups
 from dune_scale.engine.parallelize import student_mesh
 from dune_scale.engine.strategies.single import SingleStrategy
@@ -68,7 +69,7 @@ class FSDPStrategy(SingleStrategy):
     def load(self, directory: Path) -> None:
         model, optim = get_state_dict(self._module, self.optimizer)
         state = {"model": model, "optim": optim}
-        dcp.load(state, checkpoint_id=str(directory / _DCP_FOLDER))
+        load_dcp(state, directory / _DCP_FOLDER)
         set_state_dict(self._module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:

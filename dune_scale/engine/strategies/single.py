@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dune_scale.engine.checkpoint_files import read_torch_file
 from dune_scale.engine.optim import build_adamw, clip_gradients_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
 
@@ -40,10 +41,8 @@ class SingleStrategy(Strategy):
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        model = torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
-        self._module.load_state_dict(model)
-        optim = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(optim)
+        self._module.load_state_dict(read_torch_file(directory / "model.pt", map_location=self.device))
+        self.optimizer.load_state_dict(read_torch_file(directory / "optimizer.pt", map_location=self.device))
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return self._module.state_dict()
