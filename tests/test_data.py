@@ -801,3 +801,31 @@ def test_closing_a_loader_frees_its_shared_memory(demo: tuple[Path, list[dict[st
     # Unlinked: later loaders no longer find (and open) them; at most a handle Streaming opened while
     # probing prefixes still points at a deleted file.
     assert not [name for name in held if os.path.exists(name)]
+
+
+def test_a_full_cache_never_evicts_a_shard_still_ahead_of_the_reader(tmp_path: Path) -> None:
+    """Streaming evicts the least recently touched shard: here shard 0, downloaded ahead and not yet
+    read, while the reader touched shards 1 and 2 since. Its ready thread would then wait for
+    shard 0 forever (the hang a tight ``data.cache_limit`` met); the shard of a sample ahead stays."""
+    from types import SimpleNamespace
+
+    from streaming import Stream
+    from streaming.base.dataset import _ShardState
+
+    from dune_scale.data.dataset import MixtureDataset
+
+    remote = write_synthetic_dataset(tmp_path, "shapes", 40, image_size=24, seed=0, shard_size_limit=1 << 12)
+    mixture = resolve_mixture([{"name": "shapes", "domain": "dino2"}], "proportional", str(tmp_path))
+    dataset = MixtureDataset(streams=[Stream(remote=str(remote), local=str(tmp_path / "cache"))], mixture=mixture,
+                             transform=build_train_transform(16), batch_size=4, cache_limit="1mb")
+    assert dataset.num_shards >= 4
+    first_of = np.concatenate([[0], np.cumsum(dataset.samples_per_shard)[:-1]])  # a sample of each shard
+    for shard_id in (0, 1, 2):  # downloaded in this order: shard 0 is the least recently touched
+        dataset.prepare_shard(shard_id)
+    dataset._epoch_iterator = SimpleNamespace(sample_ids=first_of[[2, 0, 3]], yield_index=0, prepare_index=2)
+    dataset.evict_coldest_shard()
+    states = dataset._shard_states.numpy()
+    assert states[0] == _ShardState.LOCAL  # still ahead of the reader: kept
+    assert states[1] == _ShardState.REMOTE  # the least recently touched shard no sample ahead needs
+    assert (remote / dataset.shards[1].file_pairs[0][0].basename).is_file()  # evicted from the cache only
+    dataset.release_shared_memory()

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
+from streaming.base.dataset import _ShardState
 from streaming.base.shared.memory import SharedMemory
 
 from dune_scale.data.batching import GROUPED, register_grouped_batching, samples_per_epoch, worker_positions
@@ -68,6 +69,7 @@ class MixtureDataset(StreamingDataset):
         self._positions = np.zeros(0, np.int64)
         self._position: int | None = None
         self._background_error: BaseException | None = None
+        self._epoch_iterator: Any = None  # Streaming's per-epoch read state, in the process that reads
         self._verified: set[int] = set()  # local shards whose hash this process has checked
 
     def release_shared_memory(self) -> None:
@@ -113,12 +115,34 @@ class MixtureDataset(StreamingDataset):
 
         Streaming ends the epoch quietly when a download thread fails; raise that failure instead.
         """
+        self._epoch_iterator = it
         for sample_id in super()._each_sample_id(it):
             self._position = int(self._positions[it.yield_index])
             yield sample_id
             self._position = None
         if self._background_error is not None:
             raise self._background_error
+
+    def _evict_coldest_shard(self) -> None:
+        """Evict the least recently touched local shard that this worker's samples ahead do not need.
+
+        Streaming evicts the least recently touched shard, and under ``data.cache_limit`` that can be
+        one its read-ahead downloaded but nobody has read yet (a download touches it once; reads
+        touch the others later). Its ready thread re-downloads an evicted shard only before it starts
+        waiting for it, so the epoch then waits forever. The shards of the samples from this worker's
+        read position to its read-ahead are kept; with nothing else to evict, Streaming's rule applies.
+        """
+        it = self._epoch_iterator
+        if it is None:
+            return super()._evict_coldest_shard()
+        ahead = it.sample_ids[it.yield_index : it.prepare_index]
+        needed = {self.spanner[int(sample_id)][0] for sample_id in ahead if sample_id != -1}
+        local = np.flatnonzero(self._shard_states.numpy() == _ShardState.LOCAL)
+        spare = [int(shard_id) for shard_id in local if shard_id not in needed]
+        if not spare:
+            return super()._evict_coldest_shard()
+        touched = self._shard_access_times.numpy()
+        self._evict_shard(min(spare, key=lambda shard_id: touched[shard_id]))
 
     def on_exception(self, future: Future) -> None:
         """Keep a download thread's error for the sample reader to raise (Streaming only says
