@@ -104,6 +104,7 @@ def test_sigterm_at_a_random_step_then_same_command_resumes_bitwise(
     deadline = time.monotonic() + 300
     while logged_steps(out) < stop_after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before step {stop_after}:\n{proc.communicate()[0][-3000:]}"
     ranks = training_ranks(psutil.Process(proc.pid))
     ranks[0].send_signal(signal.SIGTERM)  # one rank signalled: all must stop at the same step
     output, _ = proc.communicate(timeout=300)
