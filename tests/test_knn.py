@@ -69,7 +69,7 @@ def test_trained_student_beats_random_and_knn_rises_during_training(
                                                f"eval.knn_train={train_dir}", f"eval.knn_val={val_dir}"))
     train(cfg)
     knn = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "knn"]
-    assert [r["step"] for r in knn] == [6, 12] and knn[0]["dataset"] == "val" and knn[0]["k"] == 20
+    assert [(r["step"], r["dataset"], r["k"], r["temperature"]) for r in knn] == [(6, "val", 20, 0.07), (12, "val", 20, 0.07)]
     torch.manual_seed(cfg.run.seed)
     random_student = build_encoder(cfg).eval()
     chance = 1 / len(CLASS_COLOURS)
