@@ -15,11 +15,16 @@ from conftest import TINY_CPU, tiny_overrides
 from dune_scale.cli.train import train
 from dune_scale.config import load_config
 from dune_scale.engine.compose import build_encoder
-from dune_scale.eval.knn import class_token, knn_probe, weighted_knn
+from dune_scale.eval.knn import knn_probe, weighted_knn
 from dune_scale.telemetry.metrics import read_metrics
 
 # Class = background colour (with jitter) under random coloured discs.
 CLASS_COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40))
+
+
+def class_token(encoder: torch.nn.Module):
+    """The k-NN feature of an encoder: its final-normed class token."""
+    return lambda images: encoder.forward_features(images)["cls"]
 
 
 def write_labelled_set(folder: Path, per_class: int, seed: int) -> Path:
