@@ -1,6 +1,6 @@
-"""Composition: a validated :class:`Config` → the run's parts, in DESIGN §3's order (run check →
-loaders → teachers → student → strategy → objective → trainer). Programs (``dune_scale.cli``) call
-these; nothing here parses arguments or decides exit codes.
+"""Composition: a validated :class:`Config` → the run's parts, in the order ``launch/train.py``
+builds them (run check → loaders → teachers → student → strategy → objective → trainer). Programs
+(``dune_scale.cli``) call these; nothing here parses arguments or decides exit codes.
 
 The run check resolves the data mixture once (:class:`RunPlan`); the training loader, the
 validation loaders and the benchmark's synthetic batches are all built from that plan, and each
