@@ -28,6 +28,27 @@ def DataCfg(remote_root: str, mixture: Any, **overrides: Any) -> DataConfig:  # 
     return DataConfig(remote_root=remote_root, mixture=mixture, **{"num_workers": 2, "pin_memory": False, **overrides})
 
 
+def resolved(cfg: DataConfig) -> Any:
+    """``cfg``'s mixture resolved, as the composition root resolves it once per run."""
+    from dune_scale.data import resolve_mixture
+
+    return resolve_mixture(cfg.mixture, cfg.balance, cfg.remote_root)
+
+
+def train_loader(cfg: DataConfig, **settings: Any) -> Any:
+    """The training loader of ``cfg`` (its mixture resolved here, as ``engine.compose`` does)."""
+    from dune_scale.data import build_train_loader
+
+    return build_train_loader(cfg, resolved(cfg), **settings)
+
+
+def val_loader(cfg: DataConfig, dataset: str, **settings: Any) -> Any:
+    """The validation loader of one dataset of ``cfg``'s mixture (resolved here, as ``engine.compose`` does)."""
+    from dune_scale.data import build_val_loader
+
+    return build_val_loader(cfg, resolved(cfg), dataset, **settings)
+
+
 @pytest.fixture
 def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Streaming leaves lock files in the temp dir: give every test its own, and a one-rank world."""

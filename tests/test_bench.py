@@ -28,6 +28,7 @@ from dune_scale.cli.bench import (
 from dune_scale.config import load_config
 from dune_scale.data import resolve_mixture
 from dune_scale.distributed import DistInfo
+from dune_scale.engine.compose import RunPlan
 
 TEACHER_PHASES = {f"teacher_forward/{name}" for name in ("dino2reg_vitlarge_14", "mast3r_vitlarge_16", "multihmr_vitlarge_14_672")}
 TRAINER_PHASES = {"data", "teacher_forward", "student_forward", "loss", "backward", "optimizer"} | TEACHER_PHASES
@@ -123,7 +124,7 @@ def test_peak_table(name: str, peak: float | None) -> None:
 def test_synthetic_batches_are_teacher_balanced() -> None:
     cfg = load_config(TINY_CPU, ["train.batch_size_per_rank=64", "data.mixture=teacher_balanced"])
     mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
-    batches = synthetic_batches(cfg, mixture, torch.device("cpu"), rank=0)
+    batches = synthetic_batches(cfg, RunPlan(mixture, batch_size_per_rank=64), torch.device("cpu"), rank=0)
     assert len(batches) >= 2 and batches[0]["images"].shape == (64, 3, 56, 56)
     assert not batches[0]["images"].equal(batches[1]["images"])
     domains = Counter(mixture.domain_of(name) for name in batches[0]["dataset"])

@@ -17,18 +17,15 @@ import torch
 from streaming import StreamingDataset
 from streaming.base.world import World
 
-from conftest_data import DataCfg, batches_of
+from conftest_data import DataCfg, batches_of, resolved, train_loader, val_loader
 from dune_scale.data import (
     CorruptImageError,
     MixtureError,
-    build_train_loader,
     build_train_transform,
-    build_val_loader,
     build_val_transform,
     decode_image,
     resolve_mixture,
     sample_generator,
-    validation_datasets,
     write_demo_shards,
     write_synthetic_dataset,
 )
@@ -217,7 +214,7 @@ def _jpeg(height: int, width: int) -> bytes:
 
 def test_loader_yields_contracted_batches_with_two_workers(demo: tuple[Path, list[dict[str, Any]]], private_tmp: Path) -> None:
     root, mixture = demo
-    loader = build_train_loader(DataCfg(str(root), mixture), image_size=28, batch_size=6, seed=0)
+    loader = train_loader(DataCfg(str(root), mixture), image_size=28, batch_size=6, seed=0)
     batches = batches_of(loader)
     assert len(batches) == 20  # 3 × 40 samples / 6
     names = {m["name"] for m in mixture}
@@ -235,7 +232,7 @@ def test_loader_yields_contracted_batches_with_two_workers(demo: tuple[Path, lis
 def test_teacher_domain_composition_of_every_batch(uneven: tuple[Path, list[dict[str, Any]]]) -> None:
     root, mixture = uneven
     resolved = resolve_mixture(mixture, "teacher_domains", str(root))
-    loader = build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=10, seed=1, epoch_size=600)
+    loader = train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=10, seed=1, epoch_size=600)
     batches = batches_of(loader)
     assert len(batches) == 60
     per_dataset: Counter[str] = Counter()
@@ -254,7 +251,7 @@ def test_teacher_domain_composition_of_every_batch(uneven: tuple[Path, list[dict
 def test_grouped_batches_on_several_ranks(uneven: tuple[Path, list[dict[str, Any]]]) -> None:
     """Every rank's batch holds each domain's third ±1; the global batches ignore the world shape."""
     root, mixture = uneven
-    loader = build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=6, seed=2, epoch_size=480)
+    loader = train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=6, seed=2, epoch_size=480)
     dataset = loader.dataset
     dataset.num_canonical_nodes, dataset.shuffle_block_size = 2, 1 << 18
     domain = np.array([dataset.mixture.domain_of(dataset.mixture.streams[s].name) for s in dataset.stream_per_shard])
@@ -291,9 +288,8 @@ def test_grouped_batches_on_several_ranks(uneven: tuple[Path, list[dict[str, Any
 RANK_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from conftest_data import DataCfg
-from dune_scale.data import build_train_loader
-loader = build_train_loader(DataCfg({root!r}, {mixture!r}), image_size=16, batch_size=6, seed=5)
+from conftest_data import DataCfg, train_loader
+loader = train_loader(DataCfg({root!r}, {mixture!r}), image_size=16, batch_size=6, seed=5)
 batches = [b for b, _ in zip(loader, range(4))]
 torch.save({{"dataset": [b["dataset"] for b in batches], "images": torch.stack([b["images"] for b in batches])}}, sys.argv[1])
 """
@@ -316,7 +312,7 @@ def test_two_ranks_split_each_global_batch_of_one_rank(uneven: tuple[Path, list[
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(private_tmp / "ranks"))
         out = tmp_path / f"rank{rank}.pt"
         procs.append((subprocess.Popen([sys.executable, str(script), str(out)], env=env), out))
-    single = batches_of(build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=12, seed=5), limit=4)
+    single = batches_of(train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=12, seed=5), limit=4)
     for proc, _ in procs:
         assert proc.wait(timeout=120) == 0
     for rank, (_, out) in enumerate(procs):
@@ -332,7 +328,7 @@ def test_augmentations_do_not_depend_on_worker_count(demo: tuple[Path, list[dict
     root, mixture = demo
     runs = []
     for workers in (0, 2):
-        loader = build_train_loader(DataCfg(str(root), mixture, num_workers=workers), image_size=20, batch_size=6, seed=7)
+        loader = train_loader(DataCfg(str(root), mixture, num_workers=workers), image_size=20, batch_size=6, seed=7)
         runs.append(batches_of(loader, limit=5))
     for a, b in zip(*runs):
         assert a["dataset"] == b["dataset"] and torch.equal(a["index"], b["index"])
@@ -342,7 +338,7 @@ def test_augmentations_do_not_depend_on_worker_count(demo: tuple[Path, list[dict
 def test_state_dict_resumes_mid_epoch_with_the_same_batches(demo: tuple[Path, list[dict[str, Any]]]) -> None:
     root, mixture = demo
     cfg = DataCfg(str(root), mixture)
-    first = build_train_loader(cfg, image_size=20, batch_size=6, seed=3)
+    first = train_loader(cfg, image_size=20, batch_size=6, seed=3)
     epoch0 = batches_of(first)
     iterator = iter(first)
     head = [next(iterator) for _ in range(4)]  # epoch 1, four batches in
@@ -351,7 +347,7 @@ def test_state_dict_resumes_mid_epoch_with_the_same_batches(demo: tuple[Path, li
     assert state["epoch"] == 1 and state["sample_in_epoch"] == 24
     assert [b["index"].tolist() for b in head] != [b["index"].tolist() for b in epoch0[:4]]  # a new order
 
-    resumed = build_train_loader(cfg, image_size=20, batch_size=6, seed=3)
+    resumed = train_loader(cfg, image_size=20, batch_size=6, seed=3)
     resumed.load_state_dict(state)
     again = batches_of(resumed)
     assert len(again) == len(tail) == 16
@@ -366,12 +362,12 @@ def test_state_dict_resumes_mid_epoch_with_the_same_batches(demo: tuple[Path, li
 def test_state_saved_at_the_end_of_an_epoch_resumes_with_the_next(demo: tuple[Path, list[dict[str, Any]]]) -> None:
     root, mixture = demo
     cfg = DataCfg(str(root), mixture, num_workers=1)
-    first = build_train_loader(cfg, image_size=20, batch_size=6, seed=4)
+    first = train_loader(cfg, image_size=20, batch_size=6, seed=4)
     assert len(batches_of(first)) == 20
     state = first.state_dict()
     assert (state["epoch"], state["sample_in_epoch"]) == (1, 0)
     next_epoch = batches_of(first, limit=2)
-    resumed = build_train_loader(cfg, image_size=20, batch_size=6, seed=4)
+    resumed = train_loader(cfg, image_size=20, batch_size=6, seed=4)
     resumed.load_state_dict(state)
     for a, b in zip(batches_of(resumed, limit=2), next_epoch):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
@@ -385,7 +381,7 @@ def test_corrupt_samples_are_replaced_the_same_way_every_run(tmp_path: Path) -> 
         mixture.append({"name": name, "domain": domain})
     runs = []
     for workers in (2, 1):
-        loader = build_train_loader(DataCfg(str(tmp_path), mixture, num_workers=workers), image_size=16, batch_size=6, seed=0)
+        loader = train_loader(DataCfg(str(tmp_path), mixture, num_workers=workers), image_size=16, batch_size=6, seed=0)
         runs.append(batches_of(loader))
     for batches in runs:
         assert sum(b["corrupt"] for b in batches) == 3
@@ -401,9 +397,9 @@ def test_corrupt_samples_are_replaced_the_same_way_every_run(tmp_path: Path) -> 
 def test_loader_rejects_a_batch_the_mixture_cannot_split(demo: tuple[Path, list[dict[str, Any]]]) -> None:
     root, mixture = demo
     with pytest.raises(ValueError, match="at least 3"):
-        build_train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=2, seed=0)
+        train_loader(DataCfg(str(root), mixture), image_size=16, batch_size=2, seed=0)
     with pytest.raises(FileNotFoundError, match="no MDS index"):
-        build_train_loader(DataCfg(str(root), [{"name": "missing", "domain": "dino2"}]), image_size=16, batch_size=2, seed=0)
+        train_loader(DataCfg(str(root), [{"name": "missing", "domain": "dino2"}]), image_size=16, batch_size=2, seed=0)
 
 
 # --- fidelity to the official DUNE data code (issue 15) ------------------------------------------
@@ -439,9 +435,9 @@ def test_val_transform_is_the_official_resize_and_centre_crop() -> None:
 def test_val_loader_reads_each_sample_once_the_same_way_every_time(tmp_path: Path) -> None:
     mixture = write_demo_shards(tmp_path, num_samples_per_dataset=24, image_size=40, val_samples_per_dataset=19)
     cfg = DataCfg(str(tmp_path), mixture)
-    assert validation_datasets(cfg) == [m["name"] for m in mixture]
-    assert validation_datasets(DataCfg(str(tmp_path), [{k: v for k, v in m.items() if k != "val_size"} for m in mixture])) == []
-    loader = build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8)
+    assert resolved(cfg).validation_names == tuple(m["name"] for m in mixture)
+    assert resolved(DataCfg(str(tmp_path), [{k: v for k, v in m.items() if k != "val_size"} for m in mixture])).validation_names == ()
+    loader = val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8)
     batches = batches_of(loader)
     assert [len(b["index"]) for b in batches] == [8, 8, 3]  # the short last batch is kept
     assert list(batches[0]) == ["images", "dataset", "index", "corrupt", "corrupt_shards"]
@@ -451,19 +447,19 @@ def test_val_loader_reads_each_sample_once_the_same_way_every_time(tmp_path: Pat
     expected = build_val_transform(28)(decode_image(stored["image"]))
     position = [int(i) for b in batches for i in b["index"]].index(5)
     assert torch.equal(torch.cat([b["images"] for b in batches])[position], expected)
-    again = batches_of(build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8, num_workers=0))
+    again = batches_of(val_loader(cfg, "synth_mast3r", image_size=28, batch_size=8, num_workers=0))
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(batches, again))
-    subset = [batches_of(build_val_loader(cfg, "synth_mast3r", image_size=28, batch_size=4, max_samples=6)) for _ in range(2)]
+    subset = [batches_of(val_loader(cfg, "synth_mast3r", image_size=28, batch_size=4, max_samples=6)) for _ in range(2)]
     assert [b["index"].tolist() for b in subset[0]] == [b["index"].tolist() for b in subset[1]]
     assert sum(len(b["index"]) for b in subset[0]) == 6
     with pytest.raises(MixtureError, match="not in the mixture"):
-        build_val_loader(cfg, "in19k", image_size=28, batch_size=8)
+        val_loader(cfg, "in19k", image_size=28, batch_size=8)
 
 
 def test_val_work_on_several_ranks_covers_each_sample_once(tmp_path: Path) -> None:
     """The validation split dealt to 3 ranks × 2 workers: every sample exactly once, padding skipped."""
     mixture = write_demo_shards(tmp_path, num_samples_per_dataset=8, image_size=24, val_samples_per_dataset=23)
-    dataset = build_val_loader(DataCfg(str(tmp_path), mixture), "synth_dino2", image_size=16, batch_size=4).dataset
+    dataset = val_loader(DataCfg(str(tmp_path), mixture), "synth_dino2", image_size=16, batch_size=4).dataset
     dataset.num_canonical_nodes = 1  # set by Streaming when iteration starts
     work = generate_work_grouped(dataset, World(1, 3, 2, 0), 0, 0)
     ids = work[work >= 0]
@@ -504,7 +500,7 @@ def test_png_is_stored_losslessly_and_shards_with_a_jpeg_column_still_read(tmp_p
             for i in range(6):
                 writer.write({"jpeg": jpg.read_bytes(), "dataset": name, "index": i})
     mix = [{"name": "web", "domain": "dino2"}, {"name": "scenes", "domain": "mast3r"}, {"name": "people", "domain": "multihmr"}]
-    batches = batches_of(build_train_loader(DataCfg(str(old), mix, num_workers=0), image_size=16, batch_size=6, seed=0))
+    batches = batches_of(train_loader(DataCfg(str(old), mix, num_workers=0), image_size=16, batch_size=6, seed=0))
     assert len(batches) == 3 and all(b["corrupt"] == 0 for b in batches)
 
 
@@ -587,7 +583,7 @@ def test_damaged_local_shard_is_named_before_training(demo: tuple[Path, list[dic
     damaged = _damaged_copy(root, tmp_path, how)
     cause = "bytes where index.json says" if how == "truncated" else "the file is missing"
     with pytest.raises(DataError, match=f"dataset synth_mast3r, shard {damaged}/synth_mast3r/shard.00000.mds: .*{cause}"):
-        build_train_loader(DataCfg(str(damaged), mixture), image_size=16, batch_size=6, seed=0)
+        train_loader(DataCfg(str(damaged), mixture), image_size=16, batch_size=6, seed=0)
 
 
 def test_missing_data_root_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -620,10 +616,9 @@ def test_s3_endpoint_that_never_answers_is_bounded_by_its_timeout(
     _save(tmp_path / "src" / "a.jpg", 20, 20)
     with socket.create_server(("127.0.0.1", 0)) as server:
         endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
-        monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
         start = time.monotonic()
-        with pytest.raises(DataError, match=r"dataset web: no answer from the object store .* within data.download_timeout=1 s"):
-            check_access("s3://bucket/shards", ["web"], timeout=1.0)
+        with pytest.raises(DataError, match=rf"dataset web: no answer from the object store .* within data.download_timeout=1 s \(endpoint {endpoint}\)"):
+            check_access("s3://bucket/shards", ["web"], endpoint, timeout=1.0)
         args = [str(tmp_path / "src"), "s3://bucket/shards", "--name", "web", "--timeout", "1", "--no-progress"]
         assert convert_main([*args, "--s3-endpoint-url", endpoint]) == 2
         assert time.monotonic() - start < 15
@@ -698,7 +693,7 @@ def test_shard_damaged_while_workers_read_is_named(long_demo: Path, tmp_path: Pa
 
     shards = tmp_path / "shards"
     shutil.copytree(long_demo, shards)
-    loader = build_train_loader(DataCfg(str(shards), "demo"), image_size=16, batch_size=6, seed=0)
+    loader = train_loader(DataCfg(str(shards), "demo"), image_size=16, batch_size=6, seed=0)
     batches = iter(loader)
     next(batches)
     for shard in (shards / "synth_mast3r").glob("shard.*.mds"):
@@ -755,9 +750,8 @@ def test_workers_die_with_a_killed_parent(long_demo: Path, tmp_path: Path) -> No
     from conftest import REPO
 
     script = (
-        "import sys, time; sys.path.insert(0, 'tests'); from conftest_data import DataCfg;"
-        "from dune_scale.data import build_train_loader;"
-        f"it = iter(build_train_loader(DataCfg({str(long_demo)!r}, 'demo'), image_size=16, batch_size=6, seed=0));"
+        "import sys, time; sys.path.insert(0, 'tests'); from conftest_data import DataCfg, train_loader;"
+        f"it = iter(train_loader(DataCfg({str(long_demo)!r}, 'demo'), image_size=16, batch_size=6, seed=0));"
         "next(it); print('ready', flush=True); time.sleep(600)"
     )
     marker = str(tmp_path / "parent")
@@ -793,7 +787,7 @@ def test_closing_a_loader_frees_its_shared_memory(demo: tuple[Path, list[dict[st
 
     root, mixture = demo
     before = segments()
-    loader = build_train_loader(DataCfg(str(root), mixture, num_workers=0), image_size=16, batch_size=6, seed=0)
+    loader = train_loader(DataCfg(str(root), mixture, num_workers=0), image_size=16, batch_size=6, seed=0)
     batches_of(loader, 2)
     held = segments() - before
     assert any(name.endswith("_locals") for name in held)

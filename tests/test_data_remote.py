@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest_data import DataCfg, SeaweedS3, batches_of
-from dune_scale.data import build_train_loader
+from conftest_data import DataCfg, SeaweedS3, batches_of, train_loader, val_loader
 from dune_scale.data.convert import convert_dataset, list_sources
 from dune_scale.data.remote import RemoteStream, ShardIntegrityError, StorageAccessError
 
@@ -97,7 +97,7 @@ def test_local_conversion_resumes_and_reads_back(tmp_path: Path, sources: dict[s
     after = {p.name: p.stat().st_mtime_ns for p in (out / "people").glob("shard.*.mds")}
     assert report.chunks_reused == len(before) - 1
     assert {k: v for k, v in after.items() if k != shard.name} == {k: v for k, v in before.items() if k != shard.name}
-    loader = build_train_loader(
+    loader = train_loader(
         DataCfg(str(out), [{"name": "people", "domain": "multihmr"}]), image_size=16, batch_size=4, seed=0
     )
     indices = sorted(int(i) for b in batches_of(loader) for i in b["index"])
@@ -116,7 +116,7 @@ def test_stream_from_s3_with_two_workers_fresh_caches(converted: str, tmp_path: 
     for run in range(4):
         cache = str(tmp_path / f"cache{run}")
         cfg = DataCfg(converted, mixture(), local_cache=cache, download_timeout=stall_s, download_retry=0)
-        loader = build_train_loader(cfg, image_size=16, batch_size=6, seed=run)
+        loader = train_loader(cfg, image_size=16, batch_size=6, seed=run)
         assert all(stream._downloader._s3_client is None for stream in loader.dataset.streams)
         start = time.monotonic()
         batches = batches_of(loader)
@@ -131,19 +131,19 @@ def test_cache_limit_streams_through_a_small_disk(converted: str, tmp_path: Path
     """~150 kB of shards through a 40 kB cache (Streaming needs ≥ 4 × the largest shard, ~7 kB)."""
     cache = tmp_path / "cache"
     cfg = DataCfg(converted, mixture(), local_cache=str(cache), cache_limit="40kb", num_workers=1)
-    loader = build_train_loader(cfg, image_size=16, batch_size=6, seed=0)
+    loader = train_loader(cfg, image_size=16, batch_size=6, seed=0)
     assert sum(len(b["index"]) for b in batches_of(loader)) == 72
     assert sum(p.stat().st_size for p in cache.rglob("shard.*.mds")) <= 40_000
 
 
 def test_wrong_credentials_fail_with_a_clear_message(
-    converted: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sources: dict[str, Path]
+    converted: str, s3_env: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sources: dict[str, Path]
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     cfg = DataCfg(converted, mixture(), local_cache=str(tmp_path / "cache"))
     with pytest.raises(StorageAccessError, match="access denied / bad credentials"):
-        build_train_loader(cfg, image_size=16, batch_size=6, seed=0)
-    stream = RemoteStream(remote=f"{converted}/photos", local=str(tmp_path / "direct"), download_retry=3, download_timeout=5)
+        train_loader(cfg, image_size=16, batch_size=6, seed=0)
+    stream = RemoteStream(endpoint=s3_env.endpoint, remote=f"{converted}/photos", local=str(tmp_path / "direct"), download_retry=3, download_timeout=5)
     start = time.monotonic()
     with pytest.raises(StorageAccessError, match="access denied / bad credentials"):
         stream._download_file("index.json")
@@ -163,14 +163,16 @@ def test_damaged_shard_is_downloaded_again_then_named(
     data[len(data) // 2] ^= 0xFF
     client.put_object(Bucket=s3_env.bucket, Key=key, Body=io.BytesIO(bytes(data)))
     cfg = DataCfg(root, [{"name": "scenes", "domain": "mast3r"}], local_cache=str(tmp_path / "cache"), num_workers=0)
-    loader = build_train_loader(cfg, image_size=16, batch_size=6, seed=0)
+    loader = train_loader(cfg, image_size=16, batch_size=6, seed=0)
     with caplog.at_level(logging.WARNING), pytest.raises(ShardIntegrityError, match=f"{root}/scenes/shard.00001.mds"):
         batches_of(loader)
     assert "downloading it again" in caplog.text
 
 
-def test_train_tiny_cpu_from_s3_with_two_workers(s3_env: SeaweedS3, tmp_path: Path) -> None:
-    """The issue's end-to-end check: generated images (a few corrupt) → s3:// → tiny_cpu training."""
+def test_train_tiny_cpu_from_s3_with_two_workers(s3_env: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's end-to-end check: generated images (a few corrupt) → s3:// → tiny_cpu training,
+    the endpoint given only as data.s3_endpoint_url: the access check, the parent and the forked
+    loader workers all reach it without anything written into the environment."""
     from conftest import TINY_CPU, tiny_overrides
     from dune_scale.cli.train import train
     from dune_scale.config import load_config
@@ -195,7 +197,9 @@ def test_train_tiny_cpu_from_s3_with_two_workers(s3_env: SeaweedS3, tmp_path: Pa
         f"data.s3_endpoint_url={s3_env.endpoint}",
         "data.num_workers=2",
     ]
+    monkeypatch.delenv("S3_ENDPOINT_URL")
     train(load_config(TINY_CPU, overrides))
+    assert "S3_ENDPOINT_URL" not in os.environ
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert any((tmp_path / "cache" / name).glob("shard.*.mds") for name, _ in DEMO_DATASETS)
@@ -203,13 +207,12 @@ def test_train_tiny_cpu_from_s3_with_two_workers(s3_env: SeaweedS3, tmp_path: Pa
 
 def test_val_split_converted_to_s3_and_read_back_in_order(s3_env: SeaweedS3, sources: dict[str, Path], tmp_path: Path) -> None:
     """``--split val`` writes ``<root>/<name>/val``; the validation loader reads it from S3, each image once."""
-    from dune_scale.data import build_val_loader
 
     root = f"s3://{s3_env.bucket}/splits"
     report = convert_dataset(str(sources["people"]), root, "people", split="val", samples_per_shard=8, workers=1, progress=False)
     assert report.output == f"{root}/people/val" and report.written == 24
     cfg = DataCfg(root, [{"name": "people", "domain": "multihmr", "val_size": 24}], local_cache=str(tmp_path / "cache"))
-    batches = batches_of(build_val_loader(cfg, "people", image_size=16, batch_size=5))
+    batches = batches_of(val_loader(cfg, "people", image_size=16, batch_size=5))
     assert [len(b["index"]) for b in batches] == [5, 5, 5, 5, 4]
     assert sorted(int(i) for b in batches for i in b["index"]) == [i for i in range(26) if i not in (12, 25)]
     assert list((tmp_path / "cache" / "people" / "val").glob("shard.*.mds"))

@@ -139,7 +139,7 @@ def tiny_bf16_trainer_run(
     ])  # fmt: skip
     dist = distributed.init_distributed(device)
     plan = check_run(cfg, dist)
-    batches = synthetic_batches(cfg, plan.mixture, torch.device(device), 0) * 3
+    batches = synthetic_batches(cfg, plan, torch.device(device), 0) * 3
     trainer = build_trainer(cfg, dist, plan, ListLoader(batches))
     if resume is not None:
         trainer.restore(resume)

@@ -370,8 +370,8 @@ def test_a_full_disk_then_lost_checkpoints_never_cost_the_earlier_run(
 
 
 def test_a_local_shard_damaged_in_place_is_named(tmp_path: Path, private_tmp: Path) -> None:
-    from conftest_data import DataCfg, batches_of
-    from dune_scale.data import build_train_loader, write_demo_shards
+    from conftest_data import DataCfg, batches_of, train_loader
+    from dune_scale.data import write_demo_shards
     from dune_scale.data.errors import DataError
 
     mixture = write_demo_shards(tmp_path / "shards", num_samples_per_dataset=24, val_samples_per_dataset=0)
@@ -379,7 +379,7 @@ def test_a_local_shard_damaged_in_place_is_named(tmp_path: Path, private_tmp: Pa
     data = bytearray(shard.read_bytes())
     data[-200:-100] = bytes(100)  # same size: only the hash can tell
     shard.write_bytes(bytes(data))
-    loader = build_train_loader(DataCfg(str(tmp_path / "shards"), mixture, num_workers=0), image_size=28, batch_size=6, seed=0)
+    loader = train_loader(DataCfg(str(tmp_path / "shards"), mixture, num_workers=0), image_size=28, batch_size=6, seed=0)
     with pytest.raises(DataError, match=rf"dataset synth_mast3r, shard {shard}: its content does not match the xxh64 hash"):
         batches_of(loader)
 

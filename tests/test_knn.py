@@ -15,11 +15,16 @@ from conftest import TINY_CPU, tiny_overrides
 from dune_scale.cli.train import train
 from dune_scale.config import load_config
 from dune_scale.engine.compose import build_encoder
-from dune_scale.eval.knn import class_token, knn_probe, weighted_knn
+from dune_scale.eval.knn import knn_probe, weighted_knn
 from dune_scale.telemetry.metrics import read_metrics
 
 # Class = background colour (with jitter) under random coloured discs.
 CLASS_COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40))
+
+
+def class_token(encoder: torch.nn.Module):
+    """The k-NN feature of an encoder: its final-normed class token."""
+    return lambda images: encoder.forward_features(images)["cls"]
 
 
 def write_labelled_set(folder: Path, per_class: int, seed: int) -> Path:
@@ -69,7 +74,7 @@ def test_trained_student_beats_random_and_knn_rises_during_training(
                                                f"eval.knn_train={train_dir}", f"eval.knn_val={val_dir}"))
     train(cfg)
     knn = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "knn"]
-    assert [r["step"] for r in knn] == [6, 12] and knn[0]["dataset"] == "val" and knn[0]["k"] == 20
+    assert [(r["step"], r["dataset"], r["k"], r["temperature"]) for r in knn] == [(6, "val", 20, 0.07), (12, "val", 20, 0.07)]
     torch.manual_seed(cfg.run.seed)
     random_student = build_encoder(cfg).eval()
     chance = 1 / len(CLASS_COLOURS)

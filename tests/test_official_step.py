@@ -15,7 +15,8 @@ as two ranks (statistics over both, each normalised on its own, gradients averag
 trainer every strategy uses; the last test shows that the objective of a rank of a 2-rank job
 takes nothing from the other rank's kept count (the strategies' gradient average is checked
 against ``single`` in test_distributed). Shared by both sides are only the inputs of a step: the
-student's weights, the batches, the teachers' features, and which (teacher, image) pairs
+student's weights, the batches, the teachers' features (recorded from our side's teacher pass: the
+reference side calls neither our teachers nor our schedules), and which (teacher, image) pairs
 ``lowest_loss`` keeps (its draws are ours; the official ones come from python's ``random``)."""
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def test_two_rank_steps_with_unequal_kept_counts_equal_the_official_ddp_steps(tm
                                  f"train.grad_accum_steps={RANKS}", "optim.lr_reference_batch=256", "optim.base_lr=0.04",
                                  "optim.grad_clip=0.05", f"run.seed={SEED}"])
     assert (cfg.distill.teacher_drop, cfg.distill.teacher_drop_p, cfg.optim.clip_mode, cfg.optim.wd_groups) == ("lowest_loss", 0.5, "per_param", "official")
-    assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_fraction) == ((0.9, 0.99), 1e-15, 0.2)
+    assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_fraction, cfg.train.precision) == ((0.9, 0.99), 1e-15, 0.2, "fp32")
     lr_schedule, tnorm_schedule = official_schedules(cfg, world_size=1)
     kept: list[torch.Tensor] = []  # which pairs our lowest_loss kept, micro-batch by micro-batch
     ours_drop = objective_module.drop_coefficients
@@ -176,6 +177,14 @@ def test_two_rank_steps_with_unequal_kept_counts_equal_the_official_ddp_steps(tm
 
     monkeypatch.setattr(objective_module, "drop_coefficients", recording)
     trainer = build_trainer(cfg, DistInfo(), check_run(cfg, DistInfo()), loader=None)
+    teachers, teacher_outs = trainer.teachers, []  # the teachers' features of each micro-batch: an input of both sides
+
+    def recorded_teachers(images: torch.Tensor, timed: object = None) -> dict:
+        features = teachers(images, timed)
+        teacher_outs.append({name: {token: value.detach().clone() for token, value in tokens.items()} for name, tokens in features.items()})
+        return features
+
+    trainer.teachers = recorded_teachers
     trainer.state.step = FIRST_STEP
     student = trainer.students[0]
     reference = copy.deepcopy(student.strategy.module)
@@ -192,19 +201,17 @@ def test_two_rank_steps_with_unequal_kept_counts_equal_the_official_ddp_steps(tm
             group["lr"] = lr_schedule[it]
             if index == 0:
                 group["weight_decay"] = cfg.optim.weight_decay
-        with torch.no_grad():
-            teacher_outs = [trainer.teachers(images) for images in rank_images]
-        targets: list[dict] = [{name: {} for name in teacher_outs[0]} for _ in range(RANKS)]
-        for name, tokens in teacher_outs[0].items():
+        step_outs = teacher_outs[-RANKS:]
+        targets: list[dict] = [{name: {} for name in step_outs[0]} for _ in range(RANKS)]
+        for name, tokens in step_outs[0].items():
             for token in tokens:
                 buffers = {"mean": reference.teacher_norms[name][token].running_mean, "std": reference.teacher_norms[name][token].running_std}
-                standardised = _official_teacher_norm([out[name][token].float() for out in teacher_outs], token, buffers, tnorm_schedule[it])
+                standardised = _official_teacher_norm([out[name][token].float() for out in step_outs], token, buffers, tnorm_schedule[it])
                 for rank in range(RANKS):
                     targets[rank][name][token] = standardised[rank]
         rank_losses = []
         for rank, images in enumerate(rank_images):
-            with student.strategy.autocast():
-                student_out = reference(images)
+            student_out = reference(images)  # fp32, as the config says
             loss_tensor = _official_per_image_losses(student_out, targets[rank])
             hardest = loss_tensor.argmax(dim=0)  # lowest_loss never drops an image's hardest teacher
             assert rank_kept[rank][hardest, torch.arange(PER_RANK)].all()

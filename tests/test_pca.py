@@ -74,6 +74,24 @@ def test_launch_pca_writes_student_and_teacher_maps(tiny_student_run: Path, tmp_
     assert student_maps[0].min() == 0 or student_maps[1].min() == 0  # components span the full range jointly
 
 
+def test_a_picture_whose_halves_differ_gets_two_separated_colours(tiny_student_run: Path, tmp_path: Path) -> None:
+    """The map's content: a red left half and a blue right half (two patch columns each at 56 px)
+    give two colours split exactly along the halves by the first component (the map's red channel);
+    the other two components only show the positional embeddings of this untrained student."""
+    halves = np.zeros((56, 56, 3), np.uint8)
+    halves[:, :28], halves[:, 28:] = (200, 30, 30), (30, 30, 200)
+    Image.fromarray(halves).save(tmp_path / "halves.png")
+    out = tmp_path / "grid.png"
+    assert pca_main(["--student", str(tiny_student_run), "--images", str(tmp_path / "halves.png"), "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out)).astype(int)
+    assert abs(grid[LABEL_HEIGHT + 7, 7] - (200, 30, 30)).max() <= 2  # the image column shows the picture
+    first = grid[LABEL_HEIGHT : LABEL_HEIGHT + 56, 56:112, 0][7::14, 7::14]  # the centre of each of the 4×4 patches
+    left, right = first[:, :2], first[:, 2:]
+    if left.mean() > right.mean():
+        left, right = right, left  # a component's sign is a convention
+    assert left.max() < 30 and right.min() > 225, first
+
+
 def test_bad_pca_inputs_are_named(tiny_student_run: Path, tmp_path: Path, capsys) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")

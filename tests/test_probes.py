@@ -163,6 +163,34 @@ def test_projector_features_and_a_fixed_seed(student_run: Path, ade20k: Path, tm
     assert not (student_run / "eval" / "linear-seg_ade_tiny_student_projector-dino2reg_vitlarge_14.json").exists()  # --out
 
 
+def test_a_toy_eval_kind_added_in_one_file_runs_through_the_program_and_the_report(
+    student_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """tests/toy_eval_kind.py plus one registration: ``launch/eval.py toy`` takes its options as
+    flags (named when bad), prints and records the value its weights give, and the report shows it."""
+    from toy_eval_kind import TOY, ToyOptions, expected_cls0
+
+    from dune_scale.eval.registry import EVAL_KINDS
+
+    monkeypatch.setitem(EVAL_KINDS, TOY.name, TOY)  # the one registration
+    run = tmp_path / "run"  # the student alone, without the results other tests wrote beside it
+    run.mkdir()
+    for name in ("config.yaml", "student.safetensors"):
+        (run / name).write_bytes((student_run / name).read_bytes())
+    expected = expected_cls0(run, ToyOptions(images=3, offset=0.5))
+    assert _eval("toy", "--checkpoint", str(run), "--images", "3", "--offset", "0.5") == 0
+    printed = re.match(r"toy cls0 (-?[0-9.]+) \(0 train / 3 val images", capsys.readouterr().out)
+    assert printed and float(printed[1]) == pytest.approx(expected, abs=1e-4)  # printed to 4 decimals
+    record = json.loads((run / "eval" / "toy_noise3_student_encoder.json").read_text())
+    assert record["metrics"] == {"cls0": pytest.approx(expected, rel=1e-5)}
+    assert (record["options"], record["images"], record["dataset"]) == ({"images": 3, "offset": 0.5}, {"train": 0, "val": 3}, "noise3")
+    assert _eval_report(run) == 0
+    assert capsys.readouterr().out.splitlines() == ["| model | features | toy noise3 cls[0] mean ↑ |", "|---|---|---|",
+                                                    f"| student | encoder | {expected:.3f} |"]
+    assert _eval("toy", "--checkpoint", str(run), "--images", "0") == 2
+    assert capsys.readouterr().err == "error: --images: 0 is not allowed; it must be at least 1\n"
+
+
 def _copy(tree: Path, to: Path) -> Path:
     import shutil
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -106,7 +105,6 @@ def test_remote_store_problems_are_one_line_with_exit_code_2(
     assert f"s3://{s3_env.bucket}/" in err and "403" in err, err
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret)
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_env.endpoint)  # restored after the test: runs below change it
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
@@ -121,7 +119,7 @@ def test_remote_store_problems_are_one_line_with_exit_code_2(
         upload = RemoteCheckpoints.upload
 
         def upload_to_silent_store(self: RemoteCheckpoints, folder: Path, names: list[str]) -> None:
-            os.environ["S3_ENDPOINT_URL"] = dead
+            self.endpoint = dead
             upload(self, folder, names)
 
         monkeypatch.setattr(RemoteCheckpoints, "upload", upload_to_silent_store)

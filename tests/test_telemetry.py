@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_CPU, tiny_overrides
 from dune_scale.cli.train import train
 from dune_scale.config import ConfigError, load_config
-from dune_scale.telemetry.metrics import scalar_tags
+from dune_scale.telemetry.metrics import read_metrics, scalar_tags
 
 
 def test_scalar_tags_namespace_records_by_kind_and_dataset() -> None:
@@ -83,6 +83,17 @@ def test_wandb_gets_validation_under_its_dataset_and_the_feature_pictures(
     cfg = load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=2", "eval.every_steps=2",
                                                "run.wandb_project=dune", "run.tensorboard=false"))
     train(cfg, val=val_sets(6), feature_pictures=lambda encoder, images: np.zeros((2, 4, 4, 3), np.uint8))
-    at_two = {k: v for step, data in logged if step == 2 for k, v in data.items()}
-    assert "loss" in at_two and "val/synth_dino2/loss_mast3r_vitlarge_16" in at_two
-    assert at_two["pictures"] == [("image", "step_000000002_0.png"), ("image", "step_000000002_1.png")]
+    logged_at: dict[int, dict] = {}
+    for step, data in logged:
+        logged_at.setdefault(step, {}).update(data)
+    # Every number of metrics.jsonl, and nothing else, at its step: training records under their own
+    # names, the others under <kind>/<dataset>/ (validation per dataset, the pictures record's none).
+    expected: dict[int, dict] = {}
+    for record in read_metrics(out / "metrics.jsonl"):
+        prefix = "" if record["kind"] == "train" else f"{record['kind']}/{record['dataset']}/"
+        numbers = {f"{prefix}{key}": float(value) for key, value in record.items()
+                   if key not in ("step", "kind", "dataset") and type(value) in (int, float)}
+        expected.setdefault(record["step"], {}).update(numbers)
+    assert {step: {k: v for k, v in data.items() if k != "pictures"} for step, data in logged_at.items()} == expected
+    assert expected[2]["val/synth_dino2/loss_mast3r_vitlarge_16"] > 0 and expected[1]["loss"] > 0
+    assert logged_at[2]["pictures"] == [("image", "step_000000002_0.png"), ("image", "step_000000002_1.png")]

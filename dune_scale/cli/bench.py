@@ -49,9 +49,8 @@ from rich.table import Table
 
 from dune_scale import distributed
 from dune_scale.config import Config, ConfigError, EvalConfig, load_config
-from dune_scale.data.mixture import Mixture
 from dune_scale.distributed import DistInfo, rank_seed
-from dune_scale.engine.compose import RunPlan, build_encoder, build_trainer, check_run
+from dune_scale.engine.compose import RunPlan, build_trainer, check_run, reference_work, train_loader
 from dune_scale.telemetry.flops import StepFlops, dune_step_flops
 from dune_scale.telemetry.phases import PhaseTimer
 from dune_scale.telemetry.reference_step import (
@@ -61,7 +60,6 @@ from dune_scale.telemetry.reference_step import (
     measure_reference,
     ratios,
     reference_images,
-    reference_work,
     require_timm,
 )
 
@@ -162,12 +160,12 @@ def without_evaluation(cfg: Config) -> Config:
     return dataclasses.replace(cfg, eval=EvalConfig())
 
 
-def synthetic_batches(cfg: Config, mixture: Mixture, device: torch.device, rank: int) -> list[dict[str, Any]]:
+def synthetic_batches(cfg: Config, plan: RunPlan, device: torch.device, rank: int) -> list[dict[str, Any]]:
     """Per-rank batches made once on the device, shaped as the loader's (ImageNet-normalised images
-    ≈ N(0, 1)). Dataset names fill each batch in the mixture's shares (largest remainder), so a
+    ≈ N(0, 1)). Dataset names fill each batch in the plan's mixture shares (largest remainder), so a
     batch is teacher-balanced as the loader makes it and domain-based teacher dropping sees real
     domains."""
-    size, batch = cfg.train.image_size, cfg.train.batch_size_per_rank
+    size, batch, mixture = cfg.train.image_size, plan.batch_size_per_rank, plan.mixture
     quotas = [s.proportion * batch for s in mixture.streams]
     counts = [int(q) for q in quotas]
     by_remainder = sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])
@@ -234,16 +232,8 @@ def measure(cfg: Config, options: BenchOptions, result: VariantResult, dist: Dis
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     plan = check_run(cfg, dist)
-    mixture = plan.mixture
-    if options.real_data:
-        from dune_scale.data import build_train_loader  # Streaming: only where real data is read
-
-        loader: Any = build_train_loader(
-            cfg.data, image_size=cfg.train.image_size, batch_size=cfg.train.batch_size_per_rank, seed=cfg.run.seed,
-            epoch_size=cfg.train.epoch_size,
-        )
-    else:
-        loader = synthetic_batches(cfg, mixture, device, dist.rank)
+    result.batch_size_per_rank = plan.batch_size_per_rank
+    loader = train_loader(cfg, plan) if options.real_data else synthetic_batches(cfg, plan, device, dist.rank)
     try:
         _time_steps(cfg, options, result, dist, plan, loader)
     finally:
@@ -359,7 +349,6 @@ def run_variant(
         if options.random_init:
             cfg = load_config(config_path, [*overrides, *random_init_overrides(cfg)])
         cfg = without_evaluation(cfg)
-        result.batch_size_per_rank = cfg.train.batch_size_per_rank
         result.grad_accum_steps = cfg.train.grad_accum_steps
         result.global_batch_size = cfg.global_batch_size(dist.world_size)
         result.image_size = cfg.train.image_size
@@ -387,9 +376,7 @@ def run_reference(
 ) -> dict[str, Any]:
     """The seed-style step for the base configuration's shapes, each reference variant in turn (a
     failing one is reported and the next runs)."""
-    cfg = load_config(config_path, list(base_overrides))
-    with torch.device("meta"):  # only the student's shape is read
-        work = reference_work(cfg, build_encoder(cfg))
+    work = reference_work(load_config(config_path, list(base_overrides)))
     images = reference_images(work, device)
     results = []
     for variant in options.reference:

@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from dune_scale.config import DataConfig
 from dune_scale.data.loader import build_train_loader
+from dune_scale.data.mixture import Mixture, resolve_mixture
 from dune_scale.data.synthetic import DEMO_DATASETS, write_synthetic_dataset
 
 
@@ -31,11 +33,13 @@ class BenchResult:
         return self.samples / self.seconds
 
 
-def measure(data_cfg: Any, image_size: int, workers: int, batch_size: int, batches: int, warmup: int) -> BenchResult:
+def measure(
+    data_cfg: DataConfig, mixture: Mixture, image_size: int, workers: int, batch_size: int, batches: int, warmup: int
+) -> BenchResult:
     """Time ``batches`` batches after ``warmup`` untimed ones, with ``workers`` loader workers."""
     cfg = dataclasses.replace(data_cfg, num_workers=workers)
     epoch = (batches + warmup + 1) * batch_size
-    loader = build_train_loader(cfg, image_size=image_size, batch_size=batch_size, seed=0, epoch_size=epoch)
+    loader = build_train_loader(cfg, mixture, image_size=image_size, batch_size=batch_size, seed=0, epoch_size=epoch)
     iterator = iter(loader)
     for _ in range(warmup):
         next(iterator)
@@ -57,8 +61,6 @@ def synthetic_mixture(root: str, samples: int, image_size: int = 512, noise: flo
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``launch/bench_data.py``: print samples/s for every (image size, worker count)."""
-    from dune_scale.config import DataConfig
-
     parser = argparse.ArgumentParser(description="Data-loader throughput (decode + augment + collate), samples/s.")
     parser.add_argument("--remote-root", default=None, help="shards to read (default: synthetic 512 px JPEGs in a temp dir)")
     parser.add_argument("--mixture", default="teacher_balanced", help="mixture name, with --remote-root")
@@ -77,9 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             root, mixture = args.remote_root, args.mixture
         cfg = DataConfig(remote_root=root, mixture=mixture, local_cache=args.local_cache, s3_endpoint_url=args.s3_endpoint_url)
+        resolved = resolve_mixture(cfg.mixture, cfg.balance, cfg.remote_root)
         print(f"{'size':>5} {'workers':>8} {'samples/s':>10}   (batch {args.batch_size}, {args.batches} timed batches)")
         for size in args.sizes:
             for workers in args.workers:
-                result = measure(cfg, size, workers, args.batch_size, args.batches, args.warmup)
+                result = measure(cfg, resolved, size, workers, args.batch_size, args.batches, args.warmup)
                 print(f"{size:>5} {workers:>8} {result.samples_per_s:>10.1f}", flush=True)
     return 0

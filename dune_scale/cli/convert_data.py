@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 from dune_scale.data.convert import DEFAULT_MAX_PIXELS, LABELS, LAYOUTS, REPORT_NAME, SPLITS, convert_dataset
 from dune_scale.data.errors import DataError
-from dune_scale.object_store import configure_s3_endpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,7 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    configure_s3_endpoint(args.s3_endpoint_url)
     try:
         report = convert_dataset(
             args.source,
@@ -50,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             quality=args.quality,
             max_pixels=args.max_pixels,
             split=args.split,
+            s3_endpoint_url=args.s3_endpoint_url,
             timeout=args.timeout,
             progress=not args.no_progress,
             labels=args.labels,

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dune_scale.data.convert import DEFAULT_MAX_PIXELS
 from dune_scale.data.errors import DataError
 from dune_scale.data.prepare import Part, Settings, format_report, prepare_mixture
-from dune_scale.object_store import configure_s3_endpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    configure_s3_endpoint(args.s3_endpoint_url)
     try:
         report = prepare_mixture(
             args.sources,
@@ -50,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             merge=args.merge,
             settings=Settings(args.samples_per_shard, args.max_side, args.max_pixels, args.quality),
             workers=args.workers,
+            s3_endpoint_url=args.s3_endpoint_url,
             timeout=args.timeout,
             strict_counts=args.strict_counts,
             progress=not args.no_progress,

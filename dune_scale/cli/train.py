@@ -12,7 +12,7 @@ from dune_scale import distributed
 from dune_scale.cli.common import run_program, setup_logging
 from dune_scale.config import Config, load_config, save_config
 from dune_scale.engine.compat import check_resume_compatible
-from dune_scale.engine.compose import ValidationData, build_trainer, check_run
+from dune_scale.engine.compose import ValidationData, build_trainer, check_run, train_loader, validation_loaders
 from dune_scale.engine.nonfinite import NonFiniteError
 from dune_scale.engine.preemption import EXIT_PREEMPTED, PreemptionWatcher, guard_preempted_exit
 from dune_scale.engine.run_folder import move_aside, refuse_silent_start_over
@@ -73,18 +73,10 @@ def _start_and_train(
     distributed.barrier()
     if stopped("the run check"):
         return False
-    from dune_scale.data.loader import build_train_loader  # Streaming: only when real data is read
-
-    loader = build_train_loader(
-        cfg.data,
-        image_size=cfg.train.image_size,
-        batch_size=cfg.train.batch_size_per_rank,
-        seed=cfg.run.seed,
-        epoch_size=cfg.train.epoch_size,
-    )
+    loader = train_loader(cfg, plan)
     built.append(loader)
     if cfg.eval.every_steps is not None and val is None:
-        val = validation_loaders(cfg, dist.world_size)
+        val = validation_loaders(cfg, plan, dist.world_size)
         built += val[1]
         feature_pictures = feature_pictures or pca_feature_pictures
     if stopped("loader construction"):
@@ -110,22 +102,6 @@ def _start_and_train(
     if dist.is_main:
         log.info("%s at step %d; outputs in %s", "done" if completed else "preempted", trainer.state.step, output_dir)
     return completed
-
-
-def validation_loaders(cfg: Config, world_size: int) -> ValidationData:
-    """One validation loader per dataset of the mixture that has a validation split; with
-    ``eval.max_batches`` each holds exactly that many batches per rank (a fixed subset), so every
-    pass reads the loader to its end."""
-    from dune_scale.data.loader import build_val_loader, validation_datasets
-
-    names = validation_datasets(cfg.data)
-    batch = cfg.train.batch_size_per_rank
-    max_samples = cfg.eval.max_batches * batch * world_size if cfg.eval.max_batches else None
-    loaders = [
-        build_val_loader(cfg.data, name, image_size=cfg.train.image_size, batch_size=batch, max_samples=max_samples)
-        for name in names
-    ]
-    return names, loaders
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -12,7 +12,7 @@ _EXPORTS = {
     "ConvertReport": "convert", "convert_dataset": "convert", "list_sources": "convert",
     "MixtureDataset": "dataset",
     "build_train_loader": "loader", "build_val_loader": "loader", "collate_batch": "loader",
-    "init_loader_worker": "loader", "validation_datasets": "loader", "close_loader": "loader",
+    "init_loader_worker": "loader", "close_loader": "loader",
     "DataError": "errors", "MissingDataError": "errors",
     "Mixture": "mixture", "MixtureError": "mixture", "MixtureStream": "mixture",
     "available_mixtures": "mixture", "resolve_mixture": "mixture",

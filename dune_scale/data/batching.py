@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,13 +30,29 @@ from streaming.base.batching import batching_methods
 from streaming.base.shuffle import get_shuffle
 from streaming.base.world import World
 
-if TYPE_CHECKING:
-    from dune_scale.data.dataset import MixtureDataset
-
 logger = logging.getLogger(__name__)
 
 GROUPED = "dune_grouped"
 _GROUP_SEED_STRIDE = 1_000_003
+
+
+class GroupedDataset(Protocol):
+    """What grouped batching reads of a dataset: Streaming's resampling and shuffle settings, and the
+    mixture's groups (``MixtureDataset`` is one; this module needs nothing else of it)."""
+
+    streams: Sequence[Any]
+    batch_size: int
+    num_canonical_nodes: int
+    shuffle: bool
+    shuffle_algo: str
+    shuffle_seed: int
+    shuffle_block_size: int
+    group_streams: list[list[int]]
+    group_shares: list[float]
+    group_names: list[str]
+    keep_partial_batch: bool
+
+    def resample_streams(self, epoch: int, stream_id: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
 
 
 def interleave_spans(num_samples: int, num_spans: int) -> NDArray[np.int64]:
@@ -47,7 +63,7 @@ def interleave_spans(num_samples: int, num_spans: int) -> NDArray[np.int64]:
     return ids[np.lexsort((span, ids - starts[span]))]
 
 
-def group_sequence(dataset: MixtureDataset, group: int, epoch: int) -> NDArray[np.int64]:
+def group_sequence(dataset: GroupedDataset, group: int, epoch: int) -> NDArray[np.int64]:
     """This epoch's sample ids of one group, in traversal order."""
     units, small_per_big = [], []
     for stream_id in dataset.group_streams[group]:
@@ -94,13 +110,13 @@ def _batch_plan(lengths: Sequence[int], global_batch: int, shares: Sequence[floa
     return counts[: min(int(np.searchsorted(used[:, g], n, side="right")) for g, n in enumerate(lengths))]
 
 
-def samples_per_epoch(dataset: MixtureDataset, global_batch: int) -> int:
+def samples_per_epoch(dataset: GroupedDataset, global_batch: int) -> int:
     """How many samples an epoch yields over all ranks (whole global batches only)."""
     lengths = [sum(int(dataset.streams[s].choose) for s in streams) for streams in dataset.group_streams]
     return len(_batch_plan(lengths, global_batch, dataset.group_shares)) * global_batch
 
 
-def global_batches(dataset: MixtureDataset, global_batch: int, epoch: int) -> NDArray[np.int64]:
+def global_batches(dataset: GroupedDataset, global_batch: int, epoch: int) -> NDArray[np.int64]:
     """(number of global batches, G) sample ids; a row holds the groups' samples group after group."""
     shares = dataset.group_shares
     sequences = [group_sequence(dataset, g, epoch) for g in range(len(shares))]
@@ -128,7 +144,7 @@ def global_batches(dataset: MixtureDataset, global_batch: int, epoch: int) -> ND
     return rows
 
 
-def generate_work_grouped(dataset: MixtureDataset, world: World, epoch: int, sample_in_epoch: int) -> NDArray[np.int64]:
+def generate_work_grouped(dataset: GroupedDataset, world: World, epoch: int, sample_in_epoch: int) -> NDArray[np.int64]:
     """Streaming batching-method entry point → (nodes, ranks per node, workers, batches, batch)."""
     batch, ranks, workers = dataset.batch_size, world.num_ranks, world.workers_per_rank
     size = batch * ranks

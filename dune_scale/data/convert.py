@@ -42,12 +42,11 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 from streaming import MDSWriter
-from streaming.base.storage import CloudDownloader, CloudUploader
 
-from dune_scale.data.remote import check_bucket, storage_error
+from dune_scale.data.remote import check_bucket, downloader, storage_error, uploader
 from dune_scale.data.schema import MDS_COLUMNS, MDS_HASHES
 from dune_scale.files import atomic_write, is_plain_name
-from dune_scale.object_store import MISSING_CODES, bounded_s3_client, error_code
+from dune_scale.object_store import MISSING_CODES, error_code, s3_endpoint
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Formats stored byte for byte; anything else is re-encoded.
@@ -265,12 +264,14 @@ def _fitting(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
 
 
 class _Output:
-    """Where shards, markers and the index go; remote files are staged locally then uploaded."""
+    """Where shards, markers and the index go; remote files are staged locally then uploaded (to the
+    S3 ``endpoint`` given; None: AWS)."""
 
-    def __init__(self, url: str, staging: str, timeout: float) -> None:
+    def __init__(self, url: str, staging: str, endpoint: str | None, timeout: float) -> None:
         self.url = url
         self.remote = "://" in url
         self.local = staging if self.remote else url
+        self.endpoint = endpoint
         self.timeout = timeout
         self._uploader: Any = None
         self._downloader: Any = None
@@ -278,9 +279,7 @@ class _Output:
     def uploader(self) -> Any:
         """Streaming's uploader; on S3 with a client bounded by ``timeout`` (its own waits minutes)."""
         if self._uploader is None:
-            self._uploader = CloudUploader.get((self.local, self.url), exist_ok=True)
-            if hasattr(self._uploader, "s3"):
-                self._uploader.s3 = bounded_s3_client(self.timeout, attempts=3)
+            self._uploader = uploader(self.local, self.url, self.endpoint, self.timeout)
         return self._uploader
 
     def store(self, basename: str) -> None:
@@ -313,7 +312,7 @@ class _Output:
         if not self.remote:
             return json.loads(Path(path).read_text()) if os.path.isfile(path) else None
         if self._downloader is None:  # one client for all the files read
-            self._downloader = CloudDownloader.get(self.url)
+            self._downloader = downloader(self.url, self.endpoint)
         try:
             self._downloader.download(f"{self.url}/{basename}", path, self.timeout)
         except Exception as err:
@@ -338,11 +337,11 @@ def write_json(output: _Output, basename: str, obj: Any) -> None:
 # Conversion
 
 
-def _convert_chunk(job: tuple[_Chunk, str, str, str, float]) -> dict[str, Any]:
+def _convert_chunk(job: tuple[_Chunk, str, str, str, str | None, float]) -> dict[str, Any]:
     """Worker: one chunk → one stored shard + its marker (returned)."""
-    chunk, name, url, staging, timeout = job
+    chunk, name, url, staging, endpoint, timeout = job
     try:
-        return _write_chunk(chunk, name, _Output(url, staging, timeout))
+        return _write_chunk(chunk, name, _Output(url, staging, endpoint, timeout))
     except Exception as err:  # storage errors may not pickle back to the parent: send a plain one
         raise storage_error(url, err) from None
 
@@ -401,14 +400,14 @@ def plan_chunks(
 
 
 @contextlib.contextmanager
-def open_output(url: str, timeout: float, check: bool = True) -> Iterator[_Output]:
-    """The output folder ``url`` (its bucket answering, unless ``check`` is off because the caller
-    checked it); a remote one is staged in a temporary folder, removed at the end."""
+def open_output(url: str, endpoint: str | None, timeout: float, check: bool = True) -> Iterator[_Output]:
+    """The output folder ``url`` (its bucket answering at the S3 ``endpoint``, unless ``check`` is
+    off because the caller checked it); a remote one is staged in a temporary folder, removed at the end."""
     if check:
-        check_bucket(url, timeout)
+        check_bucket(url, endpoint, timeout)
     staging = tempfile.mkdtemp(prefix="dune_convert_") if "://" in url else url
     try:
-        yield _Output(url, staging, timeout)
+        yield _Output(url, staging, endpoint, timeout)
     finally:
         if staging != url:
             shutil.rmtree(staging, ignore_errors=True)
@@ -423,7 +422,7 @@ def convert_chunks(
         stored = output.markers({c.number for c in chunks})
         reused = {c.number for c in chunks if stored.get(c.number, {}).get("sources") == c.digest}
         done = {n: stored[n] for n in reused}
-        jobs = [(c, name, output.url, output.local, output.timeout) for c in chunks if c.number not in reused]
+        jobs = [(c, name, output.url, output.local, output.endpoint, output.timeout) for c in chunks if c.number not in reused]
         for marker in _run(jobs, workers, progress, total=sum(len(job[0].items) for job in jobs), label=label) if jobs else ():
             done[marker["chunk"]] = marker
     except Exception as err:
@@ -450,12 +449,14 @@ def convert_dataset(
     quality: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     split: str = "train",
+    s3_endpoint_url: str | None = None,
     timeout: float = 60.0,
     progress: bool = True,
     labels: str = "none",
 ) -> ConvertReport:
     """Convert one dataset's ``split`` into ``<out_root>/<name>`` (train) or ``<out_root>/<name>/val``
-    (a folder, ``s3://…`` or ``gs://…``); ``labels="folders"`` stores class labels (see the module)."""
+    (a folder, ``s3://…`` or ``gs://…``: an S3 store at ``s3_endpoint_url``, else at the launch
+    environment's ``S3_ENDPOINT_URL``, else AWS); ``labels="folders"`` stores class labels (see the module)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     if split not in SPLITS:
@@ -473,7 +474,7 @@ def convert_dataset(
     classes = class_folders(source, layout) if labels == "folders" else ()
     chunks = plan_chunks(files, source_root(source), policy, samples_per_shard, classes)
     url = f"{out_root.rstrip('/')}/{name}" + ("/val" if split == "val" else "")
-    with open_output(url, timeout) as output:
+    with open_output(url, s3_endpoint(s3_endpoint_url), timeout) as output:
         done, reused = convert_chunks(chunks, name, output, workers=workers, progress=progress, label=name)
         markers = [done[c.number] for c in chunks]
         report = ConvertReport.from_markers(name, url, len(files), markers, len(reused))

@@ -1,4 +1,5 @@
-"""``DataConfig`` → a resumable StreamingDataLoader over the mixture (the trainer's only data entry).
+"""``DataConfig`` + a resolved :class:`Mixture` → a resumable StreamingDataLoader over it (the
+trainer's only data entry); the composition root resolves the mixture once and passes it here.
 
 Rank and world size come from the usual environment variables (Streaming reads RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE …). Each pass over the loader is one epoch; iterating again starts the next one.
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 from streaming import StreamingDataLoader
 
+from dune_scale.config import DataConfig
 from dune_scale.data.dataset import MixtureDataset
-from dune_scale.data.mixture import Mixture, MixtureError, resolve_mixture
+from dune_scale.data.mixture import Mixture
 from dune_scale.data.remote import (
     build_streams,
     check_access,
@@ -27,7 +29,7 @@ from dune_scale.data.remote import (
     reset_worker_connections,
 )
 from dune_scale.data.transforms import build_train_transform, build_val_transform
-from dune_scale.object_store import configure_s3_endpoint
+from dune_scale.object_store import s3_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +103,11 @@ def _obey_sigterm_from(parent: int) -> None:
 
 
 def build_train_loader(
-    data_cfg: Any, *, image_size: int, batch_size: int, seed: int, epoch_size: int | None = None
+    data_cfg: DataConfig, mixture: Mixture, *, image_size: int, batch_size: int, seed: int, epoch_size: int | None = None
 ) -> StreamingDataLoader:
-    """The training loader: ``batch_size`` per rank, augmentations of DESIGN §1, ``epoch_size``
-    samples per epoch over all ranks (None: the mixture's datasets once, resampled to their shares)."""
-    mixture = resolve_mixture(data_cfg.mixture, data_cfg.balance, data_cfg.remote_root)
+    """The training loader over ``mixture`` (``data_cfg.mixture`` resolved): ``batch_size`` per rank,
+    augmentations of DESIGN §1, ``epoch_size`` samples per epoch over all ranks (None: the mixture's
+    datasets once, resampled to their shares)."""
     problem = mixture.batch_size_problem(batch_size)
     if problem:
         raise ValueError(f"batch size {batch_size}: {problem}")
@@ -121,15 +123,9 @@ def close_loader(loader: Any) -> None:
         release()
 
 
-def validation_datasets(data_cfg: Any) -> list[str]:
-    """The mixture's datasets that have a validation split (a ``val_size`` in the mixture spec), in
-    mixture order; as in the official code, in19k and cuffs have none."""
-    mixture = resolve_mixture(data_cfg.mixture, data_cfg.balance, data_cfg.remote_root)
-    return [s.name for s in mixture.streams if s.val_size]
-
-
 def build_val_loader(
-    data_cfg: Any,
+    data_cfg: DataConfig,
+    mixture: Mixture,
     dataset_name: str,
     *,
     image_size: int,
@@ -137,7 +133,8 @@ def build_val_loader(
     max_samples: int | None = None,
     num_workers: int | None = None,
 ) -> StreamingDataLoader:
-    """One dataset's validation split (``<remote_root>/<name>/val``), the same every time it is built.
+    """The validation split of ``mixture``'s dataset ``dataset_name`` (``<remote_root>/<name>/val``),
+    the same every time it is built.
 
     Batches have the training batches' fields; images get the validation transform (shorter side
     resized to ``image_size``, centre crop). No shuffling; ``max_samples`` (None: all) takes a fixed
@@ -145,19 +142,13 @@ def build_val_loader(
     over all ranks: the last batch may be short, and ranks may get one batch more than others, so
     sum per rank and reduce once after the pass (no collective per batch).
     """
-    full = resolve_mixture(data_cfg.mixture, data_cfg.balance, data_cfg.remote_root)
-    spec = next((s for s in full.streams if s.name == dataset_name), None)
-    if spec is None:
-        raise MixtureError(f"dataset {dataset_name!r} is not in the mixture ({', '.join(full.names)})")
-    entry = {"name": spec.name, "domain": spec.domain, **({"size": spec.val_size} if spec.val_size else {})}
-    mixture = resolve_mixture([entry], "proportional", data_cfg.remote_root)
     return _build_loader(
-        data_cfg, mixture, "val", build_val_transform(image_size), batch_size, 0, max_samples, False, num_workers
+        data_cfg, mixture.validation_split(dataset_name), "val", build_val_transform(image_size), batch_size, 0, max_samples, False, num_workers
     )
 
 
 def _build_loader(
-    data_cfg: Any,
+    data_cfg: DataConfig,
     mixture: Mixture,
     split: str | None,
     transform: Any,
@@ -167,9 +158,9 @@ def _build_loader(
     shuffle: bool,
     num_workers: int | None = None,
 ) -> StreamingDataLoader:
-    configure_s3_endpoint(data_cfg.s3_endpoint_url)
-    check_access(data_cfg.remote_root, mixture.names, data_cfg.download_timeout, split)
-    streams = build_streams(mixture, data_cfg.remote_root, data_cfg.local_cache, split)
+    endpoint = s3_endpoint(data_cfg.s3_endpoint_url)
+    check_access(data_cfg.remote_root, mixture.names, endpoint, data_cfg.download_timeout, split)
+    streams = build_streams(mixture, data_cfg.remote_root, endpoint, data_cfg.local_cache, split)
     dataset = MixtureDataset(
         streams=streams,
         mixture=mixture,

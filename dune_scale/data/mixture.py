@@ -67,6 +67,20 @@ class Mixture:
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.streams)
 
+    @property
+    def validation_names(self) -> tuple[str, ...]:
+        """The datasets that have a validation split (a ``val_size`` in the mixture spec), in mixture
+        order; as in the official code, in19k and cuffs have none."""
+        return tuple(s.name for s in self.streams if s.val_size)
+
+    def validation_split(self, dataset_name: str) -> Mixture:
+        """One dataset's validation split as a mixture of its own: one group, its ``val_size`` as size."""
+        spec = next((s for s in self.streams if s.name == dataset_name), None)
+        if spec is None:
+            raise MixtureError(f"dataset {dataset_name!r} is not in the mixture ({', '.join(self.names)})")
+        stream = MixtureStream(spec.name, spec.domain, spec.val_size, proportion=1.0, group=0)
+        return Mixture((stream,), (spec.domain,), "proportional", ("all",), (1.0,))
+
     def group_streams(self) -> list[list[int]]:
         """Stream indices of every group, in group order."""
         return [[i for i, s in enumerate(self.streams) if s.group == g] for g in range(len(self.group_names))]

@@ -51,6 +51,7 @@ from dune_scale.data.official_layouts import (
     reader_for,
 )
 from dune_scale.data.remote import check_bucket
+from dune_scale.object_store import s3_endpoint
 
 REPORT = "prepare_report.json"
 PART_REPORT = "prepare_report.part-{index}-of-{count}.json"
@@ -296,11 +297,11 @@ def _finished(output: Any, recorded: dict[str, Any] | None) -> tuple[str, dict[s
 
 
 def prepare_split(job: Job, out: str, settings: Settings, part: Part, *, merge: bool, workers: int | None,
-                  timeout: float, strict_counts: bool, progress: bool) -> SplitRecord:
+                  endpoint: str | None, timeout: float, strict_counts: bool, progress: bool) -> SplitRecord:
     """Convert this part's chunks of one split (none with ``merge``); join the index once every chunk is there."""
     record = SplitRecord(job.name, job.split, "partial")
     recorded = settings.recorded(job.reader)
-    with open_output(split_url(out, job.name, job.split), timeout, check=False) as output:
+    with open_output(split_url(out, job.name, job.split), endpoint, timeout, check=False) as output:
         status, block = _finished(output, recorded)
         if status == "complete":
             record.status, record.preparation = status, block
@@ -340,9 +341,11 @@ def prepare_split(job: Job, out: str, settings: Settings, part: Part, *, merge: 
     return record
 
 
-def refresh(record: SplitRecord, recorded: dict[str, Any] | None, out: str, timeout: float) -> SplitRecord:
+def refresh(
+    record: SplitRecord, recorded: dict[str, Any] | None, out: str, endpoint: str | None, timeout: float
+) -> SplitRecord:
     """A split this run did not complete, as its index.json says now (another part may have joined it)."""
-    with open_output(split_url(out, record.dataset, record.split), timeout, check=False) as output:
+    with open_output(split_url(out, record.dataset, record.split), endpoint, timeout, check=False) as output:
         status, block = _finished(output, recorded)
     if status != "not prepared" or record.status == "not prepared":
         record.status, record.preparation = status, block
@@ -363,12 +366,15 @@ def prepare_mixture(
     merge: bool = False,
     settings: Settings = Settings(),
     workers: int | None = None,
+    s3_endpoint_url: str | None = None,
     timeout: float = 60.0,
     strict_counts: bool = False,
     progress: bool = True,
 ) -> PrepareReport:
     """Prepare every split of the mixture's datasets that SOURCES names (or ``only`` those); write the
-    report (``prepare_report.json`` when complete, a single run or ``merge``; a part's own otherwise)."""
+    report (``prepare_report.json`` when complete, a single run or ``merge``; a part's own otherwise).
+    An ``s3://`` output is reached at ``s3_endpoint_url``, else the launch environment's
+    ``S3_ENDPOINT_URL``, else AWS."""
     settings.check()
     if workers is not None and workers < 1:
         raise PrepareError(f"--workers must be at least 1, got {workers}")
@@ -376,24 +382,25 @@ def prepare_mixture(
         raise PrepareError("--merge joins the parts' shards; give it without --part")
     start = time.monotonic()
     plan = plan_jobs(load_sources(sources_file), mixture, only)
-    check_bucket(out, timeout)
+    endpoint = s3_endpoint(s3_endpoint_url)
+    check_bucket(out, endpoint, timeout)
     records = []
     for job in plan.jobs:
-        record = prepare_split(job, out, settings, part, merge=merge, workers=workers, timeout=timeout,
+        record = prepare_split(job, out, settings, part, merge=merge, workers=workers, endpoint=endpoint, timeout=timeout,
                                strict_counts=strict_counts, progress=progress)  # fmt: skip
         records.append(record)
-    records = [r if r.status in ("converted", "complete") else refresh(r, settings.recorded(j.reader), out, timeout) for r, j in zip(records, plan.jobs)]
+    records = [r if r.status in ("converted", "complete") else refresh(r, settings.recorded(j.reader), out, endpoint, timeout) for r, j in zip(records, plan.jobs)]
     if strict_counts and any(r.flag for r in records):
         flagged = "; ".join(f"{r.dataset} ({r.split}): {r.flag}" for r in records if r.flag)
         raise CountMismatch(f"--strict-counts: {flagged}")
-    records += [refresh(SplitRecord(name, split, "not prepared"), None, out, timeout) for name, split in plan.others]
+    records += [refresh(SplitRecord(name, split, "not prepared"), None, out, endpoint, timeout) for name, split in plan.others]
     report = PrepareReport(out, mixture, f"{part.index}/{part.count}", asdict(settings), records, plan.missing,
                            plan.ignored, workers or os.cpu_count() or 1, time.monotonic() - start)  # fmt: skip
     if part.count > 1:
         report.written_to.append(PART_REPORT.format(index=part.index, count=part.count))
     if part.count == 1 or report.complete:
         report.written_to.append(REPORT)
-    with open_output(out, timeout, check=False) as root:
+    with open_output(out, endpoint, timeout, check=False) as root:
         for name in report.written_to:
             write_json(root, name, report.to_json())
     report.written_to = [f"{out.rstrip('/')}/{name}" for name in report.written_to]

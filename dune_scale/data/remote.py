@@ -11,7 +11,11 @@ On top of Streaming's downloads this module adds what a long run on shared stora
   parent reads every index.json through a client with a keep-alive socket; workers forked
   afterwards inherit client and socket, and several processes then read one TCP stream (stalls of
   exactly ``download_timeout``, garbled shards). The clients are dropped in the parent after
-  setup and again in every worker, so each process opens its own connections.
+  setup and again in every worker, so each process opens its own connections;
+* the S3 endpoint given explicitly: Streaming's S3 downloader and uploader read it from the
+  environment (``S3_ENDPOINT_URL``); ours carry it as an attribute instead (:func:`downloader`,
+  :func:`uploader`), which a forked worker inherits and a spawned one receives with the pickled
+  stream, so nothing has to be written into the environment.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from typing import Any, Sequence
 import torch.utils.data
 from streaming import Stream, StreamingDataset
 from streaming.base.format import Reader, get_index_basename
+from streaming.base.storage import CloudDownloader, CloudUploader, S3Downloader, S3Uploader
 
 from dune_scale.data.errors import DataError, MissingDataError
 from dune_scale.data.mixture import Mixture
 from dune_scale.data.schema import index_shards
 from dune_scale.files import escapes
-from dune_scale.object_store import DENIED_CODES, MISSING_CODES, bounded_s3_client, error_code
+from dune_scale.object_store import DENIED_CODES, MISSING_CODES, bounded_s3_client, endpoint_name, error_code
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +119,57 @@ def _checked_shards(stream: Stream, read: Any) -> list[Reader]:
     return shards
 
 
+class _EndpointS3Downloader(S3Downloader):
+    """Streaming's S3 downloader talking to ``endpoint`` (None: AWS), where Streaming's own reads the
+    endpoint from the environment; its client settings otherwise as Streaming makes them."""
+
+    def __init__(self, endpoint: str | None) -> None:
+        super().__init__()
+        self.endpoint = endpoint
+
+    def _create_s3_client(self, unsigned: bool = False, timeout: float = 60.0) -> None:
+        from boto3.session import Session
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        signature = {"signature_version": UNSIGNED} if unsigned else {}
+        config = Config(read_timeout=timeout, retries={"mode": "adaptive"}, **signature)
+        self._s3_client = Session().client("s3", config=config, endpoint_url=self.endpoint)
+
+
+class _BoundedS3Uploader(S3Uploader):
+    """Streaming's S3 uploader with a client of ``endpoint`` bounded by ``timeout`` (Streaming's own
+    reads the endpoint from the environment and waits minutes on a silent store)."""
+
+    def __init__(self, local: str, remote: str, endpoint: str | None, timeout: float) -> None:
+        # Not S3Uploader.__init__: it would build (and ask the bucket through) its own client first.
+        CloudUploader.__init__(self, (local, remote), exist_ok=True)
+        self.s3 = bounded_s3_client(endpoint, timeout, attempts=3)
+        self.check_bucket_exists(self.remote)
+
+
+def downloader(url: str, endpoint: str | None) -> CloudDownloader:
+    """Streaming's downloader for ``url``'s scheme; for ``s3://`` one of ``endpoint``."""
+    if urllib.parse.urlparse(url).scheme == "s3":
+        return _EndpointS3Downloader(endpoint)
+    return CloudDownloader.get(url)
+
+
+def uploader(local: str, url: str, endpoint: str | None, timeout: float) -> CloudUploader:
+    """Streaming's uploader from the folder ``local`` to ``url``; for ``s3://`` one of ``endpoint``
+    whose requests give up after ``timeout`` seconds."""
+    if urllib.parse.urlparse(url).scheme == "s3":
+        return _BoundedS3Uploader(local, url, endpoint, timeout)
+    return CloudUploader.get((local, url), exist_ok=True)
+
+
 class RemoteStream(Stream):
-    """A Stream whose downloads name 403s, skip pointless retries and re-fetch a bad shard once."""
+    """A Stream whose downloads name 403s, skip pointless retries and re-fetch a bad shard once, from
+    the S3 ``endpoint`` given (None: AWS)."""
+
+    def __init__(self, *, endpoint: str | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._downloader = downloader(self.remote, endpoint)
 
     def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
         remote = os.path.join(self.remote, self.split, from_basename)
@@ -169,16 +223,17 @@ class RemoteStream(Stream):
             ) from None
 
 
-def check_access(remote_root: str, names: Sequence[str], timeout: float = 60.0, split: str | None = None) -> None:
-    """Fail fast, before any worker starts, when an S3 store refuses us, lacks an index.json or does
-    not answer within ``timeout`` seconds (one attempt per request: a silent endpoint costs at most
-    ``timeout`` per dataset, not botocore's retries of it)."""
+def check_access(
+    remote_root: str, names: Sequence[str], endpoint: str | None, timeout: float = 60.0, split: str | None = None
+) -> None:
+    """Fail fast, before any worker starts, when an S3 store (``endpoint``; None: AWS) refuses us,
+    lacks an index.json or does not answer within ``timeout`` seconds (one attempt per request: a
+    silent endpoint costs at most ``timeout`` per dataset, not botocore's retries of it)."""
     if urllib.parse.urlparse(remote_root).scheme != "s3":
         return
     from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, NoCredentialsError, ReadTimeoutError
 
-    endpoint = os.environ.get("S3_ENDPOINT_URL")
-    client = bounded_s3_client(timeout)
+    client = bounded_s3_client(endpoint, timeout)
     try:
         for name in names:
             url = "/".join(p for p in (remote_root.rstrip("/"), name, split, get_index_basename()) if p)
@@ -190,7 +245,7 @@ def check_access(remote_root: str, names: Sequence[str], timeout: float = 60.0, 
             except (ConnectionError, ReadTimeoutError) as err:  # timeouts and refused connections
                 raise DataError(
                     f"dataset {name}: no answer from the object store for {url} within data.download_timeout="
-                    f"{timeout:g} s (endpoint {endpoint or 'AWS'}): {err}"
+                    f"{timeout:g} s (endpoint {endpoint_name(endpoint)}): {err}"
                 ) from None
             except ClientError as err:
                 code = error_code(err)
@@ -208,21 +263,21 @@ def check_access(remote_root: str, names: Sequence[str], timeout: float = 60.0, 
         client.close()
 
 
-def check_bucket(url: str, timeout: float) -> None:
-    """The bucket of an ``s3://`` URL answers within ``timeout`` (Streaming's uploader would wait
-    minutes on a silent endpoint before its first byte)."""
+def check_bucket(url: str, endpoint: str | None, timeout: float) -> None:
+    """The bucket of an ``s3://`` URL answers at ``endpoint`` within ``timeout`` (Streaming's
+    uploader would wait minutes on a silent endpoint before its first byte)."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme != "s3":
         return
     from botocore.exceptions import ConnectionError, ReadTimeoutError
 
-    client = bounded_s3_client(timeout)
+    client = bounded_s3_client(endpoint, timeout)
     try:
         client.head_bucket(Bucket=parsed.netloc)
     except (ConnectionError, ReadTimeoutError) as err:
         raise DataError(
             f"{url}: no answer from the object store within {timeout:g} s "
-            f"(endpoint {os.environ.get('S3_ENDPOINT_URL') or 'AWS'}): {err}"
+            f"(endpoint {endpoint_name(endpoint)}): {err}"
         ) from None
     except Exception as err:  # 403, missing bucket, no credentials ...: as the storage client names it
         named = storage_error(url, err)
@@ -236,9 +291,10 @@ def _split_layout(split: str | None) -> str:
 
 
 def build_streams(
-    mixture: Mixture, remote_root: str, local_cache: str = "", split: str | None = None
+    mixture: Mixture, remote_root: str, endpoint: str | None, local_cache: str = "", split: str | None = None
 ) -> list[Stream]:
-    """One Stream per dataset ``<remote_root>/<name>[/<split>]``; local roots are read in place (no copy)."""
+    """One Stream per dataset ``<remote_root>/<name>[/<split>]``; local roots are read in place (no
+    copy), remote ones downloaded from the S3 ``endpoint`` given (None: AWS) or GCS."""
     streams: list[Stream] = []
     if not is_remote(remote_root) and not Path(remote_root).is_dir():
         raise MissingDataError.for_root(remote_root)
@@ -247,6 +303,7 @@ def build_streams(
             cache = Path(local_cache) if local_cache else default_cache_dir(remote_root)
             streams.append(
                 RemoteStream(
+                    endpoint=endpoint,
                     remote=f"{remote_root.rstrip('/')}/{spec.name}",
                     local=str(cache / spec.name),
                     split=split,

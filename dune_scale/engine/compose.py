@@ -1,6 +1,10 @@
-"""Composition: a validated :class:`Config` → the run's parts, in DESIGN §3's order (run check →
-teachers → student → strategy → objective → trainer). Programs (``dune_scale.cli``) call these;
-nothing here parses arguments or decides exit codes."""
+"""Composition: a validated :class:`Config` → the run's parts, in the order ``launch/train.py``
+builds them (run check → loaders → teachers → student → strategy → objective → trainer). Programs
+(``dune_scale.cli``) call these; nothing here parses arguments or decides exit codes.
+
+The run check resolves the data mixture once (:class:`RunPlan`); the training loader, the
+validation loaders and the benchmark's synthetic batches are all built from that plan, and each
+part below receives the configuration section it needs rather than the whole tree."""
 
 from __future__ import annotations
 
@@ -34,13 +38,16 @@ from dune_scale.teachers import TEACHER_SPECS, build_teacher_ensemble, get_teach
 from dune_scale.teachers.ensemble import TeacherEnsemble
 from dune_scale.teachers.precision import compile_frozen_blocks, resolve_teacher_precision
 from dune_scale.telemetry.phases import NullPhaseTimer
+from dune_scale.telemetry.reference_step import ReferenceWork, VitShape
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What the up-front run check established and every later part reuses (resolved once)."""
+    """What the up-front run check established and every later part reuses (resolved once): the
+    data mixture, and the per-rank batch every loader yields, which the mixture was checked against."""
 
     mixture: Mixture
+    batch_size_per_rank: int
 
 
 def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
@@ -87,10 +94,39 @@ def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
         mixture = resolve_mixture(cfg.data.mixture, cfg.data.balance, cfg.data.remote_root)
     except MixtureError as err:
         raise ConfigError(f"data.mixture: {err}") from None
-    problem = mixture.batch_size_problem(cfg.train.batch_size_per_rank)
+    batch = cfg.train.batch_size_per_rank
+    problem = mixture.batch_size_problem(batch)
     if problem:
-        raise ConfigError(f"train.batch_size_per_rank: {cfg.train.batch_size_per_rank!r} is not allowed; {problem}")
-    return RunPlan(mixture=mixture)
+        raise ConfigError(f"train.batch_size_per_rank: {batch!r} is not allowed; {problem}")
+    return RunPlan(mixture=mixture, batch_size_per_rank=batch)
+
+
+def train_loader(cfg: Config, plan: RunPlan) -> Any:
+    """The training loader over the plan's mixture (Streaming is imported only here, where real data
+    is read: a benchmark on synthetic batches does without it)."""
+    from dune_scale.data.loader import build_train_loader
+
+    return build_train_loader(
+        cfg.data, plan.mixture, image_size=cfg.train.image_size, batch_size=plan.batch_size_per_rank,
+        seed=cfg.run.seed, epoch_size=cfg.train.epoch_size,
+    )
+
+
+def validation_loaders(cfg: Config, plan: RunPlan, world_size: int) -> ValidationData:
+    """One validation loader per dataset of the plan's mixture that has a validation split; with
+    ``eval.max_batches`` each holds exactly that many batches per rank (a fixed subset), so every
+    pass reads the loader to its end."""
+    from dune_scale.data.loader import build_val_loader
+
+    names = plan.mixture.validation_names
+    batch = plan.batch_size_per_rank
+    max_samples = cfg.eval.max_batches * batch * world_size if cfg.eval.max_batches else None
+    loaders = [
+        build_val_loader(cfg.data, plan.mixture, name, image_size=cfg.train.image_size, batch_size=batch,
+                         max_samples=max_samples)
+        for name in names
+    ]
+    return names, loaders
 
 
 def _check_teacher_entries(cfg: Config) -> None:
@@ -155,6 +191,41 @@ def build_schedules(cfg: Config, world_size: int) -> Schedules:
         weight_decay_end=wd if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end,
         momentum_start=cfg.distill.norm_momentum_start,
         momentum_end=cfg.distill.norm_momentum_end,
+    )
+
+
+def reference_work(cfg: Config) -> ReferenceWork:
+    """The seed-style reference step (``telemetry.reference_step``) for ``cfg``'s teachers, image and
+    batch size and student shape (width, depth, heads, registers: read off a student built on the
+    meta device)."""
+    size, student_patch = cfg.train.image_size, cfg.student.patch_size
+    with torch.device("meta"):
+        encoder = build_encoder(cfg)
+    teachers = {}
+    for teacher in cfg.teachers.models:
+        spec = get_teacher_spec(teacher.name)
+        arch = {**spec.arch, **teacher.arch}
+        patch = int(arch["patch_size"])
+        teachers[teacher.name] = VitShape(
+            embed_dim=int(arch["embed_dim"]),
+            depth=int(arch["depth"]),
+            num_heads=int(arch["num_heads"]),
+            patch_size=patch,
+            img_size=size // student_patch * patch,
+            reg_tokens=int(arch.get("num_register_tokens", 0)),
+            init_values=None if spec.family == "croco" else 1e-5,  # the seed's values; speed ignores them
+        )
+    student = VitShape(
+        embed_dim=encoder.embed_dim,
+        depth=len(encoder.blocks),
+        num_heads=encoder.num_heads,
+        patch_size=student_patch,
+        img_size=size,
+        reg_tokens=encoder.num_register_tokens,
+        init_values=cfg.student.layerscale_init,
+    )
+    return ReferenceWork(
+        teachers, student, cfg.projector.depth, cfg.projector.mlp_ratio, cfg.train.batch_size_per_rank, size
     )
 
 

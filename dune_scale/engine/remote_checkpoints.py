@@ -31,7 +31,7 @@ from typing import Any
 
 from dune_scale.config import CheckpointConfig, DataConfig
 from dune_scale.engine.checkpointer import LATEST, MANIFEST, CheckpointError
-from dune_scale.object_store import DENIED_CODES, MISSING_CODES, bounded_s3_client, configure_s3_endpoint, error_code
+from dune_scale.object_store import DENIED_CODES, MISSING_CODES, bounded_s3_client, endpoint_name, error_code, s3_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,17 @@ class RemoteCheckpointError(CheckpointError):
 
 
 class RemoteCheckpoints:
-    """One ``s3://bucket/prefix`` holding a run's checkpoints; every method names what failed."""
+    """One ``s3://bucket/prefix`` (at the S3 ``endpoint``; None: AWS) holding a run's checkpoints;
+    every method names what failed."""
 
-    def __init__(self, url: str, timeout: float, attempts: int) -> None:
+    def __init__(self, url: str, endpoint: str | None, timeout: float, attempts: int) -> None:
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise RemoteCheckpointError(f"checkpoint.remote: {url!r} is not an s3://bucket/prefix URL")
         self.url = url.rstrip("/")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
+        self.endpoint = endpoint
         self.timeout = timeout
         self.attempts = attempts
 
@@ -59,15 +61,14 @@ class RemoteCheckpoints:
     def from_config(cls, checkpoint: CheckpointConfig, data: DataConfig) -> RemoteCheckpoints | None:
         if checkpoint.remote is None:
             return None
-        configure_s3_endpoint(data.s3_endpoint_url)
-        return cls(checkpoint.remote, data.download_timeout, data.download_retry + 1)
+        return cls(checkpoint.remote, s3_endpoint(data.s3_endpoint_url), data.download_timeout, data.download_retry + 1)
 
     # ------------------------------------------------------------------ requests
     def _key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
 
     def _client(self) -> Any:
-        return bounded_s3_client(self.timeout, self.attempts)
+        return bounded_s3_client(self.endpoint, self.timeout, self.attempts)
 
     def _failed(self, action: str, key: str, err: Exception) -> RemoteCheckpointError:
         from botocore.exceptions import ConnectionError, NoCredentialsError, ReadTimeoutError
@@ -75,8 +76,7 @@ class RemoteCheckpoints:
         if isinstance(err, NoCredentialsError):
             cause = "no credentials (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile)"
         elif isinstance(err, (ConnectionError, ReadTimeoutError)):
-            endpoint = os.environ.get("S3_ENDPOINT_URL") or "AWS"
-            cause = (f"no answer from the object store (endpoint {endpoint}) within data.download_timeout="
+            cause = (f"no answer from the object store (endpoint {endpoint_name(self.endpoint)}) within data.download_timeout="
                      f"{self.timeout:g} s, {self.attempts} attempt(s): {err}")
         elif error_code(err) in MISSING_CODES and not key:
             cause = "no such bucket"

@@ -172,8 +172,3 @@ def knn_probe(
     top1, top5 = weighted_knn(train_feats, train_labels, val_feats, val_labels, num_classes, k, temperature)
     return KnnResult(top1=top1, top5=top5, k=k, temperature=temperature, train_images=len(train_labels),
                      val_images=len(val_labels), skipped=skipped)
-
-
-def class_token(encoder: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The k-NN feature of a DINOv2-style encoder: its final-normed class token."""
-    return lambda images: encoder.forward_features(images)["cls"]

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dune_scale.config import EvalConfig
 from dune_scale.distributed import DistInfo, all_reduce_max
 from dune_scale.eval.features import ENCODER, student_source
-from dune_scale.eval.knn import class_token, knn_probe
-from dune_scale.eval.probes import ProbeSettings
-from dune_scale.eval.registry import ProbeSpec
+from dune_scale.eval.probes import ProbeResult, ProbeSettings
+from dune_scale.eval.registry import KnnOptions, ProbeSpec
 from dune_scale.eval.validation import Validator, eval_mode, preserved_rng
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,21 @@ class EvaluatedStudent:
     output_dir: Path
 
 
+def knn_spec(eval_cfg: EvalConfig) -> ProbeSpec | None:
+    """``eval.knn_*`` as the registry's ``knn`` probe (run on ``eval.knn_every_steps``), None unset."""
+    if not (eval_cfg.knn_train and eval_cfg.knn_val):
+        return None
+    options = KnnOptions(eval_cfg.knn_train, eval_cfg.knn_val, eval_cfg.knn_k, eval_cfg.knn_temperature)
+    return ProbeSpec("knn", options, batch_size=eval_cfg.knn_batch_size)
+
+
 class PeriodicEvaluation:
+    """The ``eval`` section's work during training: every kind of probe comes from the registry
+    (``eval.probes``, and ``eval.knn_*`` as its ``knn`` kind)."""
+
     def __init__(
         self,
-        eval_cfg: Any,
+        eval_cfg: EvalConfig,
         image_size: int,
         dist: DistInfo,
         validator: Validator | None = None,
@@ -71,6 +82,7 @@ class PeriodicEvaluation:
         probes: list[ProbeSpec] | None = None,
     ) -> None:
         self.cfg = eval_cfg
+        self.knn = knn_spec(eval_cfg)
         self.probes = probes or []
         self.image_size = image_size
         self.dist = dist
@@ -108,7 +120,7 @@ class PeriodicEvaluation:
                     records[name].append(self._write_pictures(student, step, samples_seen))
         if self._due(self.cfg.knn_every_steps, step, final) and not self._any_rank_stopping(stop_requested):
             for name, student in students.items():
-                records[name].append(self._knn(student.strategy, step, samples_seen))
+                records[name].append(self._knn(name, student.strategy, step, samples_seen))
         if self._probes_due(step, final) and not self._any_rank_stopping(stop_requested):
             for name, student in students.items():
                 records[name] += [self._run_probe(spec, name, student.strategy, step, samples_seen) for spec in self.probes]
@@ -118,22 +130,23 @@ class PeriodicEvaluation:
         """Agreed by every rank, since what follows runs collective forwards."""
         return bool(all_reduce_max(torch.tensor([float(stop_requested())], device=self.dist.device)).item())
 
-    def _knn(self, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
-        with eval_mode(strategy.module) as module, preserved_rng(self.dist.device), whole_encoder(module) as encoder, \
-                strategy.autocast():
-            result = knn_probe(
-                class_token(encoder), self.cfg.knn_train, self.cfg.knn_val, self.image_size, self.dist.device,
-                k=self.cfg.knn_k, temperature=self.cfg.knn_temperature, batch_size=self.cfg.knn_batch_size,
-            )
-        return {"step": step, "samples_seen": samples_seen, "kind": "knn", "dataset": Path(self.cfg.knn_val).name,
-                "top1": result.top1, "top5": result.top5, "k": result.k, "temperature": result.temperature}
+    def _knn(self, name: str, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
+        """The ``eval.knn_*`` probe's record (named by the folder of ``eval.knn_val``)."""
+        result = self._probe_result(self.knn, name, strategy)
+        options = self.knn.options
+        return {"step": step, "samples_seen": samples_seen, "kind": "knn", "dataset": Path(options.val).name,
+                **result.metrics, "k": options.k, "temperature": options.temperature}
 
-    def _run_probe(self, spec: ProbeSpec, name: str, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
-        """One probe of ``eval.probes`` on the student, spread over the ranks (collective)."""
+    def _probe_result(self, spec: ProbeSpec, name: str, strategy: Any) -> ProbeResult:
+        """A probe on the student, spread over the ranks (collective)."""
         settings = ProbeSettings(self.image_size, self.dist.device, spec.batch_size, rank=self.dist.rank,
                                  world=self.dist.world_size)
         with eval_mode(strategy.module) as module, preserved_rng(self.dist.device), whole_encoder(module):
-            result = spec.run(student_source(module, spec.features, name or "student", strategy.autocast), settings)
+            return spec.run(student_source(module, spec.features, name or "student", strategy.autocast), settings)
+
+    def _run_probe(self, spec: ProbeSpec, name: str, strategy: Any, step: int, samples_seen: int) -> dict[str, Any]:
+        """One probe of ``eval.probes``' record."""
+        result = self._probe_result(spec, name, strategy)
         dataset = spec.options.dataset if spec.features == ENCODER else f"{spec.options.dataset}.{spec.features}"
         return {"step": step, "samples_seen": samples_seen, "kind": spec.kind, "dataset": dataset, **result.metrics,
                 "features": spec.features, "images": result.val_images, "train_images": result.train_images,

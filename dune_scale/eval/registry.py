@@ -1,7 +1,9 @@
 """The one table of evaluation kinds: what each probe takes (its options, which are both its
 ``launch/eval.py KIND --flag`` and its ``eval.probes`` keys), what it reports (its metrics, how the
 results table shows them) and the function that runs it. The program, the evaluation during
-training and the report all read :data:`EVAL_KINDS`.
+training (``eval.probes``, and ``eval.knn_*`` as the ``knn`` kind) and the report all read
+:data:`EVAL_KINDS`: a new kind is one :class:`EvalKind` (options, metrics, run function, e.g. in a
+module of its own) and one entry of the table (``tests/toy_eval_kind.py`` is a complete one).
 """
 
 from __future__ import annotations
@@ -106,6 +108,13 @@ class Metric:
 
 @dataclass(frozen=True)
 class EvalKind:
+    """One kind of probe. ``options``: a frozen dataclass whose fields (type ``str``, ``int`` or
+    ``float``, a ``help`` in their metadata, a default unless required) are the kind's settings,
+    with ``problems()`` → ``[(field, value, what is allowed)]``, ``check_data()`` (raises a
+    ``DataError`` naming what is missing, before any model is built) and a ``dataset`` property
+    (the name results carry). ``run(options, seed, source, settings)`` → a :class:`ProbeResult`
+    whose metrics are ``metrics``' keys; every rank calls it during training."""
+
     name: str
     help: str
     options: type

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dune_scale.config import TOKEN_TYPES
+from dune_scale.config import TOKEN_TYPES, TeacherConfig
 from dune_scale.teachers.build import build_teacher
 from dune_scale.teachers.precision import quantize_linears_fp8
 from dune_scale.teachers.registry import get_teacher_spec
@@ -98,7 +97,7 @@ class TeacherEnsemble(nn.Module):
 
 
 def build_teacher_ensemble(
-    configs: Sequence[Any],
+    configs: Sequence[TeacherConfig],
     student_patch_size: int,
     device: torch.device | str,
     dtype: torch.dtype,
@@ -106,8 +105,7 @@ def build_teacher_ensemble(
     fp8: bool = False,
     attention: str = "auto",
 ) -> TeacherEnsemble:
-    """From config entries with ``name``, ``checkpoint``, ``random_init``, ``arch``, ``tokens``
-    (empty ``tokens``: the teacher's DUNE default). ``dtype`` is autocast's, ``param_dtype`` the
+    """From the ``teachers.models`` entries (empty ``tokens``: the teacher's DUNE default). ``dtype`` is autocast's, ``param_dtype`` the
     weights' (default ``dtype``); ``fp8`` quantises every linear layer (``teachers.dtype=fp8``);
     every teacher uses the ``attention`` backend."""
     teachers: dict[str, nn.Module] = {}

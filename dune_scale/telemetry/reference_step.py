@@ -25,9 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dune_scale.config import Config
-from dune_scale.teachers.registry import get_teacher_spec
-
 REFERENCE_VARIANTS = ("seed", "bf16teach", "compiled")
 
 
@@ -70,38 +67,6 @@ class ReferenceResult:
     teacher_time_s: float | None = None
     peak_memory_gib: float | None = None
     final_loss: float | None = None
-
-
-def reference_work(cfg: Config, encoder: nn.Module) -> ReferenceWork:
-    """The seed step for ``cfg``'s teachers, image and batch size and the student ``encoder``'s
-    shape (width, depth, heads, registers; e.g. built on the meta device)."""
-    size, student_patch = cfg.train.image_size, cfg.student.patch_size
-    teachers = {}
-    for teacher in cfg.teachers.models:
-        spec = get_teacher_spec(teacher.name)
-        arch = {**spec.arch, **teacher.arch}
-        patch = int(arch["patch_size"])
-        teachers[teacher.name] = VitShape(
-            embed_dim=int(arch["embed_dim"]),
-            depth=int(arch["depth"]),
-            num_heads=int(arch["num_heads"]),
-            patch_size=patch,
-            img_size=size // student_patch * patch,
-            reg_tokens=int(arch.get("num_register_tokens", 0)),
-            init_values=None if spec.family == "croco" else 1e-5,  # the seed's values; speed ignores them
-        )
-    student = VitShape(
-        embed_dim=encoder.embed_dim,
-        depth=len(encoder.blocks),
-        num_heads=encoder.num_heads,
-        patch_size=student_patch,
-        img_size=size,
-        reg_tokens=encoder.num_register_tokens,
-        init_values=cfg.student.layerscale_init,
-    )
-    return ReferenceWork(
-        teachers, student, cfg.projector.depth, cfg.projector.mlp_ratio, cfg.train.batch_size_per_rank, size
-    )
 
 
 def require_timm() -> Any:
