@@ -435,10 +435,10 @@ def test_a_teacher_checkpoint_given_as_student_is_named(capsys, tmp_path: Path) 
     dinov2 = build_teacher("dino2reg_vitlarge_14", embed_dim=32, depth=1, num_heads=2, img_size=28)
     release = tmp_path / "dinov2_vitl14_reg4_pretrain.pth"
     torch.save(dinov2.state_dict(), release)
-    _fails(capsys, [str(release), "--format", "hf", "--out", str(tmp_path / "o")], str(release), "DINOv2 teacher", "not a DUNE student")
+    _fails(capsys, [str(release), "--format", "hf", "--out", str(tmp_path / "o")], str(release), "a DINOv2 release", "not a DUNE student")
     multihmr = tmp_path / "multiHMR_672_L.pt"
     torch.save({"model_state_dict": {f"backbone.encoder.{k}": v for k, v in dinov2.state_dict().items()}}, multihmr)
-    _fails(capsys, [str(multihmr), "--format", "hf", "--out", str(tmp_path / "o")], str(multihmr), "Multi-HMR teacher")
+    _fails(capsys, [str(multihmr), "--format", "hf", "--out", str(tmp_path / "o")], str(multihmr), "a Multi-HMR training checkpoint")
     weights, _ = convert_teacher("dino2reg_vitlarge_14", release, tmp_path / "converted", embed_dim=32, depth=1, num_heads=2, img_size=28)
     _fails(capsys, [str(weights), "--format", "hf", "--out", str(tmp_path / "o")], str(weights), "teacher checkpoint")
 

@@ -17,14 +17,15 @@ from dune_scale.cli.common import run_program
 from dune_scale.config import STUDENTS_FOLDER
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpointer import Checkpointer, CheckpointError, verify
+from dune_scale.engine.run_files import CHECKPOINTS
 from dune_scale.engine.strategies.deepspeed import ZERO_TAG
 from dune_scale.engine.universal import UNIVERSAL_FOLDER, convert_to_universal, zero_files_layout
 
 
 def checkpoint_folder(source: Path) -> Path:
     """The intact checkpoint folder ``source`` names (itself, or a run folder's latest one)."""
-    if (source / "checkpoints").is_dir():
-        latest = Checkpointer(source / "checkpoints", 1, 1, DistInfo()).find_latest()
+    if (source / CHECKPOINTS).is_dir():
+        latest = Checkpointer(source / CHECKPOINTS, 1, 1, DistInfo()).find_latest()
         if latest is None:
             raise CheckpointError(f"{source} holds no checkpoint")
         return latest

@@ -23,6 +23,7 @@ from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.parallelize import node_sharding_problem, prepare_student, shard_frozen_module, teacher_mesh
 from dune_scale.engine.pretrained import load_pretrained_student
 from dune_scale.engine.rng import student_seed
+from dune_scale.engine.run_files import CHECKPOINTS
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.strategies import build_strategy
 from dune_scale.engine.trainer import StudentRun, Trainer
@@ -128,7 +129,7 @@ def build_encoder(cfg: Config) -> vit.VisionTransformer:
     )
     if s.arch == "custom":
         return vit.VisionTransformer(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads, **common)
-    return getattr(vit, s.arch)(**common)
+    return vit.named_vit(s.arch, **common)
 
 
 def build_student(cfg: Config, teacher_dims: dict[str, int], teacher_tokens: dict[str, tuple[str, ...]]) -> DuneStudent:
@@ -240,7 +241,7 @@ def build_trainer(
     students = [build_student_run(name, student_cfg, dist, teachers) for name, student_cfg in student_configs(cfg)]
     return Trainer(
         cfg, dist, students, teachers, loader, plan.mixture.domain_of,
-        Checkpointer.from_config(output_dir / "checkpoints", cfg.checkpoint, cfg.data, dist), output_dir, phases,
+        Checkpointer.from_config(output_dir / CHECKPOINTS, cfg.checkpoint, cfg.data, dist), output_dir, phases,
         build_evaluation(cfg, dist, teachers, val, feature_pictures),
     )
 

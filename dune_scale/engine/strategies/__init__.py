@@ -2,7 +2,13 @@
 
 The trainer never branches on the strategy: it calls ``forward``, ``backward``, ``step``, ``save``
 and ``load``. Each strategy owns its optimizer because DeepSpeed and FSDP both need to (ZeRO
-partitions optimizer state, FSDP shards parameters before the optimizer sees them).
+partitions optimizer state, FSDP shards parameters before the optimizer sees them), and its
+checkpoint files: the writer (``save``), the reader of a whole student (``read_model_state``,
+for export) and what a resume must match (``checkpoint_layout``).
+
+:data:`STRATEGIES` is the one table of them: ``strategy.name`` is looked up there, and so is the
+strategy a checkpoint records. A new strategy is one module (a :class:`Strategy` subclass) and one
+line here. The modules import their libraries (deepspeed) only when used.
 """
 
 from __future__ import annotations
@@ -10,21 +16,17 @@ from __future__ import annotations
 from dune_scale.config import Config
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.strategies.base import Strategy
+from dune_scale.engine.strategies.deepspeed import DeepSpeedStrategy
+from dune_scale.engine.strategies.fsdp import FSDPStrategy
+from dune_scale.engine.strategies.single import SingleStrategy
 
-__all__ = ["Strategy", "build_strategy"]
+__all__ = ["STRATEGIES", "Strategy", "build_strategy"]
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    strategy.name: strategy for strategy in (SingleStrategy, FSDPStrategy, DeepSpeedStrategy)
+}
 
 
 def build_strategy(cfg: Config, dist: DistInfo) -> Strategy:
-    """The strategy ``strategy.name`` names (heavy imports only for the one used)."""
-    name = cfg.strategy.name
-    if name == "fsdp":
-        from dune_scale.engine.strategies.fsdp import FSDPStrategy
-
-        return FSDPStrategy(cfg, dist)
-    if name == "deepspeed":
-        from dune_scale.engine.strategies.deepspeed import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(cfg, dist)
-    from dune_scale.engine.strategies.single import SingleStrategy
-
-    return SingleStrategy(cfg, dist)
+    """The strategy ``strategy.name`` names (checked by the run check), for one student."""
+    return STRATEGIES[cfg.strategy.name](cfg, dist)

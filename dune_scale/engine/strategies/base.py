@@ -71,3 +71,10 @@ class Strategy(ABC):
     @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) student weights, on every rank, for export and pretrained loading."""
+
+    @classmethod
+    @abstractmethod
+    def read_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        """The full student weights from the files :meth:`save` wrote into ``directory``, in this
+        process (no process group, whatever rank count wrote them): what export and stage-2
+        initialisation read. :class:`CheckpointError` names a file that is missing or unreadable."""

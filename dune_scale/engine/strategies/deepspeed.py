@@ -19,6 +19,8 @@ through DeepSpeed's universal checkpoint, converted on the way (``engine/univers
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -29,7 +31,7 @@ from torch import nn
 
 from dune_scale.config import ConfigError, deep_merge
 from dune_scale.distributed import barrier
-from dune_scale.engine.checkpoint_files import deepspeed_loads
+from dune_scale.engine.checkpoint_files import CheckpointError, deepspeed_loads, read_torch_file
 from dune_scale.engine.optim import build_adamw, clip_per_parameter_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
 
@@ -208,6 +210,27 @@ class DeepSpeedStrategy(Strategy):
         """The rank count and stage the ZeRO files are partitioned for (another one resumes through
         DeepSpeed's universal checkpoint, see ``load``)."""
         return {"strategy": self.name, "zero_stage": self.cfg.strategy.zero_stage, "world_size": self.dist.world_size}
+
+    @classmethod
+    def read_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        """The fp32 weights of the ZeRO-1/2/3 files, whatever rank count wrote them (DeepSpeed's
+        ``zero_to_fp32``), and the module's other entries (buffers, frozen parameters)."""
+        zero_folder = directory / ZERO_TAG
+        if not zero_folder.is_dir():
+            raise CheckpointError(f"{zero_folder} is missing: a strategy.name={cls.name} checkpoint keeps its ZeRO files there")
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError:
+            raise CheckpointError(f"{zero_folder}: DeepSpeed ZeRO files; reading them needs the deepspeed package") from None
+        # Its progress report is not ours to print.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), deepspeed_loads():
+            state = dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=ZERO_TAG))
+        # ZeRO-1/2 merges only trainable parameters; the frozen final norm is whole in the module file.
+        module_file = zero_folder / "mp_rank_00_model_states.pt"
+        if module_file.is_file():
+            module = read_torch_file(module_file)["module"]
+            state.update({k: v for k, v in module.items() if k not in state})
+        return state
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         if self.cfg.strategy.zero_stage == 3:
