@@ -3,7 +3,8 @@
 SOURCE is a run folder (its latest complete checkpoint, else student.safetensors; with several
 students, ``--student NAME`` or the folder ``students/NAME``), a checkpoint folder of any strategy, a ``student.safetensors``, an official DUNE ``.pth`` (a release, or a training ``checkpoint.pth``) or an exported folder.
 ``--resolution H[xW]`` exports for another input size (the positional embedding resampled once, as the
-encoder resamples it at that size); ``--dynamic`` makes the ONNX graph take any size.
+encoder resamples it at that size); ``--dynamic`` makes the ONNX graph take any size. An existing
+``--out`` is replaced only with ``--force``.
 A source or format that cannot work exits with code 2 and one message naming the file.
 """
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="run folder, checkpoint folder, student.safetensors or DUNE .pth")
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="target format")
     parser.add_argument("--out", required=True, help="the file or folder to write (as the format writes)")
+    parser.add_argument("--force", action="store_true", help="replace --out when it exists")
     parser.add_argument("--student", default=None, help="which student of a run (or checkpoint) of several")
     parser.add_argument("--resolution", type=resolution, default=None, metavar="H[xW]",
                         help="input size to export for (default: the training size; HxW with H != W: onnx only)")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} {purpose}: use it with --format {' or '.join(formats)}")
     options = {name: getattr(args, name) for name in FORMATS[args.format].options}
     try:
-        written = export(Path(args.source), args.format, Path(args.out), args.student, args.resolution, **options)
+        written = export(Path(args.source), args.format, Path(args.out), args.student, args.resolution, args.force, **options)
     except StudentFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

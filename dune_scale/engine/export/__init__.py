@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dune_scale.engine.export.card import model_card
-from dune_scale.engine.export.formats import FORMATS, export_format, write
+from dune_scale.engine.export.formats import FORMATS, export_format, refuse_existing, write
 from dune_scale.engine.export.formats.hf import write_hf
 from dune_scale.engine.export.layouts import to_official_dune
 from dune_scale.engine.export.sources import load_encoder, read_student
@@ -33,9 +33,11 @@ __all__ = [
 
 
 def export(source: str | Path, fmt: str, out: str | Path, student: str | None = None,
-           resolution: tuple[int, int] | None = None, **options: bool) -> Path:
+           resolution: tuple[int, int] | None = None, force: bool = False, **options: bool) -> Path:
     """Read ``source`` (``student``: one of several students of a run) and write it as ``fmt`` (one
-    of :data:`FORMATS`) to ``out``, at ``resolution`` (H, W; default the training size);
-    ``options``: the format's own switches (``dynamic`` for onnx; ``with_onnx``, ``dynamic`` for hf)."""
-    target = export_format(fmt)
-    return write(read_student(source, student), target, Path(out), resolution, **options)
+    of :data:`FORMATS`) to ``out``, at ``resolution`` (H, W; default the training size). An
+    existing ``out`` is refused unless ``force``; ``options``: the format's own switches
+    (``dynamic`` for onnx; ``with_onnx``, ``dynamic`` for hf)."""
+    target, out = export_format(fmt), Path(out)
+    refuse_existing(out, force)  # before the source is read: a refusal costs nothing
+    return write(read_student(source, student), target, out, resolution, force, **options)

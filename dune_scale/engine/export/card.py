@@ -1,22 +1,26 @@
 """The model card of an exported student (the ``README.md`` of an hf folder): what the run folder
-tells about it."""
+tells about it. The numbers are what the run did (its trainer state and ``metrics.jsonl``: steps,
+images, the last validation before the exported step), the recipe's only where it says what was
+asked (stage, resolution, optimizer, the schedule's length)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from dune_scale.config import ConfigError, config_from_dict
 from dune_scale.engine.export.weights import StudentWeights
-from dune_scale.engine.run_files import METRICS
+from dune_scale.engine.run_files import METRICS, student_subdir
 from dune_scale.eval.results import run_results_lines
 from dune_scale.files import sha256_file
+from dune_scale.telemetry.metrics import read_metrics
 
 
 def model_card(weights: StudentWeights) -> str:
-    """Markdown: architecture, recipe, data mixture with sizes, teachers with checkpoint hashes,
-    steps, the last validation numbers of ``metrics.jsonl`` and the probe results table of the run
-    (what the run folder tells)."""
+    """Markdown: architecture, training (what the run did, and its recipe), data mixture with
+    sizes, teachers with checkpoint hashes, the last validation and the probe results table."""
     spec, config = weights.spec, weights.config or {}
+    records = _run_records(weights)
     lines = [
         f"# DUNE student: {spec.arch} (patch {spec.patch_size}, {spec.image_size} px)",
         "",
@@ -25,27 +29,66 @@ def model_card(weights: StudentWeights) -> str:
         "## Architecture",
         f"- width {spec.embed_dim}, {spec.depth} blocks, {spec.num_heads} heads, {spec.num_register_tokens} registers",
         "- projectors: " + ", ".join(f"{t} → {d} ({'+'.join(spec.teacher_tokens[t])})" for t, d in spec.teacher_dims.items()),
-        f"- steps trained: {weights.step if weights.step is not None else 'unknown'}",
         *([f"- input size {spec.image_size} px: positional embedding resampled at export from the {weights.resampled_from} px "
            "it was trained at (as the encoder resamples it at that size)"] if weights.resampled_from else []),
         "",
-        "## Recipe",
+        "## Training",
+        *_training_lines(weights, config, records),
     ]
-    train, optim = config.get("train", {}), config.get("optim", {})
-    if train:
-        lines.append(f"- stage {train.get('stage')}, {train.get('image_size')} px, {train.get('epochs')} epochs of "
-                     f"{train.get('epoch_size')} images, batch {train.get('batch_size_per_rank')} per rank, precision {train.get('precision')}")
-        lines.append(f"- AdamW base lr {optim.get('base_lr')} (per {optim.get('lr_reference_batch')} images), weight decay "
-                     f"{optim.get('weight_decay')}, teacher dropping {config.get('distill', {}).get('teacher_drop')}")
-    else:
-        lines.append(f"- unknown (exported from {weights.source}, no run config beside it)")
     lines += ["", "## Data mixture", *_mixture_lines(config), "", "## Teachers", *_teacher_lines(config, weights.run_dir)]
-    lines += ["", "## Last validation", *_validation_lines(weights.run_dir)]
+    lines += ["", "## Last validation", *_validation_lines(records, list(spec.teacher_dims))]
     lines += ["", "## Probes on frozen features", *run_results_lines(weights.run_dir)]
     lines += ["", "## Use", "```python", "from dune_scale import load_encoder", "encoder = load_encoder(\"THIS_FOLDER\")",
               "features = encoder.forward_features(encoder.preprocess(image_uint8_chw)[None])  # cls, patch (before the final norm)",
               "```", ""]
     return "\n".join(lines)
+
+
+def _run_records(weights: StudentWeights) -> list[dict[str, Any]]:
+    """The student's ``metrics.jsonl`` records up to the exported step (all, when it is unknown)."""
+    path = weights.run_dir / student_subdir(weights.name) / METRICS if weights.run_dir else None
+    if path is None or not path.is_file():
+        return []
+    return [r for r in read_metrics(path) if weights.step is None or r.get("step", 0) <= weights.step]
+
+
+def _training_lines(weights: StudentWeights, config: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """Steps and images the exported weights were trained for, against the schedule the run
+    followed; then the recipe's settings."""
+    trained = [r for r in records if r.get("kind", "train") == "train" and r.get("step") and r.get("samples_seen")]
+    step = weights.step if weights.step is not None else (trained[-1]["step"] if trained else None)
+    if step is None:
+        return [f"- unknown (exported from {weights.source}, no run records beside it)"]
+    global_batch = trained[-1]["samples_seen"] // trained[-1]["step"] if trained else None
+    done = f"- trained {step:,} steps" + (f", {step * global_batch:,} images (global batch {global_batch:,})" if global_batch else "")
+    schedule = _schedule(config, global_batch)
+    if schedule is not None:
+        total, how = schedule
+        done += f", of a {total:,}-step schedule ({how})" + ("; stopped before its end" if step < total else "")
+    lines = [done]
+    train, optim = config.get("train", {}), config.get("optim", {})
+    if train:
+        lines.append(f"- stage {train.get('stage')}, {train.get('image_size')} px, batch {train.get('batch_size_per_rank')} "
+                     f"per rank, precision {train.get('precision')}")
+        lines.append(f"- AdamW base lr {optim.get('base_lr')} (per {optim.get('lr_reference_batch')} images), weight decay "
+                     f"{optim.get('weight_decay')}, teacher dropping {config.get('distill', {}).get('teacher_drop')}")
+    return lines
+
+
+def _schedule(config: dict[str, Any], global_batch: int | None) -> tuple[int, str] | None:
+    """(length, how it was set) of the run's schedules, as the trainer computed it; None when the
+    config or the global batch is unknown."""
+    if not config or not global_batch:
+        return None
+    try:
+        cfg = config_from_dict(config)
+    except ConfigError:
+        return None
+    per_rank = cfg.train.batch_size_per_rank * cfg.train.grad_accum_steps
+    total = cfg.total_steps(global_batch // per_rank)
+    if cfg.train.total_steps is not None:
+        return total, "train.total_steps"
+    return total, f"{cfg.train.epochs:g} epochs of {cfg.train.epoch_size:,} images"
 
 
 def _mixture_lines(config: dict[str, Any]) -> list[str]:
@@ -93,14 +136,15 @@ def _teacher_lines(config: dict[str, Any], run_dir: Path | None) -> list[str]:
     return lines
 
 
-def _validation_lines(run_dir: Path | None) -> list[str]:
-    metrics = run_dir / METRICS if run_dir else None
-    if metrics is None or not metrics.is_file():
+def _validation_lines(records: list[dict[str, Any]], teachers: list[str]) -> list[str]:
+    """The last validation's records (``"kind": "val"``: one per dataset, and ``all``)."""
+    validations = [r for r in records if r.get("kind") == "val"]
+    if not validations:
         return ["- none recorded"]
-    from dune_scale.telemetry.metrics import read_metrics
-
-    last = [r for r in read_metrics(metrics) if any(k.startswith("val") for k in r)]
-    if not last:
-        return ["- none recorded"]
-    record = last[-1]
-    return [f"- step {record.get('step')}"] + [f"- {k}: {v}" for k, v in sorted(record.items()) if k.startswith("val")]
+    step = validations[-1]["step"]
+    lines = [f"- step {step:,}", "", "| dataset | images | loss | " + " | ".join(teachers) + " |",
+             "|---" * (3 + len(teachers)) + "|"]
+    for record in (r for r in validations if r["step"] == step):
+        per_teacher = " | ".join(f"{record[f'loss_{t}']:.4f}" if f"loss_{t}" in record else "-" for t in teachers)
+        lines.append(f"| {record.get('dataset')} | {record.get('images')} | {record['loss']:.4f} | {per_teacher} |")
+    return lines

@@ -37,6 +37,9 @@ from dune_scale.teachers.checkpoints import describe_layout, detect_layout
 
 log = logging.getLogger(__name__)
 
+# What a source must be, for the messages about one that is not.
+EXPECTED = ("expected a DUNE student: a run or checkpoint folder, student.safetensors or another weights file of "
+            "ours (.safetensors, .pt), an official DUNE .pth, or a folder launch/export.py wrote")
 
 
 def read_student(source: str | Path, student: str | None = None) -> StudentWeights:
@@ -87,9 +90,7 @@ def _read_folder(path: Path, student: str | None) -> StudentWeights:
     if (path / STUDENT_WEIGHTS).is_file():
         return StudentWeights(read_safetensors(path / STUDENT_WEIGHTS), path / STUDENT_WEIGHTS)
     if run_dir is None:
-        raise StudentFileError(
-            f"{path}: expected a run folder, a checkpoint folder, student.safetensors, an official DUNE .pth or an exported folder"
-        )
+        raise StudentFileError(f"{path}: {EXPECTED}")
     name, config = _student_config(_read_config_yaml(run_dir / CONFIG), student, run_dir)
     weights = run_dir / student_subdir(name) / STUDENT_WEIGHTS
     if not weights.is_file():
@@ -113,9 +114,11 @@ def _read_checkpoint_folder(folder: Path, student: str | None) -> StudentWeights
         trainer = read_trainer_state(folder)
         record = trainer["run"]
         name, config = _student_config(record["config"], student, folder)
-        strategy = record["layout"]["strategy"]
+        strategy = record.get("layout", {}).get("strategy")
         if strategy not in STRATEGIES:
-            raise StudentFileError(f"{folder}: written by strategy {strategy!r}, which is not one of {', '.join(STRATEGIES)}")
+            written = f"written by strategy {strategy!r}" if strategy else "its trainer state records no strategy (an older checkpoint)"
+            raise StudentFileError(f"{folder}: {written}; the strategies that read checkpoints: {', '.join(STRATEGIES)}; "
+                                   f"export the run's {STUDENT_WEIGHTS} instead")
         state = STRATEGIES[strategy].read_model_state(folder / student_subdir(name))
     except CheckpointError as err:  # a file that is missing or cannot be read safely, named
         raise StudentFileError(str(err)) from None
@@ -151,7 +154,7 @@ def _read_exported_folder(folder: Path) -> StudentWeights:
     try:
         config = json.loads((folder / FOLDER_CONFIG).read_text())
     except ValueError as err:
-        raise StudentFileError(f"{folder / FOLDER_CONFIG}: not JSON ({err})") from None
+        raise StudentFileError(f"{folder / FOLDER_CONFIG}: not JSON ({err}); {EXPECTED}") from None
     if not (folder / FOLDER_WEIGHTS).is_file():
         raise StudentFileError(f"{folder}: {FOLDER_CONFIG} is there but {FOLDER_WEIGHTS} is missing")
     for fmt in FORMATS.values():
@@ -178,7 +181,7 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch_load(path, official_training_globals())
     except UnreadableCheckpoint as err:
-        raise StudentFileError(f"{path}: {err}") from None
+        raise StudentFileError(f"{path}: {err}; {EXPECTED}") from None
 
 
 def _official_arg(args: argparse.Namespace | dict[str, Any], name: str) -> Any:
@@ -224,5 +227,5 @@ def _state_from_torch_file(path: Path) -> tuple[dict[str, torch.Tensor], int | N
 
 def _check_tensors(path: Path, state: Any) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StudentFileError(f"{path}: does not hold a state dict of tensors")
+        raise StudentFileError(f"{path}: does not hold a state dict of tensors; {EXPECTED}")
     return state

@@ -1,6 +1,8 @@
 """``--format timm``: a timm local folder, ``timm.create_model("local-dir:OUT", pretrained=True)``,
 as timm's ``vit_*_patch14_reg4_dinov2`` (a custom shape keeps the ``vit_small`` name with its
-sizes in ``model_args``)."""
+sizes in ``model_args``). The model takes other input sizes (``dynamic_img_size``): timm then
+resamples the positional table its own way, which differs a little from the encoder's rule
+(``--resolution`` bakes in the encoder's)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 from dune_scale.engine.export.formats.base import FOLDER_CONFIG, FOLDER_WEIGHTS, ExportFormat
 from dune_scale.engine.export.layouts import from_timm, to_timm
 from dune_scale.engine.export.weights import StudentFileError, StudentWeights, at_resolution, read_safetensors
+from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import NAMED_ARCHS
 
 TIMM_NAMES = {
@@ -24,7 +27,7 @@ def timm_config(weights: StudentWeights) -> dict[str, Any]:
     """timm's ``config.json`` of the student: architecture, constructor arguments, preprocessing."""
     spec = weights.spec
     arch = spec.arch if spec.arch != "custom" else "vit_small"
-    model_args: dict[str, Any] = {"img_size": spec.image_size}
+    model_args: dict[str, Any] = {"img_size": spec.image_size, "dynamic_img_size": True}
     if NAMED_ARCHS[arch] != (spec.embed_dim, spec.depth, spec.num_heads):
         model_args.update(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads)
     if spec.num_register_tokens != 4:
@@ -39,7 +42,9 @@ def timm_config(weights: StudentWeights) -> dict[str, Any]:
         "pretrained_cfg": {
             "input_size": [3, spec.image_size, spec.image_size],
             "interpolation": "bicubic",
-            "crop_pct": 1.0,  # the shorter side is resized to the input size itself, as DUNE evaluates "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "crop_pct": 1.0,  # the shorter side is resized to the input size itself, as DUNE evaluates
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
             "num_classes": 0,
         },
     }
@@ -68,5 +73,5 @@ def read_timm(folder: Path, config: dict[str, Any]) -> StudentWeights | None:
     return StudentWeights(from_timm(read_safetensors(weights)), weights, num_heads=heads)
 
 
-FORMAT = ExportFormat("timm", "a timm folder: timm.create_model('local-dir:PATH', pretrained=True)",
+FORMAT = ExportFormat("timm", "a timm folder: timm.create_model('local-dir:PATH', pretrained=True), any input size",
                       write_timm, read=read_timm)
