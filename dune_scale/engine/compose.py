@@ -25,7 +25,7 @@ from dune_scale.engine.pretrained import load_pretrained_student
 from dune_scale.engine.rng import student_seed
 from dune_scale.engine.run_files import CHECKPOINTS
 from dune_scale.engine.schedules import Schedules
-from dune_scale.engine.strategies import build_strategy
+from dune_scale.engine.strategies import build_strategy, check_strategy
 from dune_scale.engine.trainer import StudentRun, Trainer
 from dune_scale.eval.periodic import FeaturePictures, PeriodicEvaluation
 from dune_scale.eval.registry import ProbeSpec, parse_probe
@@ -47,25 +47,10 @@ class RunPlan:
 def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
     """Everything that can be refused before a model is built or a file written: launch/option
     combinations and the data mixture against the batch size. Raises :class:`ConfigError`."""
-    name = cfg.strategy.name
     output_dir = Path(cfg.run.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"run.output_dir: {output_dir} is a file; give a folder (it is created if missing)")
-    if name == "single" and dist.world_size > 1:
-        raise ConfigError(
-            f"strategy.name=single runs one process, but {dist.world_size} were launched; "
-            "use strategy.name=fsdp or deepspeed, or launch one process"
-        )
-    if name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("strategy.name=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
-    if cfg.strategy.deepspeed_config and name != "deepspeed":
-        raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
-    if cfg.strategy.fsdp_param_dtype != "fp32" and name != "fsdp":
-        raise ConfigError(f"strategy.fsdp_param_dtype is set but strategy.name={name}; it only applies to fsdp")
-    if cfg.strategy.fsdp_shard != "world" and name != "fsdp":
-        raise ConfigError(f"strategy.fsdp_shard is set but strategy.name={name}; it only applies to fsdp")
-    if cfg.strategy.fsdp_shard == "node" and (problem := node_sharding_problem("strategy.fsdp_shard", dist)):
-        raise ConfigError(f"{problem} (use strategy.fsdp_shard=world)")
+    check_strategy(cfg, dist)
     for key, folder in (("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)):
         if folder and not Path(folder).is_dir():
             raise ConfigError(

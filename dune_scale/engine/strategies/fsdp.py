@@ -27,9 +27,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from dune_scale.config import Config, ConfigError
+from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpoint_files import CheckpointError, load_dcp, read_dcp_keys
 from dune_scale.engine.optim import build_adamw, param_groups
-from dune_scale.engine.parallelize import student_mesh
+from dune_scale.engine.parallelize import node_sharding_problem, student_mesh
 from dune_scale.engine.strategies.single import SingleStrategy
 
 # The folder of a checkpoint part that DCP writes, every rank its shards.
@@ -40,6 +42,17 @@ class FSDPStrategy(SingleStrategy):
     """Sharded parameters; backward and the optimizer step are plain PyTorch, as in ``single``."""
 
     name = "fsdp"
+    options = ("fsdp_param_dtype", "fsdp_shard")
+
+    @classmethod
+    def check_launch(cls, cfg: Config, dist: DistInfo) -> None:
+        """Any rank count; node sharding needs the same rank count on every node; blocks are
+        compiled one by one (each is sharded on its own)."""
+        if cfg.train.compile_scope == "model":
+            raise ConfigError("train.compile_scope: 'model' is not allowed; FSDP2 shards each block, so blocks are compiled "
+                              "one by one: use compile_scope=blocks")
+        if cfg.strategy.fsdp_shard == "node" and (problem := node_sharding_problem("strategy.fsdp_shard", dist)):
+            raise ConfigError(f"{problem} (use strategy.fsdp_shard=world)")
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
         bf16_params = self.cfg.train.precision == "bf16" and self.cfg.strategy.fsdp_param_dtype == "bf16"

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dune_scale.config import Config, ConfigError
+from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpoint_files import CheckpointError, read_torch_file
 from dune_scale.engine.optim import build_adamw, clip_gradients_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
@@ -19,6 +21,14 @@ class SingleStrategy(Strategy):
     """One process, one device: the reference every distributed strategy is tested against."""
 
     name = "single"
+
+    @classmethod
+    def check_launch(cls, cfg: Config, dist: DistInfo) -> None:
+        if dist.world_size > 1:
+            raise ConfigError(
+                f"strategy.name={cls.name} runs one process, but {dist.world_size} were launched; "
+                "use strategy.name=fsdp or deepspeed, or launch one process"
+            )
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
         self._module = student.to(self.device)
