@@ -1,9 +1,11 @@
 """Writing files so that a reader (a resumed job, another rank, a user) sees either the old file or
-the whole new one, never a part: the one way the project replaces files in place."""
+the whole new one, never a part: the one way the project replaces files in place; and the one way
+it fingerprints a file's content (SHA-256)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,3 +50,9 @@ def escapes(root: Path, relative: str) -> bool:
     if path.is_absolute() or ".." in path.parts:
         return True
     return not (root / path).resolve().is_relative_to(root.resolve())
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's content, read in blocks (checkpoint manifests, model cards)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -14,6 +14,7 @@ import importlib
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -121,15 +122,17 @@ def torch_load(
     try:
         if mmap is None:
             mmap = isinstance(source, (str, os.PathLike)) and zipfile.is_zipfile(source)
-        with torch.serialization.safe_globals(extra):
+        with torch.serialization.safe_globals(extra), warnings.catch_warnings():
+            # A pickle not written by torch: its protocol is named in the error if it matters.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return _TORCH_LOAD(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         refused = _REFUSED.search(str(err))
         if refused:
             raise RefusedGlobal(refused.group(1), allowed) from None
-        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {_first_line(err)}") from None
+        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {_torch_reason(err)}") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, bad header, not a checkpoint …
-        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {_first_line(err)}") from None
+        raise UnreadableCheckpoint(f"cannot be read (truncated or corrupt file?): {_torch_reason(err)}") from None
 
 
 @contextlib.contextmanager
@@ -161,6 +164,13 @@ def torch_loads_restricted(allowed: Mapping[str, Any]) -> Iterator[None]:
             os.environ[_FORCE_WEIGHTS_ONLY] = forced
 
 
-def _first_line(err: BaseException) -> str:
-    """torch's own message, without its advice to retry with ``weights_only=False``."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _torch_reason(err: BaseException) -> str:
+    """Why torch could not read a file, in one line, without its advice to retry with
+    ``weights_only=False``: the unpickler's own reason where torch gives one, else the first line
+    of the message, named by the exception's type when that says more than the message."""
+    text = str(err).strip()
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+    if unpickler:
+        return unpickler.group(1).splitlines()[0]
+    first = next((line for line in text.splitlines() if line.strip() and "weights_only" not in line), "")
+    return first if isinstance(err, (pickle.UnpicklingError, RuntimeError)) and first else f"{type(err).__name__}: {first}".rstrip(": ")

@@ -1,4 +1,4 @@
-"""Export a trained student to the official DUNE .pth, timm or a Hugging Face-style folder."""
+"""Export a trained student (the official DUNE .pth, timm, a Hugging Face-style folder, ONNX: see --help)."""
 
 import sys
 

@@ -62,7 +62,6 @@ def test_overrides_types_and_list_indices() -> None:
         ("bogus.key=1", "unknown config key bogus"),
         ("train.batch_size_per_rank=many", "train.batch_size_per_rank: 'many' is not a valid integer"),
         ("train.batch_size_per_rank=0", "train.batch_size_per_rank: 0 is too small; it must be at least 1"),
-        ("strategy.name=ddp", "strategy.name: 'ddp' is not allowed; choose one of single | fsdp | deepspeed"),
         ("strategy.zero_stage=4", "strategy.zero_stage: 4 is not allowed; choose one of 1 | 2 | 3"),
         ("train.stage=2", "student.pretrained: None is not allowed; train.stage=2 starts from"),
         ("train.precision=fp16", "train.precision: 'fp16' is not allowed; choose one of bf16 | fp32"),

@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import logging
+import runpy
 import struct
 import subprocess
 import zipfile
@@ -30,6 +31,7 @@ from conftest import REPO, TINY_CPU, launch_command, launcher_env, tiny_override
 from dune_scale import load_encoder
 from dune_scale.cli.export import main as export_main
 from dune_scale.engine.export import StudentSpec, build_student_from, read_student, to_official_dune
+from dune_scale.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from dune_scale.models.vit import Block, PatchEmbed
 from dune_scale.safe_load import official_training_globals, torch_load
 
@@ -149,12 +151,13 @@ def vits_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
-    """A finished tiny single-process run with checkpoints at steps 2 and 3."""
+    """A finished tiny single-process run with checkpoints and validations at steps 2 and 3."""
     from dune_scale.cli.train import train
     from dune_scale.config import load_config
 
     out = tmp_path_factory.mktemp("tiny") / "run"
-    train(load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=3", "checkpoint.every_steps=2")))
+    train(load_config(TINY_CPU, tiny_overrides(out, demo_shards, "train.max_steps=3", "checkpoint.every_steps=2",
+                                               "eval.every_steps=2", "eval.max_batches=1")))
     return out
 
 
@@ -357,8 +360,24 @@ def test_timm_export_gives_timms_features_at_the_native_resolution(vits_file, ti
         assert torch.equal(load_encoder(out).forward_features(x)["patch"], load_encoder(source).forward_features(x)["patch"])
     config = json.loads((tmp_path / f"timm_{SIZE}" / "config.json").read_text())
     assert config["architecture"] == "vit_small_patch14_reg4_dinov2"
+    assert (config["pretrained_cfg"]["mean"], config["pretrained_cfg"]["std"]) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
     direct = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=SIZE, num_classes=0)
     direct.load_state_dict(load_file(str(tmp_path / f"timm_{SIZE}" / "model.safetensors")), strict=True)
+
+
+@torch.no_grad()
+def test_timm_folder_runs_at_other_sizes(vits_file, tmp_path: Path) -> None:
+    """timm resamples the positional table itself (its rule, close to ours, not equal)."""
+    timm = pytest.importorskip("timm")
+    out = tmp_path / "timm"
+    assert export_main([str(vits_file[0]), "--format", "timm", "--out", str(out)]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    for height, width in ((42, 42), (42, 70)):
+        x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height + width))
+        theirs = model.forward_features(x)[:, 5:]
+        ours = load_encoder(vits_file[0]).vit.forward_features(x)["patch"]
+        assert theirs.shape == ours.shape == (2, (height // 14) * (width // 14), 384)
+        assert torch.nn.functional.cosine_similarity(theirs, ours, dim=-1).min() > 0.9
 
 
 @torch.no_grad()
@@ -372,17 +391,28 @@ def test_hf_folder_has_a_card_and_loads_through_torch_hub(vits_file, tiny_run: P
     run_out = tmp_path / "hf_tiny"
     assert export_main([str(tiny_run), "--format", "hf", "--out", str(run_out)]) == 0
     card = (run_out / "README.md").read_text()
-    assert "steps trained: 3" in card and "random init" in card and "synth_mast3r" in card
+    assert "trained 3 steps" in card and "random init" in card and "synth_mast3r" in card
     assert "| synth_dino2 | dino2 | " in card and "| ? |" not in card  # sizes read from the shards' index
-    assert torch.equal(torch.hub.load(str(run_out), "dune_encoder", source="local").forward_features(images(56))["cls"],
-                       load_encoder(tiny_run).forward_features(images(56))["cls"])
+    # A custom shape's entry is named after it too; dune_encoder is every folder's alias (what
+    # torch.hub.list counts as entries: the hubconf's public callables).
+    hubconf = runpy.run_path(str(run_out / "hubconf.py"))
+    assert {name for name, value in hubconf.items() if callable(value) and not name.startswith("_")} == {
+        "dune_vit_w48_d2_h4_p14", "dune_encoder"}
+    for entry in ("dune_vit_w48_d2_h4_p14", "dune_encoder"):
+        assert torch.equal(torch.hub.load(str(run_out), entry, source="local").forward_features(images(56))["cls"],
+                           load_encoder(tiny_run).forward_features(images(56))["cls"])
 
 
-def test_model_card_names_teacher_hashes_and_last_validation(tiny_run: Path, tmp_path: Path) -> None:
+def test_model_card_tells_what_the_run_did(tiny_run: Path, tmp_path: Path) -> None:
+    """Steps, images and validation as the run recorded them, up to the exported step; the
+    schedule the run followed (tiny_cpu: train.total_steps=60, not the base recipe's 100 epochs)."""
     import hashlib
     import shutil
 
     import yaml
+
+    from dune_scale.engine.export import model_card
+    from dune_scale.telemetry.metrics import read_metrics
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -391,14 +421,19 @@ def test_model_card_names_teacher_hashes_and_last_validation(tiny_run: Path, tmp
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["teachers"]["models"][0].update(checkpoint=str(teacher_file), random_init=False)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    with open(run / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps({"step": 3, "val_loss": 0.25, "val_loss_bedlam": 0.5}) + "\n")
-    weights = read_student(run / "student.safetensors")
-    from dune_scale.engine.export import model_card
-
-    card = model_card(weights)
+    card = model_card(read_student(run / "student.safetensors"))
     assert hashlib.sha256(b"not really weights").hexdigest() in card
-    assert "val_loss: 0.25" in card and "val_loss_bedlam: 0.5" in card
+    assert "trained 3 steps, 36 images (global batch 12), of a 60-step schedule (train.total_steps); stopped before its end" in card
+    assert "epochs" not in card
+    validations = {(r["step"], r["dataset"]): r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "val"}
+    assert {step for step, _ in validations} == {2, 3}
+    for step, source in ((3, run / "student.safetensors"), (2, run / "checkpoints" / "step_000000002")):
+        card = model_card(read_student(source))
+        assert f"- step {step}\n" in card and f"trained {step} steps" in card
+        for dataset in ("all", "synth_dino2"):
+            record = validations[step, dataset]
+            teachers = " | ".join(f"{record[f'loss_{t}']:.4f}" for t in ("dino2reg_vitlarge_14", "mast3r_vitlarge_16", "multihmr_vitlarge_14_672"))
+            assert f"| {dataset} | {record['images']} | {record['loss']:.4f} | {teachers} |" in card, card
 
 
 # ----------------------------------------------------------------------- every strategy's checkpoints
@@ -435,10 +470,10 @@ def test_a_teacher_checkpoint_given_as_student_is_named(capsys, tmp_path: Path) 
     dinov2 = build_teacher("dino2reg_vitlarge_14", embed_dim=32, depth=1, num_heads=2, img_size=28)
     release = tmp_path / "dinov2_vitl14_reg4_pretrain.pth"
     torch.save(dinov2.state_dict(), release)
-    _fails(capsys, [str(release), "--format", "hf", "--out", str(tmp_path / "o")], str(release), "DINOv2 teacher", "not a DUNE student")
+    _fails(capsys, [str(release), "--format", "hf", "--out", str(tmp_path / "o")], str(release), "a DINOv2 release", "not a DUNE student")
     multihmr = tmp_path / "multiHMR_672_L.pt"
     torch.save({"model_state_dict": {f"backbone.encoder.{k}": v for k, v in dinov2.state_dict().items()}}, multihmr)
-    _fails(capsys, [str(multihmr), "--format", "hf", "--out", str(tmp_path / "o")], str(multihmr), "Multi-HMR teacher")
+    _fails(capsys, [str(multihmr), "--format", "hf", "--out", str(tmp_path / "o")], str(multihmr), "a Multi-HMR training checkpoint")
     weights, _ = convert_teacher("dino2reg_vitlarge_14", release, tmp_path / "converted", embed_dim=32, depth=1, num_heads=2, img_size=28)
     _fails(capsys, [str(weights), "--format", "hf", "--out", str(tmp_path / "o")], str(weights), "teacher checkpoint")
 
@@ -474,6 +509,42 @@ def test_sizes_and_options_that_cannot_work_are_named(capsys, vits_file, tmp_pat
             export_main([str(source), *argv, "--out", out])
         assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_out_is_replaced_only_with_force(capsys, vits_file, tmp_path: Path) -> None:
+    out = tmp_path / "dune.pth"
+    assert export_main([str(vits_file[0]), "--format", "dune", "--out", str(out)]) == 0
+    written = out.read_bytes()
+    _fails(capsys, [str(vits_file[0]), "--format", "dune", "--resolution", "42", "--out", str(out)], str(out), "exists", "--force")
+    assert out.read_bytes() == written
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    _fails(capsys, [str(vits_file[0]), "--format", "hf", "--out", str(folder)], str(folder), "a folder of that name exists")
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert export_main([str(vits_file[0]), "--format", "dune", "--resolution", "42", "--out", str(out), "--force"]) == 0
+    assert official_load(out).encoder.pos_embed.shape[1] == 1 + 3 * 3
+    assert export_main([str(vits_file[0]), "--format", "hf", "--out", str(folder), "--force"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "hubconf.py", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dune.pth", "hf"]  # no partial output left beside
+
+
+@pytest.mark.parametrize("content", ["text", "plain pickle"])
+def test_a_file_that_is_no_checkpoint_is_named_without_unsafe_advice(capsys, monkeypatch, tmp_path: Path, content: str) -> None:
+    """Through launch/export.py, as a user runs it (in this process)."""
+    import pickle
+
+    path = tmp_path / "weights.pt"
+    if content == "text":
+        path.write_text("these are my notes\n")
+    else:
+        path.write_bytes(pickle.dumps({"encoder.cls_token": [0.0, 1.0]}, protocol=4))
+    monkeypatch.setattr("sys.argv", ["export.py", str(path), "--format", "hf", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "launch" / "export.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"error: {path}: ") and len(err.strip().splitlines()) == 1, err
+    assert "expected a DUNE student" in err and "weights_only" not in err and "will likely succeed" not in err, err
 
 
 def test_launch_script_runs_as_a_program(vits_file, tmp_path: Path) -> None:

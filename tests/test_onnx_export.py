@@ -93,7 +93,7 @@ def test_dynamic_is_refused_with_the_reason_when_onnx_cannot_resample_as_trainin
     """An antialiased resampling (a DINOv2 option the student does not use) has no ONNX equivalent:
     the check at export finds the difference and names it."""
     from dune_scale.engine.export import StudentFileError
-    from dune_scale.engine.onnx_export import check_dynamic_resampling
+    from dune_scale.engine.export.onnx_graph import check_dynamic_resampling
 
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=56, patch_size=14, embed_dim=16, depth=1, num_heads=2, interpolate_antialias=True)

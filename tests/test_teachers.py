@@ -357,7 +357,6 @@ def test_default_teacher_precision_is_closer_to_fp32_than_all_bf16() -> None:
     [
         (["teachers.dtype=fp32", "teachers.residual=bf16"], "teachers.residual: 'bf16' is not allowed; with teachers.dtype=fp32"),
         (["teachers.cuda_graphs=true"], "teachers.cuda_graphs: True is not allowed; CUDA-graph teachers failed"),
-        (["train.compile_scope=model", "strategy.name=fsdp"], "train.compile_scope: 'model' is not allowed; FSDP2 shards"),
         (["teachers.dtype=fp16"], "teachers.dtype: 'fp16' is not allowed; choose one of auto | bf16 | fp32 | fp8"),
     ],
 )

@@ -1,11 +1,12 @@
-"""``python launch/convert_checkpoint.py CHECKPOINT``: DeepSpeed ZeRO files → a universal checkpoint.
+"""``python launch/convert_checkpoint.py CHECKPOINT``: a checkpoint made loadable on any number of ranks.
 
-A run resumed on another number of ranks converts its checkpoint by itself (rank 0, the others
-wait); this does the same ahead of time, e.g. on a CPU node with more workers, so the resumed job
-starts at once. CHECKPOINT is a checkpoint folder (``.../checkpoints/step_N``) or a run folder (its
-latest intact checkpoint). The result goes into the checkpoint folder (``deepspeed_universal/``;
-for a run of several students, into each student's part ``students/<name>/``); the ZeRO files stay
-as they are.
+A run resumed on another number of ranks converts its checkpoint by itself when its strategy needs
+it (DeepSpeed's ZeRO files → a universal checkpoint; rank 0 converts, the others wait); this does the
+same ahead of time, e.g. on a CPU node with more workers, so the resumed job starts at once.
+CHECKPOINT is a checkpoint folder (``.../checkpoints/step_N``) or a run folder (its latest intact
+checkpoint). The strategy the checkpoint records converts each student's part (for DeepSpeed into
+``deepspeed_universal/`` beside the ZeRO files, which stay as they are); a strategy whose files load
+on any rank count as written (single, FSDP) has nothing to convert.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ import argparse
 from pathlib import Path
 
 from dune_scale.cli.common import run_program
-from dune_scale.config import STUDENTS_FOLDER
+from dune_scale.config import resolve_student_dicts
 from dune_scale.distributed import DistInfo
-from dune_scale.engine.checkpointer import Checkpointer, CheckpointError, verify
-from dune_scale.engine.strategies.deepspeed import ZERO_TAG
-from dune_scale.engine.universal import UNIVERSAL_FOLDER, convert_to_universal, zero_files_layout
+from dune_scale.engine.checkpointer import Checkpointer, CheckpointError, read_trainer_state, verify
+from dune_scale.engine.run_files import CHECKPOINTS, student_subdir
+from dune_scale.engine.strategies import STRATEGIES
 
 
 def checkpoint_folder(source: Path) -> Path:
     """The intact checkpoint folder ``source`` names (itself, or a run folder's latest one)."""
-    if (source / "checkpoints").is_dir():
-        latest = Checkpointer(source / "checkpoints", 1, 1, DistInfo()).find_latest()
+    if (source / CHECKPOINTS).is_dir():
+        latest = Checkpointer(source / CHECKPOINTS, 1, 1, DistInfo()).find_latest()
         if latest is None:
             raise CheckpointError(f"{source} holds no checkpoint")
         return latest
@@ -44,21 +45,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def program() -> int:
         folder = checkpoint_folder(args.checkpoint)
-        parts = [folder] + sorted((folder / STUDENTS_FOLDER).glob("*"))  # the student, or each of several
-        parts = [part for part in parts if (part / ZERO_TAG).is_dir()]
-        if not parts:
-            raise CheckpointError(
-                f"{folder} was not written by strategy.name=deepspeed; only ZeRO files need converting "
-                "(FSDP's checkpoints reshard to any rank count by themselves)"
-            )
-        for part in parts:
-            universal = part / UNIVERSAL_FOLDER
-            if universal.is_dir():
-                print(f"{universal} exists already")
-                continue
-            ranks, stage = zero_files_layout(part / ZERO_TAG)
-            convert_to_universal(part / ZERO_TAG, universal, workers=max(1, args.workers))
-            print(f"converted the ZeRO-{stage} files of {ranks} rank(s) in {part} to {universal}; resume on any number of ranks")
+        record = read_trainer_state(folder)["run"]
+        name = record.get("layout", {}).get("strategy")
+        if name not in STRATEGIES:
+            raise CheckpointError(f"{folder}: written by strategy {name!r}, which is not one of {', '.join(STRATEGIES)}")
+        parts = [folder / student_subdir(student) for student, _ in resolve_student_dicts(record["config"])]
+        done = [STRATEGIES[name].convert_for_any_rank_count(part, max(1, args.workers)) for part in parts]
+        if None in done:
+            raise CheckpointError(f"{folder} was written by strategy.name={name}, whose checkpoints load on any number "
+                                  "of ranks as they are: nothing to convert")
+        for line in done:
+            print(line)
         return 0
 
     return run_program(program)

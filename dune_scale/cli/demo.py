@@ -16,6 +16,7 @@ from dune_scale.cli.common import run_program
 from dune_scale.cli.train import train
 from dune_scale.config import load_config, recipe_path
 from dune_scale.data import write_demo_shards
+from dune_scale.engine.run_files import CHECKPOINTS, CONFIG, METRICS
 from dune_scale.telemetry.metrics import read_metrics
 
 DEMO_DIR = Path("runs") / "demo"
@@ -38,13 +39,13 @@ def _demo(overrides: list[str]) -> int:
     write_demo_shards(shards)
     train(cfg)
     output = Path(cfg.run.output_dir)
-    records = [r for r in read_metrics(output / "metrics.jsonl") if r.get("kind", "train") == "train"]
+    records = [r for r in read_metrics(output / METRICS) if r.get("kind", "train") == "train"]
     first, last = mean(r["loss"] for r in records[:10]), mean(r["loss"] for r in records[-10:])
     print(f"\nloss, mean of the first 10 steps: {first:.4f}; of the last 10: {last:.4f}")
     print(f"shards:       {shards}")
-    print(f"metrics:      {output / 'metrics.jsonl'}")
-    print(f"config:       {output / 'config.yaml'}")
-    print(f"checkpoints:  {output / 'checkpoints'}")
+    print(f"metrics:      {output / METRICS}")
+    print(f"config:       {output / CONFIG}")
+    print(f"checkpoints:  {output / CHECKPOINTS}")
     if last >= first:
         print("the loss did not fall: something is wrong", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ from dune_scale.cli.common import EXIT_USER_ERROR, USER_ERRORS
 from dune_scale.config import STUDENTS_FOLDER, load_config, student_subdir
 from dune_scale.distributed import pick_device
 from dune_scale.engine.export import build_student_from, read_student, sha256_file
+from dune_scale.engine.run_files import CONFIG
 from dune_scale.eval.features import ENCODER, FeatureSource, student_source, teacher_source
 from dune_scale.eval.probes import ProbeSettings
 from dune_scale.eval.registry import EVAL_KINDS, ProbeSpec, parse_probe
@@ -157,7 +158,7 @@ def _teacher(args: argparse.Namespace, device: torch.device) -> Probed:
     if args.features != ENCODER:
         raise ValueError(f"--features {args.features}: a teacher has no projectors; probe it with --features {ENCODER}")
     config_path = Path(args.config)
-    config_path = config_path / "config.yaml" if config_path.is_dir() else config_path
+    config_path = config_path / CONFIG if config_path.is_dir() else config_path
     cfg = load_config(config_path)
     entries = {entry.name: entry for entry in cfg.teachers.models}
     if args.teacher not in entries:
@@ -171,5 +172,5 @@ def _teacher(args: argparse.Namespace, device: torch.device) -> Probed:
     checkpoint = Path(entry.checkpoint) if entry.checkpoint else None
     record = {"kind": "teacher", "name": entry.name, "path": str(checkpoint) if checkpoint else "random init",
               "sha256": sha256_file(checkpoint) if checkpoint and checkpoint.is_file() else None, "step": None}
-    run = config_path.parent if config_path.name == "config.yaml" else Path(cfg.run.output_dir)
+    run = config_path.parent if config_path.name == CONFIG else Path(cfg.run.output_dir)
     return Probed(source, args.image_size or cfg.train.image_size, record, run / RESULTS_FOLDER)

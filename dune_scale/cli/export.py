@@ -1,9 +1,10 @@
-"""Export a trained student: ``python launch/export.py SOURCE --format dune|timm|hf|onnx --out PATH``.
+"""Export a trained student: ``python launch/export.py SOURCE --format FORMAT --out PATH``.
 
 SOURCE is a run folder (its latest complete checkpoint, else student.safetensors; with several
 students, ``--student NAME`` or the folder ``students/NAME``), a checkpoint folder of any strategy, a ``student.safetensors``, an official DUNE ``.pth`` (a release, or a training ``checkpoint.pth``) or an exported folder.
 ``--resolution H[xW]`` exports for another input size (the positional embedding resampled once, as the
-encoder resamples it at that size); ``--dynamic`` makes the ONNX graph take any size.
+encoder resamples it at that size); ``--dynamic`` makes the ONNX graph take any size. An existing
+``--out`` is replaced only with ``--force``.
 A source or format that cannot work exits with code 2 and one message naming the file.
 """
 
@@ -14,12 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-FORMAT_HELP = {
-    "dune": "the official DUNE .pth (naver/dune's load_dune_from_checkpoint / hubconf)",
-    "timm": "a timm folder: timm.create_model('local-dir:PATH', pretrained=True)",
-    "hf": "a Hugging Face-style folder: model.safetensors, config.json, model card, hubconf.py (--with-onnx: model.onnx)",
-    "onnx": "the encoder as ONNX (images -> cls, patch tokens), opset 18; needs the onnx extra",
-}
+from dune_scale.engine.export import FORMATS, StudentFileError, export
 
 
 def resolution(text: str) -> tuple[int, int]:
@@ -31,27 +27,35 @@ def resolution(text: str) -> tuple[int, int]:
     return height, int(match.group(2) or height)
 
 
+def _switches() -> dict[str, tuple[str, list[str]]]:
+    """Every format's switches: name → (what it is for, the formats that take it)."""
+    found: dict[str, tuple[str, list[str]]] = {}
+    for fmt in FORMATS.values():
+        for name, purpose in fmt.options.items():
+            found.setdefault(name, (purpose, []))[1].append(fmt.name)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(f"  {k}: {v}" for k, v in FORMAT_HELP.items()))
+                                     epilog="formats:\n" + "\n".join(f"  {f.name}: {f.help}" for f in FORMATS.values()))
     parser.add_argument("source", help="run folder, checkpoint folder, student.safetensors or DUNE .pth")
-    parser.add_argument("--format", required=True, choices=sorted(FORMAT_HELP), help="target format")
-    parser.add_argument("--out", required=True, help="output file (dune, onnx) or folder (timm, hf)")
+    parser.add_argument("--format", required=True, choices=list(FORMATS), help="target format")
+    parser.add_argument("--out", required=True, help="the file or folder to write (as the format writes)")
+    parser.add_argument("--force", action="store_true", help="replace --out when it exists")
     parser.add_argument("--student", default=None, help="which student of a run (or checkpoint) of several")
     parser.add_argument("--resolution", type=resolution, default=None, metavar="H[xW]",
                         help="input size to export for (default: the training size; HxW with H != W: onnx only)")
-    parser.add_argument("--dynamic", action="store_true", help="onnx: a graph for any input size (multiples of the patch)")
-    parser.add_argument("--with-onnx", action="store_true", help="hf: add model.onnx, the encoder at the folder's size")
+    switches = _switches()
+    for name, (purpose, formats) in switches.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=f"{' / '.join(formats)}: {purpose}")
     args = parser.parse_args(argv)
-    if args.with_onnx and args.format != "hf":
-        parser.error("--with-onnx adds model.onnx to an hf folder: use it with --format hf")
-    if args.dynamic and not (args.format == "onnx" or args.with_onnx):
-        parser.error("--dynamic is for ONNX graphs: use it with --format onnx or --format hf --with-onnx")
-    options = {"onnx": {"dynamic": args.dynamic}, "hf": {"with_onnx": args.with_onnx, "dynamic": args.dynamic}}.get(args.format, {})
-    from dune_scale.engine.export import StudentFileError, export
-
+    for name, (purpose, formats) in switches.items():
+        if getattr(args, name) and args.format not in formats:
+            parser.error(f"--{name.replace('_', '-')} {purpose}: use it with --format {' or '.join(formats)}")
+    options = {name: getattr(args, name) for name in FORMATS[args.format].options}
     try:
-        written = export(Path(args.source), args.format, Path(args.out), args.student, args.resolution, **options)
+        written = export(Path(args.source), args.format, Path(args.out), args.student, args.resolution, args.force, **options)
     except StudentFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

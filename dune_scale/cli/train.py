@@ -15,6 +15,7 @@ from dune_scale.engine.compat import check_resume_compatible
 from dune_scale.engine.compose import ValidationData, build_trainer, check_run, train_loader, validation_loaders
 from dune_scale.engine.nonfinite import NonFiniteError
 from dune_scale.engine.preemption import EXIT_PREEMPTED, PreemptionWatcher, guard_preempted_exit
+from dune_scale.engine.run_files import CONFIG
 from dune_scale.engine.run_folder import move_aside, refuse_silent_start_over
 from dune_scale.eval.pca import feature_pictures as pca_feature_pictures
 from dune_scale.eval.periodic import FeaturePictures
@@ -95,7 +96,7 @@ def _start_and_train(
         if stopped("the restore"):
             return False
     if dist.is_main:  # only once the run is accepted: a refused resume leaves the old one
-        save_config(cfg, output_dir / "config.yaml")
+        save_config(cfg, output_dir / CONFIG)
     completed = trainer.fit(preemption)
     if completed:
         trainer.export_students()

@@ -202,7 +202,8 @@ class DataConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = _choice("single", "single", "fsdp", "deepspeed")
+    # One of the strategies registered in dune_scale.engine.strategies (checked by the run check).
+    name: str = "single"
     zero_stage: int = _choice(2, 1, 2, 3)
     deepspeed_config: str | None = None
     reshard_after_forward: bool = True

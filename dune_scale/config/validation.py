@@ -103,8 +103,6 @@ def _check_speed_switches(config: Config) -> None:
         _fail("teachers.cuda_graphs", t.cuda_graphs, "CUDA-graph teachers failed their GPU test on an H200 (BENCHMARKS.md, "
               "gpu-check 2026-11-28) and would save little: a teacher's kernels take milliseconds, their launches "
               "microseconds; leave it false")
-    if config.train.compile_scope == "model" and config.strategy.name == "fsdp":
-        _fail("train.compile_scope", "model", "FSDP2 shards each block, so blocks are compiled one by one: use compile_scope=blocks")
 
 
 def _check_ranges(config: Config) -> None:

@@ -21,7 +21,6 @@ previous checkpoint as ``latest``. One save is in flight at a time: the next sav
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,30 +37,17 @@ import torch.distributed as dist
 from dune_scale.config import CheckpointConfig, DataConfig
 from dune_scale.distributed import DistInfo
 from dune_scale.engine.checkpoint_files import CheckpointError, read_torch_file
+from dune_scale.engine.remote_checkpoints import RemoteCheckpoints
+from dune_scale.engine.run_files import CHECKPOINT_PREFIX, LATEST, MANIFEST, TRAINER_STATE, checkpoint_name, rank_state_file
 from dune_scale.engine.strategies import Strategy
-from dune_scale.files import atomic_write, escapes, fsync_path, is_plain_name
-
-if TYPE_CHECKING:
-    from dune_scale.engine.remote_checkpoints import RemoteCheckpoints
+from dune_scale.files import atomic_write, escapes, fsync_path, is_plain_name, sha256_file
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "COMPLETE"
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.pt"
 
 
 def _write_atomic(path: Path, text: str) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _my_share(names: list[str], dist_info: DistInfo) -> list[str]:
@@ -126,7 +112,7 @@ def verify(folder: Path, dist_info: DistInfo) -> list[str]:
         listed = _read_manifest(folder)
         hashed = [name for name, entry in listed.items() if isinstance(entry, dict)]
         for name in _my_share(hashed, dist_info):
-            if _sha256(folder / name) != listed[name]["sha256"]:
+            if sha256_file(folder / name) != listed[name]["sha256"]:
                 problems.append(f"{folder.name}/{name}: content differs from its sha256 in the manifest (corrupt)")
     # Agree on the verdict (the size check saw the same files everywhere; hashes were split).
     found = _gather_dicts({str(dist_info.rank): problems}, dist_info)
@@ -166,8 +152,6 @@ class Checkpointer:
     def from_config(cls, root: Path, checkpoint: CheckpointConfig, data: DataConfig, dist: DistInfo) -> Checkpointer:
         """The ``checkpoint`` section's checkpointer; a remote store uses the ``data`` section's
         endpoint, credentials, timeout and retries."""
-        from dune_scale.engine.remote_checkpoints import RemoteCheckpoints
-
         remote = RemoteCheckpoints.from_config(checkpoint, data)
         return cls(root, checkpoint.keep_last, checkpoint.every_steps, dist, remote, checkpoint.async_save)
 
@@ -176,7 +160,7 @@ class Checkpointer:
         return final or step % self.every_steps == 0
 
     def folder_for(self, step: int) -> Path:
-        return self.root / f"step_{step:09d}"
+        return self.root / checkpoint_name(step)
 
     def save(
         self,
@@ -191,7 +175,7 @@ class Checkpointer:
         trainer_state = {name: component.state_dict() for name, component in components.items()}
         rank_state = {name: component.state_dict() for name, component in rank_components.items()}
         final = self.folder_for(step)
-        tmp = self.root / f".tmp_step_{step:09d}"
+        tmp = self.root / f".tmp_{checkpoint_name(step)}"
         try:
             self._together(lambda: self._prepare(tmp, final, strategies))
             self._together(lambda: self._write_states(tmp, final, trainer_state, rank_state))
@@ -227,7 +211,7 @@ class Checkpointer:
                     (tmp / subdir).mkdir(parents=True, exist_ok=True)
 
     def _write_states(self, tmp: Path, final: Path, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
-        rank_file = tmp / f"rank_{self.dist.rank:05d}.pt"
+        rank_file = tmp / rank_state_file(self.dist.rank)
         with self._writing(final, str(rank_file)):
             torch.save(rank_state, rank_file)
         if self.dist.is_main:
@@ -286,7 +270,7 @@ class Checkpointer:
             dist.barrier(group=group)
         names = _listing(tmp)
         files = _gather_dicts(
-            {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in _my_share(names, self.dist)},
+            {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in _my_share(names, self.dist)},
             self.dist,
             group,
         )
@@ -347,14 +331,14 @@ class Checkpointer:
         """Complete checkpoint folders, oldest first."""
         if not self.root.is_dir():
             return []
-        return [p for p in sorted(self.root.glob("step_*")) if p.is_dir() and is_complete(p)]
+        return [p for p in sorted(self.root.glob(f"{CHECKPOINT_PREFIX}*")) if p.is_dir() and is_complete(p)]
 
     def find_latest(self) -> Path | None:
         """The folder ``latest`` names if intact, else the newest intact one (with a warning naming
         what is wrong with each one skipped); None when there is no checkpoint at all. Raises
         :class:`CheckpointError` listing the problems when checkpoints exist but none is usable.
         Collective (the ranks share the hashing)."""
-        folders = sorted(self.root.glob("step_*"), reverse=True) if self.root.is_dir() else []
+        folders = sorted(self.root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True) if self.root.is_dir() else []
         named = self.latest_named()
         if named is not None and named.is_dir():
             folders = [named] + [f for f in folders if f != named]
@@ -439,7 +423,7 @@ class Checkpointer:
         if not is_complete(folder):
             raise CheckpointError(f"checkpoint {folder} is incomplete or corrupt (its {MANIFEST} manifest does not match)")
         trainer_state = read_trainer_state(folder)
-        rank_file = folder / f"rank_{self.dist.rank:05d}.pt"
+        rank_file = folder / rank_state_file(self.dist.rank)
         # A rank that did not exist at save time (resumed on more ranks) gets empty states (fresh RNG streams).
         rank_state = read_torch_file(rank_file) if rank_file.is_file() else {}
         for subdir, strategy in strategies.items():

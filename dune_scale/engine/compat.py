@@ -8,6 +8,7 @@ from typing import Any
 
 from dune_scale.config import STUDENTS_FOLDER, Config, ConfigError, resolve_student_dicts
 from dune_scale.engine.checkpointer import read_trainer_state
+from dune_scale.engine.strategies import STRATEGIES
 
 # Settings that decide the shapes and meaning of the saved weights.
 _MODEL_KEYS = ("student", "projector", "train.image_size")
@@ -51,7 +52,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 def layout_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """Why files written under the ``saved`` strategy layout cannot be loaded under ``current``."""
+    """Why files written under the ``saved`` strategy layout cannot be loaded under ``current``: another
+    strategy, or what that strategy says (``Strategy.resume_problem``)."""
     if not saved or saved == current:
         return None
     if saved.get("strategy") != current.get("strategy"):
@@ -60,18 +62,7 @@ def layout_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None
             f"resume with strategy.name={saved.get('strategy')}, or start a new run (another run.output_dir) from its "
             "weights with student.pretrained=<the run's student.safetensors>"
         )
-    # Another rank count, or ZeRO-1 ↔ 2 (one optimizer, one universal format): DeepSpeedStrategy.load
-    # goes through a universal checkpoint. DeepSpeed 0.19.8 writes and reads ZeRO-3's in another
-    # layout (per-rank model-state files, one step count per partition), so 3 ↔ 1/2 cannot.
-    if (saved.get("zero_stage") == 3) == (current.get("zero_stage") == 3):
-        return None
-    allowed = "3" if saved.get("zero_stage") == 3 else "1 or 2"
-    return (
-        f"its DeepSpeed ZeRO files are for strategy.zero_stage={saved.get('zero_stage')}, this run uses "
-        f"strategy.zero_stage={current.get('zero_stage')}; resume with strategy.zero_stage={allowed} "
-        "(on any number of ranks), or start a new run from its weights with student.pretrained=<the run's "
-        "student.safetensors>"
-    )
+    return STRATEGIES[current["strategy"]].resume_problem(saved, current)
 
 
 def check_resume_compatible(cfg: Config, folder: Path, layout: dict[str, Any]) -> None:

@@ -27,8 +27,9 @@ from dune_scale.engine.checkpointer import Checkpointer
 from dune_scale.engine.parallelize import node_sharding_problem, prepare_student, shard_frozen_module, teacher_mesh
 from dune_scale.engine.pretrained import load_pretrained_student
 from dune_scale.engine.rng import student_seed
+from dune_scale.engine.run_files import CHECKPOINTS
 from dune_scale.engine.schedules import Schedules
-from dune_scale.engine.strategies import build_strategy
+from dune_scale.engine.strategies import build_strategy, check_strategy
 from dune_scale.engine.trainer import StudentRun, Trainer
 from dune_scale.eval.periodic import FeaturePictures, PeriodicEvaluation
 from dune_scale.eval.registry import ProbeSpec, parse_probe
@@ -53,25 +54,10 @@ class RunPlan:
 def check_run(cfg: Config, dist: DistInfo) -> RunPlan:
     """Everything that can be refused before a model is built or a file written: launch/option
     combinations and the data mixture against the batch size. Raises :class:`ConfigError`."""
-    name = cfg.strategy.name
     output_dir = Path(cfg.run.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"run.output_dir: {output_dir} is a file; give a folder (it is created if missing)")
-    if name == "single" and dist.world_size > 1:
-        raise ConfigError(
-            f"strategy.name=single runs one process, but {dist.world_size} were launched; "
-            "use strategy.name=fsdp or deepspeed, or launch one process"
-        )
-    if name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("strategy.name=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'")
-    if cfg.strategy.deepspeed_config and name != "deepspeed":
-        raise ConfigError(f"strategy.deepspeed_config is set but strategy.name={name}; it only applies to deepspeed")
-    if cfg.strategy.fsdp_param_dtype != "fp32" and name != "fsdp":
-        raise ConfigError(f"strategy.fsdp_param_dtype is set but strategy.name={name}; it only applies to fsdp")
-    if cfg.strategy.fsdp_shard != "world" and name != "fsdp":
-        raise ConfigError(f"strategy.fsdp_shard is set but strategy.name={name}; it only applies to fsdp")
-    if cfg.strategy.fsdp_shard == "node" and (problem := node_sharding_problem("strategy.fsdp_shard", dist)):
-        raise ConfigError(f"{problem} (use strategy.fsdp_shard=world)")
+    check_strategy(cfg, dist)
     for key, folder in (("eval.knn_train", cfg.eval.knn_train), ("eval.knn_val", cfg.eval.knn_val)):
         if folder and not Path(folder).is_dir():
             raise ConfigError(
@@ -164,7 +150,7 @@ def build_encoder(cfg: Config) -> vit.VisionTransformer:
     )
     if s.arch == "custom":
         return vit.VisionTransformer(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads, **common)
-    return getattr(vit, s.arch)(**common)
+    return vit.named_vit(s.arch, **common)
 
 
 def build_student(cfg: Config, teacher_dims: dict[str, int], teacher_tokens: dict[str, tuple[str, ...]]) -> DuneStudent:
@@ -311,7 +297,7 @@ def build_trainer(
     students = [build_student_run(name, student_cfg, dist, teachers) for name, student_cfg in student_configs(cfg)]
     return Trainer(
         cfg, dist, students, teachers, loader, plan.mixture.domain_of,
-        Checkpointer.from_config(output_dir / "checkpoints", cfg.checkpoint, cfg.data, dist), output_dir, phases,
+        Checkpointer.from_config(output_dir / CHECKPOINTS, cfg.checkpoint, cfg.data, dist), output_dir, phases,
         build_evaluation(cfg, dist, teachers, val, feature_pictures),
     )
 

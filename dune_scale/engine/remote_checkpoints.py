@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from dune_scale.config import CheckpointConfig, DataConfig
-from dune_scale.engine.checkpointer import LATEST, MANIFEST, CheckpointError
+from dune_scale.engine.checkpoint_files import CheckpointError
+from dune_scale.engine.run_files import CHECKPOINT_PREFIX, LATEST, MANIFEST
 from dune_scale.object_store import DENIED_CODES, MISSING_CODES, bounded_s3_client, endpoint_name, error_code, s3_endpoint
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class RemoteCheckpoints:
         base = self._key() + "/" if self.prefix else ""
         for obj in self._objects(client):
             name = obj["Key"][len(base) :].split("/", 1)[0]
-            if name.startswith("step_") and "/" in obj["Key"][len(base) :]:
+            if name.startswith(CHECKPOINT_PREFIX) and "/" in obj["Key"][len(base) :]:
                 folders.setdefault(name, []).append(obj["Key"])
         return folders
 

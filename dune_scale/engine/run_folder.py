@@ -15,13 +15,13 @@ import os
 import time
 from pathlib import Path
 
-from dune_scale.config import STUDENTS_FOLDER, CheckpointConfig
-from dune_scale.engine.checkpointer import LATEST, CheckpointError
+from dune_scale.config import CheckpointConfig
+from dune_scale.engine.checkpoint_files import CheckpointError
+from dune_scale.engine.run_files import CHECKPOINT_PREFIX, CHECKPOINTS, LATEST, METRICS, STUDENTS_FOLDER
 
 log = logging.getLogger(__name__)
 
 PREVIOUS_PREFIX = "previous_"
-_METRICS = "metrics.jsonl"
 
 
 def _last_step(metrics: Path) -> int:
@@ -40,12 +40,12 @@ def earlier_progress(output_dir: Path, checkpoint: CheckpointConfig) -> list[str
     a metrics file with a step after which a save must have completed (a run killed before its
     first save leaves steps no checkpoint held, and starts again from zero)."""
     found = []
-    pointer = output_dir / "checkpoints" / LATEST
+    pointer = output_dir / CHECKPOINTS / LATEST
     if pointer.is_file() or pointer.is_symlink():
         found.append(f"{pointer} (it names {pointer.read_text().strip() if pointer.is_file() else os.readlink(pointer)})")
     # A synchronous save of step N completes before step N + 1 is logged; an async one before the next save.
     saved_by = checkpoint.every_steps * (2 if checkpoint.async_save else 1)
-    metrics = [output_dir / _METRICS, *sorted((output_dir / STUDENTS_FOLDER).glob(f"*/{_METRICS}"))]
+    metrics = [output_dir / METRICS, *sorted((output_dir / STUDENTS_FOLDER).glob(f"*/{METRICS}"))]
     for path in metrics:
         if path.is_file() and (last := _last_step(path)) > saved_by:
             found.append(f"{path} (steps up to {last}, checkpoint.every_steps={checkpoint.every_steps})")
@@ -59,7 +59,7 @@ def refuse_silent_start_over(output_dir: Path, checkpoint: CheckpointConfig) -> 
     if found:
         raise CheckpointError(
             f"run.output_dir={output_dir} shows earlier progress:\n  " + "\n  ".join(found)
-            + f"\nbut no checkpoint is left to resume from (no complete {output_dir / 'checkpoints'}/step_* folder);"
+            + f"\nbut no checkpoint is left to resume from (no complete {output_dir / CHECKPOINTS}/{CHECKPOINT_PREFIX}* folder);"
             " restore the checkpoints, or start over with checkpoint.resume=never (the earlier files are moved to "
             f"{output_dir}/{PREVIOUS_PREFIX}<time>/), or use a new run.output_dir"
         )

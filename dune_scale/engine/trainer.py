@@ -27,10 +27,10 @@ from dune_scale.data.errors import CorruptSampleBudget
 from dune_scale.distill.objective import DistillObjective, Stats, batch_statistics, update_running_statistics
 from dune_scale.distributed import DistInfo, all_reduce_sum
 from dune_scale.engine.checkpointer import Checkpointer, Stateful
-from dune_scale.engine.export import STUDENT_WEIGHTS
 from dune_scale.engine.nonfinite import NonFiniteGuard, nonfinite_loss_flags
 from dune_scale.engine.preemption import PreemptionWatcher
 from dune_scale.engine.rng import RankRandomState
+from dune_scale.engine.run_files import METRICS, STUDENT_WEIGHTS
 from dune_scale.engine.schedules import Schedules
 from dune_scale.engine.step_metrics import StepDiagnostics
 from dune_scale.engine.strategies import Strategy
@@ -128,7 +128,7 @@ class StudentRun:
         train = self.cfg.train
         self.nonfinite = NonFiniteGuard(train.nonfinite, train.max_nonfinite_skips, list(self.objective.teacher_names))
         self.diagnostics = StepDiagnostics(self.objective, self.strategy.module)
-        self.metrics = MetricsFile(self.output_dir / "metrics.jsonl")
+        self.metrics = MetricsFile(self.output_dir / METRICS)
 
     @property
     def subdir(self) -> str:

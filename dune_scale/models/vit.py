@@ -273,16 +273,31 @@ class VisionTransformer(nn.Module):
         return self.forward_features(images)
 
 
+# The named encoders: (width, depth, heads). The one table of their shapes (the config's
+# student.arch, building, and export, which reads a width and depth back as a name).
+NAMED_ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_small": (384, 12, 6),  # ViT-S/14, the DUNE students
+    "vit_base": (768, 12, 12),  # ViT-B/14
+    "vit_large": (1024, 24, 16),  # ViT-L/14, the DINOv2 / Multi-HMR teachers
+}
+
+
+def named_vit(arch: str, **kwargs: Any) -> VisionTransformer:
+    """The encoder :data:`NAMED_ARCHS` names (keyword arguments override anything)."""
+    embed_dim, depth, num_heads = NAMED_ARCHS[arch]
+    return VisionTransformer(**{"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, **kwargs})
+
+
 def vit_small(**kwargs: Any) -> VisionTransformer:
-    """ViT-S/14: 384 wide, 12 blocks, 6 heads (keyword arguments override anything)."""
-    return VisionTransformer(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs})
+    """ViT-S/14: 384 wide, 12 blocks, 6 heads."""
+    return named_vit("vit_small", **kwargs)
 
 
 def vit_base(**kwargs: Any) -> VisionTransformer:
     """ViT-B/14: 768 wide, 12 blocks, 12 heads."""
-    return VisionTransformer(**{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs})
+    return named_vit("vit_base", **kwargs)
 
 
 def vit_large(**kwargs: Any) -> VisionTransformer:
-    """ViT-L/14: 1024 wide, 24 blocks, 16 heads (the DINOv2 / Multi-HMR teachers)."""
-    return VisionTransformer(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kwargs})
+    """ViT-L/14: 1024 wide, 24 blocks, 16 heads."""
+    return named_vit("vit_large", **kwargs)

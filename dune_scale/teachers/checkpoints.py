@@ -46,7 +46,7 @@ def read_teacher_file(spec: TeacherSpec, path: Path) -> tuple[dict[str, Any], di
         return read_safetensors(spec, path)
     raw = read_checkpoint(spec, path)
     state = official_state_dict(spec, path, raw)
-    arch = mast3r_arch_from_args(spec, path, raw["args"]) if spec.layout == "mast3r" else {}
+    arch = mast3r_arch_from_args(spec, path, raw.get("args")) if spec.layout == "mast3r" else {}
     return arch, state
 
 
@@ -66,16 +66,23 @@ def load_allow_listed(path: Path) -> Any:
 
 
 def detect_layout(raw: Any) -> str | None:
-    """Which official layout ``raw`` has, if any (to tell a user they passed another teacher's file)."""
+    """Which official teacher layout ``raw`` has, if any: to tell a user they passed another
+    teacher's file, or a teacher's file where a student was expected (the one detector of both)."""
     if not isinstance(raw, dict):
         return None
     if isinstance(raw.get("model_state_dict"), dict):
         return "multihmr"
-    if isinstance(raw.get("model"), dict) and "args" in raw:
+    model = raw.get("model")
+    if isinstance(model, dict) and any(str(k).startswith(("enc_blocks.", "module.enc_blocks.")) for k in model):
         return "mast3r"
-    if "cls_token" in raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+    if "cls_token" in raw and "mask_token" in raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
         return "dinov2_release"
     return None
+
+
+def describe_layout(layout: str) -> str:
+    """A layout :func:`detect_layout` found, in words (for messages)."""
+    return _LAYOUTS[layout]
 
 
 def _top_level(raw: Any) -> str:

@@ -1,4 +1,5 @@
-"""The strategy interface: how the student is placed, stepped and saved across ranks."""
+"""The strategy interface: how the student is placed, stepped and saved across ranks, what a launch
+may ask of it, and the checkpoint files it writes and reads."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ClassVar, ContextManager
 
 import torch
 from torch import nn
@@ -16,7 +17,9 @@ from dune_scale.distributed import DistInfo
 
 
 class Strategy(ABC):
-    name: str
+    name: ClassVar[str]
+    # strategy.* settings only this strategy reads: set under another strategy, they are refused.
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config, dist: DistInfo) -> None:
         self.cfg = cfg
@@ -71,3 +74,31 @@ class Strategy(ABC):
     @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) student weights, on every rank, for export and pretrained loading."""
+
+    @classmethod
+    def check_launch(cls, cfg: Config, dist: DistInfo) -> None:
+        """Refuse, with a :class:`~dune_scale.config.ConfigError` naming the setting, what this
+        strategy cannot do with ``cfg`` under this launch (rank count, nodes, installed packages),
+        before anything is built or written. Nothing by default."""
+        return None
+
+    @classmethod
+    def resume_problem(cls, saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+        """Why files this strategy wrote under the :meth:`checkpoint_layout` ``saved`` cannot be
+        loaded by a run of this strategy whose layout is ``current`` (and how to go on); None when
+        they can, the default: the files do not depend on the rank count."""
+        return None
+
+    @classmethod
+    def convert_for_any_rank_count(cls, directory: Path, workers: int) -> str | None:
+        """Convert the files :meth:`save` wrote into ``directory`` once, ahead of a resume on
+        another rank count (``launch/convert_checkpoint.py``), using ``workers`` processes; returns
+        what was done. None (the default): they load on any rank count as they are."""
+        return None
+
+    @classmethod
+    @abstractmethod
+    def read_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        """The full student weights from the files :meth:`save` wrote into ``directory``, in this
+        process (no process group, whatever rank count wrote them): what export and stage-2
+        initialisation read. :class:`CheckpointError` names a file that is missing or unreadable."""

@@ -19,6 +19,9 @@ through DeepSpeed's universal checkpoint, converted on the way (``engine/univers
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 from pathlib import Path
@@ -27,11 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from dune_scale.config import ConfigError, deep_merge
-from dune_scale.distributed import barrier
-from dune_scale.engine.checkpoint_files import deepspeed_loads
+from dune_scale.config import Config, ConfigError, deep_merge
+from dune_scale.distributed import DistInfo, barrier
+from dune_scale.engine.checkpoint_files import CheckpointError, deepspeed_loads, read_torch_file
 from dune_scale.engine.optim import build_adamw, clip_per_parameter_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
+from dune_scale.engine.universal import (
+    UNIVERSAL_FOLDER,
+    convert_to_universal,
+    ensure_universal,
+    saved_model_state,
+    zero_files_layout,
+)
 
 # DeepSpeed's checkpoint tag: the folder inside a checkpoint that holds the ZeRO files.
 ZERO_TAG = "deepspeed"
@@ -118,6 +128,37 @@ def unlink_shm_allreduce_segment(rank: int) -> None:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    options = ("deepspeed_config",)
+
+    @classmethod
+    def check_launch(cls, cfg: Config, dist: DistInfo) -> None:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"strategy.name={cls.name} needs the deepspeed package: pip install -e '.[deepspeed]'")
+
+    @classmethod
+    def resume_problem(cls, saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+        """Another rank count, or ZeRO-1 ↔ 2 (one optimizer, one universal format): :meth:`load`
+        goes through a universal checkpoint. DeepSpeed 0.19.8 writes and reads ZeRO-3's in another
+        layout (per-rank model-state files, one step count per partition), so 3 ↔ 1/2 cannot."""
+        if (saved.get("zero_stage") == 3) == (current.get("zero_stage") == 3):
+            return None
+        allowed = "3" if saved.get("zero_stage") == 3 else "1 or 2"
+        return (
+            f"its DeepSpeed ZeRO files are for strategy.zero_stage={saved.get('zero_stage')}, this run uses "
+            f"strategy.zero_stage={current.get('zero_stage')}; resume with strategy.zero_stage={allowed} "
+            "(on any number of ranks), or start a new run from its weights with student.pretrained=<the run's "
+            "student.safetensors>"
+        )
+
+    @classmethod
+    def convert_for_any_rank_count(cls, directory: Path, workers: int) -> str | None:
+        """DeepSpeed's universal checkpoint of the ZeRO files, beside them (they stay as written)."""
+        universal = directory / UNIVERSAL_FOLDER
+        if universal.is_dir():
+            return f"{universal} exists already"
+        ranks, stage = zero_files_layout(directory / ZERO_TAG)
+        convert_to_universal(directory / ZERO_TAG, universal, workers=workers)
+        return f"converted the ZeRO-{stage} files of {ranks} rank(s) in {directory} to {universal}; resume on any number of ranks"
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
         import deepspeed
@@ -166,8 +207,6 @@ class DeepSpeedStrategy(Strategy):
     def load(self, directory: Path) -> None:
         """ZeRO files written for this rank count and stage load as they are; others are converted
         once to DeepSpeed's universal checkpoint (kept in the checkpoint folder) and loaded from it."""
-        from dune_scale.engine.universal import ensure_universal, saved_model_state, zero_files_layout
-
         zero_folder = directory / ZERO_TAG
         if zero_files_layout(zero_folder) == (self.dist.world_size, self.cfg.strategy.zero_stage):
             self._load_zero_files(directory)
@@ -208,6 +247,27 @@ class DeepSpeedStrategy(Strategy):
         """The rank count and stage the ZeRO files are partitioned for (another one resumes through
         DeepSpeed's universal checkpoint, see ``load``)."""
         return {"strategy": self.name, "zero_stage": self.cfg.strategy.zero_stage, "world_size": self.dist.world_size}
+
+    @classmethod
+    def read_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        """The fp32 weights of the ZeRO-1/2/3 files, whatever rank count wrote them (DeepSpeed's
+        ``zero_to_fp32``), and the module's other entries (buffers, frozen parameters)."""
+        zero_folder = directory / ZERO_TAG
+        if not zero_folder.is_dir():
+            raise CheckpointError(f"{zero_folder} is missing: a strategy.name={cls.name} checkpoint keeps its ZeRO files there")
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError:
+            raise CheckpointError(f"{zero_folder}: DeepSpeed ZeRO files; reading them needs the deepspeed package") from None
+        # Its progress report is not ours to print.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), deepspeed_loads():
+            state = dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=ZERO_TAG))
+        # ZeRO-1/2 merges only trainable parameters; the frozen final norm is whole in the module file.
+        module_file = zero_folder / "mp_rank_00_model_states.pt"
+        if module_file.is_file():
+            module = read_torch_file(module_file)["module"]
+            state.update({k: v for k, v in module.items() if k not in state})
+        return state
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         if self.cfg.strategy.zero_stage == 3:

@@ -27,18 +27,32 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from dune_scale.engine.checkpoint_files import load_dcp
+from dune_scale.config import Config, ConfigError
+from dune_scale.distributed import DistInfo
+from dune_scale.engine.checkpoint_files import CheckpointError, load_dcp, read_dcp_keys
 from dune_scale.engine.optim import build_adamw, param_groups
-from dune_scale.engine.parallelize import student_mesh
+from dune_scale.engine.parallelize import node_sharding_problem, student_mesh
 from dune_scale.engine.strategies.single import SingleStrategy
 
-_DCP_FOLDER = "fsdp"
+# The folder of a checkpoint part that DCP writes, every rank its shards.
+DCP_FOLDER = "fsdp"
 
 
 class FSDPStrategy(SingleStrategy):
     """Sharded parameters; backward and the optimizer step are plain PyTorch, as in ``single``."""
 
     name = "fsdp"
+    options = ("fsdp_param_dtype", "fsdp_shard")
+
+    @classmethod
+    def check_launch(cls, cfg: Config, dist: DistInfo) -> None:
+        """Any rank count; node sharding needs the same rank count on every node; blocks are
+        compiled one by one (each is sharded on its own)."""
+        if cfg.train.compile_scope == "model":
+            raise ConfigError("train.compile_scope: 'model' is not allowed; FSDP2 shards each block, so blocks are compiled "
+                              "one by one: use compile_scope=blocks")
+        if cfg.strategy.fsdp_shard == "node" and (problem := node_sharding_problem("strategy.fsdp_shard", dist)):
+            raise ConfigError(f"{problem} (use strategy.fsdp_shard=world)")
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
         bf16_params = self.cfg.train.precision == "bf16" and self.cfg.strategy.fsdp_param_dtype == "bf16"
@@ -58,19 +72,27 @@ class FSDPStrategy(SingleStrategy):
 
     def save(self, directory: Path) -> None:
         model, optim = get_state_dict(self._module, self.optimizer)
-        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(directory / _DCP_FOLDER))
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(directory / DCP_FOLDER))
 
     def save_async(self, directory: Path, process_group: Any) -> Future:
         """DCP copies the shards to CPU memory now and writes them in its own thread, its
         collectives on ``process_group`` (not the one training uses meanwhile)."""
         model, optim = get_state_dict(self._module, self.optimizer)
-        return dcp.async_save({"model": model, "optim": optim}, checkpoint_id=str(directory / _DCP_FOLDER), process_group=process_group)
+        return dcp.async_save({"model": model, "optim": optim}, checkpoint_id=str(directory / DCP_FOLDER), process_group=process_group)
 
     def load(self, directory: Path) -> None:
         model, optim = get_state_dict(self._module, self.optimizer)
         state = {"model": model, "optim": optim}
-        load_dcp(state, directory / _DCP_FOLDER)
+        load_dcp(state, directory / DCP_FOLDER)
         set_state_dict(self._module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return get_model_state_dict(self._module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @classmethod
+    def read_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        """The ``model`` entry of the DCP folder, its shards merged in this process."""
+        if not (directory / DCP_FOLDER).is_dir():
+            raise CheckpointError(f"{directory / DCP_FOLDER} is missing: a strategy.name={cls.name} checkpoint keeps the "
+                                  "student's shards there")
+        return read_dcp_keys(directory / DCP_FOLDER, {"model"})["model"]

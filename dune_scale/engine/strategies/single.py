@@ -7,15 +7,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dune_scale.engine.checkpoint_files import read_torch_file
+from dune_scale.config import Config, ConfigError
+from dune_scale.distributed import DistInfo
+from dune_scale.engine.checkpoint_files import CheckpointError, read_torch_file
 from dune_scale.engine.optim import build_adamw, clip_gradients_, param_groups, set_hyperparameters, skip_update
 from dune_scale.engine.strategies.base import Strategy
+
+# The files a checkpoint part holds: the student's state and its optimizer's.
+MODEL_FILE, OPTIMIZER_FILE = "model.pt", "optimizer.pt"
 
 
 class SingleStrategy(Strategy):
     """One process, one device: the reference every distributed strategy is tested against."""
 
     name = "single"
+
+    @classmethod
+    def check_launch(cls, cfg: Config, dist: DistInfo) -> None:
+        if dist.world_size > 1:
+            raise ConfigError(
+                f"strategy.name={cls.name} runs one process, but {dist.world_size} were launched; "
+                "use strategy.name=fsdp or deepspeed, or launch one process"
+            )
 
     def setup(self, student: nn.Module, peak_lr: float) -> None:
         self._module = student.to(self.device)
@@ -37,12 +50,19 @@ class SingleStrategy(Strategy):
         return grad_norm
 
     def save(self, directory: Path) -> None:
-        torch.save(self._module.state_dict(), directory / "model.pt")
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(self._module.state_dict(), directory / MODEL_FILE)
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
-        self._module.load_state_dict(read_torch_file(directory / "model.pt", map_location=self.device))
-        self.optimizer.load_state_dict(read_torch_file(directory / "optimizer.pt", map_location=self.device))
+        self._module.load_state_dict(read_torch_file(directory / MODEL_FILE, map_location=self.device))
+        self.optimizer.load_state_dict(read_torch_file(directory / OPTIMIZER_FILE, map_location=self.device))
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return self._module.state_dict()
+
+    @classmethod
+    def read_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        path = directory / MODEL_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: a strategy.name={cls.name} checkpoint keeps the student's weights there")
+        return read_torch_file(path)

@@ -1,7 +1,7 @@
 """The encoder as an ONNX graph: ``--format onnx``, and ``model.onnx`` of ``--format hf --with-onnx``.
 
 The graph maps ImageNet-normalised images (B, 3, H, W) to ``cls`` (B, D) and ``patch`` (B, N, D),
-the pre-norm tokens of :meth:`~dune_scale.engine.export.DuneEncoder.forward_features`; torch's
+the pre-norm tokens of :meth:`~dune_scale.engine.export.weights.DuneEncoder.forward_features`; torch's
 ONNX exporter (dynamo) writes it at opset :data:`OPSET`, any batch size.
 
 At a fixed size the positional table is computed once, at export, by the encoder's own rule
@@ -14,7 +14,8 @@ is a Resize with scale factors taken from the input shape, (H/p + offset)/M as
 grid. Before a dynamic graph is written, that translation is run by ONNX Runtime at three grids
 and compared with the training rule; a difference above :data:`TOLERANCE` refuses ``dynamic``.
 
-Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime).
+Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime): imported by ``formats/onnx.py`` only
+when a graph is written.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from onnxscript import BOOL, FLOAT, INT64
 from onnxscript import opset18 as op
 from torch import nn
 
-from dune_scale.engine.export import DuneEncoder, StudentFileError, StudentWeights, check_resolution
+from dune_scale.engine.export.weights import DuneEncoder, StudentFileError, StudentWeights, check_resolution
 from dune_scale.models.vit import VisionTransformer, pos_embed_for_grid
 
 OPSET = 18
