@@ -10,6 +10,23 @@ from dune_scale.data.convert import DEFAULT_MAX_PIXELS, LABELS, LAYOUTS, REPORT_
 from dune_scale.data.errors import DataError
 
 
+def add_shard_options(parser: argparse.ArgumentParser) -> None:
+    """The options every conversion program shares: how shards are cut, images stored, storage reached."""
+    parser.add_argument("--samples-per-shard", type=int, default=512, help="images per shard (default 512, ~50 MB of ImageNet JPEGs)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        help=f"downscale larger images to this many pixels (default {DEFAULT_MAX_PIXELS:,}; 0: no limit)",
+    )
+    parser.add_argument(
+        "--quality", type=int, default=None,
+        help="re-encode non-JPEG images as JPEG at this quality (default: keep JPEG/PNG/WebP bytes, others as PNG)",
+    )
+    parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible store endpoint (else S3_ENDPOINT_URL)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert one dataset, print a summary; exit 0 (1 if nothing was written, 2 on bad input)."""
     parser = argparse.ArgumentParser(
@@ -20,22 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="output root: a local folder, s3://bucket/prefix or gs://bucket/prefix")
     parser.add_argument("--name", required=True, help="dataset name (= folder name the mixture refers to)")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="how SOURCE lists images (default: guess)")
-    parser.add_argument("--samples-per-shard", type=int, default=512, help="images per shard (default 512, ~50 MB of ImageNet JPEGs)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     parser.add_argument("--split", choices=SPLITS, default="train", help="which split SOURCE holds (default train)")
-    parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-        help=f"downscale larger images to this many pixels (default {DEFAULT_MAX_PIXELS:,}; 0: no limit)",
-    )
-    parser.add_argument(
-        "--quality", type=int, default=None,
-        help="re-encode non-JPEG images as JPEG at this quality (default: keep JPEG/PNG/WebP bytes, others as PNG)",
-    )
     parser.add_argument("--labels", choices=LABELS, default="none",
                         help="folders: store each image's class (its ImageFolder sub-folder) as a label column, for k-NN sets")
-    parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible store endpoint (else S3_ENDPOINT_URL)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_shard_options(parser)
     args = parser.parse_args(argv)
     try:
         report = convert_dataset(

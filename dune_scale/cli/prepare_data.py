@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dune_scale.data.convert import DEFAULT_MAX_PIXELS
+from dune_scale.cli.convert_data import add_shard_options
 from dune_scale.data.errors import DataError
 from dune_scale.data.prepare import Part, Settings, format_report, prepare_mixture
 
@@ -27,16 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true", help="convert nothing: join the parts' shards of every split whose parts are all done")
     parser.add_argument("--max-side", type=int, default=0, help="store images with their longer side at most PX pixels (default 0: as they are)")
     parser.add_argument("--strict-counts", action="store_true", help="a split whose image count differs from the recipe's is an error")
-    parser.add_argument("--samples-per-shard", type=int, default=512, help="images per shard (default 512)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
-    parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-        help=f"downscale images above this many pixels (default {DEFAULT_MAX_PIXELS:,}; 0: no limit)",
-    )
-    parser.add_argument("--quality", type=int, default=None, help="re-encode non-JPEG images as JPEG at this quality (default: keep their bytes)")
-    parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible store endpoint (else S3_ENDPOINT_URL)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds without an answer before a storage call fails")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_shard_options(parser)
     args = parser.parse_args(argv)
     try:
         report = prepare_mixture(
