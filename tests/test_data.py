@@ -823,3 +823,24 @@ def test_a_full_cache_never_evicts_a_shard_still_ahead_of_the_reader(tmp_path: P
     assert states[1] == _ShardState.REMOTE  # the least recently touched shard no sample ahead needs
     assert (remote / dataset.shards[1].file_pairs[0][0].basename).is_file()  # evicted from the cache only
     dataset.release_shared_memory()
+
+
+def test_a_shard_that_fails_to_prepare_fails_every_reader_instead_of_blocking_them(long_demo: Path, tmp_path: Path) -> None:
+    """Streaming left a failed shard marked "being prepared": the next worker needing it waited
+    forever (a shard deleted while two workers read hung the loader). It fails for each of them."""
+    import shutil
+
+    from streaming.base.dataset import _ShardState
+
+    from dune_scale.data import DataError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(long_demo, shards)
+    dataset = train_loader(DataCfg(str(shards), "demo"), image_size=16, batch_size=6, seed=0).dataset
+    shard_id = int(np.flatnonzero(dataset.stream_per_shard == 1)[0])  # synth_mast3r's first shard
+    (shards / "synth_mast3r" / dataset.shards[shard_id].file_pairs[0][0].basename).unlink()
+    for _ in range(2):  # the second reader would wait for the first one's preparation forever
+        with pytest.raises(DataError, match="the shard file is missing"):
+            dataset.prepare_shard(shard_id)
+        assert dataset._shard_states[shard_id] == _ShardState.LOCAL
+    dataset.release_shared_memory()

@@ -156,12 +156,20 @@ class MixtureDataset(StreamingDataset):
         self._event.set()
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
-        """Streaming's shard preparation (download or local check), its failures naming the shard."""
+        """Streaming's shard preparation (download or local check), its failures naming the shard.
+
+        Streaming marks a shard "being prepared" while it works on it and leaves that mark when the
+        work fails (a shard deleted under the reader, a download that gives up): every other worker
+        needing the shard would then wait for it forever, and the loader's first error would never
+        be delivered. The state it had is restored, so they meet the failure too."""
+        before = self._shard_states[shard_id]
         try:
             super().prepare_shard(shard_id, blocking)
-        except (DataError, StorageAccessError):
-            raise
-        except Exception as err:
+        except BaseException as err:
+            if before != _ShardState.PREPARING and self._shard_states[shard_id] == _ShardState.PREPARING:
+                self._shard_states[shard_id] = before
+            if isinstance(err, (DataError, StorageAccessError)) or not isinstance(err, Exception):
+                raise
             raise self._shard_error(shard_id, err) from None
 
     def _shard_error(self, shard_id: int, err: BaseException) -> DataError:
